@@ -1,0 +1,351 @@
+"""The `RLHFRun` API (group rlhf.dev, version v1alpha1): the typed model of the whole spec.
+
+The spec is parsed once, here, at the edge; nothing below calls `spec.get(...)`. The CRD schema
+in manifests/crds is generated from these models by `rlhf crd` (see `crd.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from rlhf_trainer.config import (
+    ApiModel,
+    DatasetSpec,
+    DnsLabel,
+    DPOOptions,
+    EvaluateOptions,
+    FeedbackOptions,
+    GRPOOptions,
+    Hyperparameters,
+    ModelSource,
+    PPOOptions,
+    RewardModelOptions,
+    RRHFOptions,
+    SFTOptions,
+    StageType,
+    format_validation_error,
+)
+
+GROUP = "rlhf.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "RLHFRun"
+PLURAL = "rlhfruns"
+SINGULAR = "rlhfrun"
+SHORT_NAMES = ["rlhf"]
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/rlhf-operator/trainer:0.1.0"
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
+DEFAULT_LMDEPLOY_IMAGE = "openmmlab/lmdeploy:v0.10.1"
+
+Quantity = Annotated[int | str, Field(description="A Kubernetes quantity, e.g. 4, 500m or 16Gi.")]
+
+
+class Workspace(ApiModel):
+    """The shared volume mounted at /workspace: checkpoints, datasets, weight snapshots."""
+
+    claim_name: str | None = Field(
+        default=None,
+        description="PersistentVolumeClaim to mount. Unset: an emptyDir (single-pod runs only).",
+    )
+
+
+class ResourceRequirements(ApiModel):
+    """Container resources, as in a Pod spec."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class Trainer(ApiModel):
+    """How trainer jobs are run."""
+
+    image: str = Field(default=DEFAULT_TRAINER_IMAGE, description="Trainer container image.")
+    nodes: int = Field(default=1, ge=1, le=1024, description="Pods (nodes) per training job.")
+    gpus_per_node: int = Field(default=0, ge=0, le=16, description="nvidia.com/gpu per pod.")
+    nproc_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Processes per pod (torchrun --nproc-per-node); defaults to gpusPerNode or 1.",
+    )
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    backend: Literal["pytorchjob", "trainjob"] = Field(
+        default="pytorchjob",
+        description="pytorchjob: Kubeflow PyTorchJob (kubeflow.org/v1); "
+        "trainjob: Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1).",
+    )
+    scheduler_name: str | None = Field(
+        default=None, description="Pod schedulerName for gang scheduling (e.g. volcano)."
+    )
+
+    @property
+    def procs_per_node(self) -> int:
+        if self.nproc_per_node is not None:
+            return self.nproc_per_node
+        return max(self.gpus_per_node, 1)
+
+
+class JudgeReward(ApiModel):
+    """Online rewards from the AI judge."""
+
+    mode: Literal["pairwise", "pointwise"] = Field(
+        default="pairwise",
+        description="pairwise: against a reference response; pointwise: a score per response.",
+    )
+
+
+class RewardSource(ApiModel):
+    """Where an online stage gets rewards: a reward-model stage, the judge, or a function."""
+
+    from_: DnsLabel | None = Field(
+        default=None, alias="from", description="A `reward` stage whose model scores responses."
+    )
+    judge: JudgeReward | None = Field(default=None, description="Use spec.judge.")
+    function: str | None = Field(
+        default=None, description="A registered reward function (verifiable rewards)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RewardSource:
+        chosen = [self.from_ is not None, self.judge is not None, self.function is not None]
+        if sum(chosen) != 1:
+            raise ValueError("set exactly one of `from`, `judge` or `function`")
+        return self
+
+
+class Rollout(ApiModel):
+    """The inference servers that generate rollouts for online stages."""
+
+    engine: Literal["vllm", "lmdeploy"] = "vllm"
+    replicas: int = Field(default=1, ge=1, le=64)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
+    weight_sync: Literal["disk", "nccl"] = Field(
+        default="disk", description="disk: safetensors snapshot + reload; nccl: GPU transfer."
+    )
+    image: str | None = Field(default=None, description="Server image; the engine's default.")
+    max_model_len: int | None = Field(default=None, gt=0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+
+
+class Stage(ApiModel):
+    """One step of the pipeline; runs as one training job."""
+
+    name: DnsLabel = Field(description="Unique name; lowercase letters, digits and '-'.")
+    type: StageType
+    from_: DnsLabel | None = Field(
+        default=None,
+        alias="from",
+        description="An earlier stage whose output initialises this one (default: spec.model).",
+    )
+    dataset: DatasetSpec | None = None
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    reward: RewardSource | None = None
+    rollout: Rollout | None = None
+    sft: SFTOptions | None = None
+    reward_model: RewardModelOptions | None = None
+    dpo: DPOOptions | None = None
+    rrhf: RRHFOptions | None = None
+    ppo: PPOOptions | None = None
+    grpo: GRPOOptions | None = None
+    feedback: FeedbackOptions | None = None
+    evaluate: EvaluateOptions | None = None
+
+    @model_validator(mode="after")
+    def _fields_for_type(self) -> Stage:
+        for problem in stage_type_problems(self):
+            raise ValueError(problem)
+        return self
+
+
+# Which fields each stage type needs, and which option blocks belong to which type. Mirrored
+# by CEL rules in the CRD (crd.py) so `kubectl apply` refuses what `rlhf validate` refuses.
+NEEDS_DATASET: frozenset[str] = frozenset({"sft", "reward", "dpo", "rrhf", "ppo", "grpo"})
+NEEDS_REWARD: frozenset[str] = frozenset({"ppo", "grpo"})
+OPTION_BLOCKS: dict[str, str] = {
+    "sft": "sft",
+    "reward_model": "reward",
+    "dpo": "dpo",
+    "rrhf": "rrhf",
+    "ppo": "ppo",
+    "grpo": "grpo",
+    "feedback": "feedback",
+    "evaluate": "evaluate",
+}
+
+
+def stage_type_problems(stage: Stage) -> list[str]:
+    problems = []
+    if stage.type in NEEDS_DATASET and stage.dataset is None:
+        problems.append(f"a `{stage.type}` stage needs `dataset`")
+    if stage.type in NEEDS_REWARD and stage.reward is None:
+        problems.append(f"a `{stage.type}` stage needs `reward` ({{from|judge|function}})")
+    for field, owner in OPTION_BLOCKS.items():
+        if getattr(stage, field) is not None and stage.type != owner:
+            alias = Stage.model_fields[field].alias or field
+            problems.append(f"`{alias}` options apply to `{owner}` stages, not `{stage.type}`")
+    return problems
+
+
+class Judge(ApiModel):
+    """The AI judge used by `feedback` stages and `reward: {judge: {}}`."""
+
+    engine: Literal["vllm", "lmdeploy"] = "lmdeploy"
+    model: ModelSource
+    principle: str = Field(
+        default="Which response is best for humanity?",
+        max_length=2000,
+        description="The one general principle the judge applies.",
+    )
+    self_reference: bool = Field(
+        default=True, description="The judge answers the prompt first and uses it as reference."
+    )
+    replicas: int = Field(default=1, ge=1, le=64)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
+    temperature: float = Field(default=0.1, ge=0)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    image: str | None = None
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+
+
+class RLHFRunSpec(ApiModel):
+    """The desired pipeline."""
+
+    model: ModelSource = Field(description="The base model that the first stage starts from.")
+    workspace: Workspace = Field(default_factory=Workspace)
+    trainer: Trainer = Field(default_factory=Trainer)
+    stages: list[Stage] = Field(min_length=1, max_length=16)
+    judge: Judge | None = None
+    suspend: bool = Field(default=False, description="Pause the run (Kueue-compatible).")
+
+    @model_validator(mode="after")
+    def _stage_graph(self) -> RLHFRunSpec:
+        for problem in stage_graph_problems(self):
+            raise ValueError(problem)
+        return self
+
+
+def stage_graph_problems(spec: RLHFRunSpec) -> list[str]:
+    """Unique names; every `from` and `reward.from` names an earlier stage; judge when needed."""
+    problems: list[str] = []
+    seen: dict[str, Stage] = {}
+    for index, stage in enumerate(spec.stages):
+        where = f"stages[{index}]"
+        if stage.name in seen:
+            problems.append(f"{where}.name: duplicate stage name {stage.name!r}")
+        if stage.from_ is not None and stage.from_ not in seen:
+            problems.append(
+                f"{where}.from: {stage.from_!r} is not an earlier stage; "
+                f"name one of {sorted(seen) or 'the stages before it'}"
+            )
+        if stage.reward is not None and stage.reward.from_ is not None:
+            source = seen.get(stage.reward.from_)
+            if source is None or source.type != "reward":
+                problems.append(
+                    f"{where}.reward.from: {stage.reward.from_!r} is not an earlier `reward` stage"
+                )
+        needs_judge = stage.type == "feedback" or (
+            stage.reward is not None and stage.reward.judge is not None
+        )
+        if needs_judge and spec.judge is None:
+            problems.append(f"{where}: uses the AI judge, so `spec.judge` must be set")
+        seen.setdefault(stage.name, stage)
+    return problems
+
+
+class ObjectMeta(ApiModel):
+    """The parts of metadata the operator reads."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+    )
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: str = "default"
+    uid: str | None = None
+    generation: int = 1
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class Condition(ApiModel):
+    """metav1.Condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int = 0
+
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+class StageMetrics(ApiModel):
+    step: int | None = None
+    total_steps: int | None = None
+    reward: float | None = None
+    kl: float | None = None
+    loss: float | None = None
+
+
+class StageStatus(ApiModel):
+    name: str
+    type: str
+    phase: Phase = "Pending"
+    job_name: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    output: str | None = None
+    message: str | None = None
+    metrics: StageMetrics | None = None
+
+
+class RunStatus(ApiModel):
+    phase: Phase = "Pending"
+    current_stage: str | None = None
+    step: int | None = Field(default=None, description="Step of the current stage.")
+    reward: float | None = Field(default=None, description="Latest reward of the current stage.")
+    stages: list[StageStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int = 0
+
+
+class RLHFRun(ApiModel):
+    """A whole RLHFRun object."""
+
+    api_version: Literal["rlhf.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["RLHFRun"]
+    metadata: ObjectMeta
+    spec: RLHFRunSpec
+    status: RunStatus | None = None
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind(cls, value: Any) -> Any:
+        if value != KIND:
+            raise ValueError(f"expected kind RLHFRun, got {value!r}")
+        return value
+
+
+class SpecError(ValueError):
+    """An invalid RLHFRun; `problems` holds one `field.path: message` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_run(obj: Any, source: str = "RLHFRun") -> RLHFRun:
+    """Validate a parsed manifest into an RLHFRun, or raise SpecError naming every bad field."""
+    if not isinstance(obj, dict):
+        raise SpecError([f"{source}: expected an RLHFRun mapping, got {type(obj).__name__}"])
+    try:
+        return RLHFRun.model_validate(obj)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source).splitlines()) from err

@@ -1,0 +1,242 @@
+"""Pure builders: one function of the typed spec per child object, returning a dict.
+
+No I/O and no YAML templates. Every child carries the `rlhf.dev/{run,stage,component}` labels
+and an owner reference to its RLHFRun, so deleting the run deletes its children.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from rlhf_operator import api
+from rlhf_trainer.config import ModelSource, StageConfig
+
+Obj = dict[str, Any]
+
+LABEL_RUN = "rlhf.dev/run"
+LABEL_STAGE = "rlhf.dev/stage"
+LABEL_COMPONENT = "rlhf.dev/component"
+ANNOTATION_HASH = "rlhf.dev/config-hash"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+WORKSPACE_MOUNT = "/workspace"
+CONFIG_MOUNT = "/etc/rlhf"
+TRAINER_CONTAINER = "pytorch"  # the container name Kubeflow's PyTorchJob requires
+MAX_NAME = 63
+
+
+def child_name(run: api.RLHFRun, stage: str, suffix: str = "") -> str:
+    """`<run>-<stage>[-suffix]`, shortened with a stable hash when over a DNS label's length."""
+    base = f"{run.metadata.name}-{stage}"
+    tail = f"-{suffix}" if suffix else ""
+    if len(base) + len(tail) <= MAX_NAME:
+        return base + tail
+    digest = hashlib.sha256(base.encode()).hexdigest()[:8]
+    keep = MAX_NAME - len(tail) - len(digest) - 1
+    return f"{base[:keep].rstrip('-')}-{digest}{tail}"
+
+
+def labels(run: api.RLHFRun, stage: str, component: str) -> dict[str, str]:
+    out = {LABEL_RUN: run.metadata.name, LABEL_STAGE: stage, LABEL_COMPONENT: component}
+    queue = run.metadata.labels.get(KUEUE_QUEUE_LABEL)
+    if queue is not None:
+        out[KUEUE_QUEUE_LABEL] = queue
+    return out
+
+
+def owner_reference(run: api.RLHFRun) -> Obj:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": run.metadata.name,
+        "uid": run.metadata.uid or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def metadata(run: api.RLHFRun, name: str, stage: str, component: str) -> Obj:
+    return {
+        "name": name,
+        "namespace": run.metadata.namespace,
+        "labels": labels(run, stage, component),
+        "ownerReferences": [owner_reference(run)],
+    }
+
+
+def stage_output_dir(run: api.RLHFRun, stage: str) -> str:
+    """Workspace-relative folder of a stage: final/, checkpoints/, progress.json."""
+    return f"{run.metadata.name}/{stage}"
+
+
+def stage_model(run: api.RLHFRun, stage: api.Stage) -> ModelSource:
+    """The initial weights of a stage: the base model, or the output of its `from` stage."""
+    if stage.from_ is None:
+        return run.spec.model
+    return ModelSource(path=f"{stage_output_dir(run, stage.from_)}/final")
+
+
+def build_stage_config(run: api.RLHFRun, stage: api.Stage) -> StageConfig:
+    return StageConfig(
+        run=run.metadata.name,
+        stage=stage.name,
+        type=stage.type,
+        model=stage_model(run, stage),
+        dataset=stage.dataset,
+        output_dir=stage_output_dir(run, stage.name),
+        hyperparameters=stage.hyperparameters,
+        sft=stage.sft,
+        reward_model=stage.reward_model,
+        dpo=stage.dpo,
+        rrhf=stage.rrhf,
+        ppo=stage.ppo,
+        grpo=stage.grpo,
+        feedback=stage.feedback,
+        evaluate=stage.evaluate,
+    )
+
+
+def config_key(stage: api.Stage) -> str:
+    return f"{stage.name}.yaml"
+
+
+def build_configmap(run: api.RLHFRun, stage: api.Stage) -> Obj:
+    """The ConfigMap holding the stage's rendered trainer config."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(run, child_name(run, stage.name, "config"), stage.name, "config"),
+        "data": {config_key(stage): build_stage_config(run, stage).to_yaml()},
+    }
+
+
+def trainer_command(run: api.RLHFRun, stage: api.Stage) -> list[str]:
+    """torchrun argv; every spec string is a separate argv item, never through a shell.
+
+    The node rank and rendezvous address are `$(VAR)` references that the kubelet expands from
+    the env Kubeflow's training operator injects (RANK is the pod's replica index there).
+    """
+    trainer = run.spec.trainer
+    return [
+        "torchrun",
+        f"--nnodes={trainer.nodes}",
+        f"--nproc-per-node={trainer.procs_per_node}",
+        "--node-rank=$(RANK)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+        "-m",
+        "rlhf_trainer",
+        stage.type,
+        "--config",
+        f"{CONFIG_MOUNT}/{config_key(stage)}",
+    ]
+
+
+def _resources(resources: api.ResourceRequirements, gpus: int) -> Obj:
+    out: Obj = {}
+    if resources.requests:
+        out["requests"] = dict(resources.requests)
+    limits = dict(resources.limits)
+    if gpus:
+        limits["nvidia.com/gpu"] = gpus
+        out.setdefault("requests", {})["nvidia.com/gpu"] = gpus
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _env(run: api.RLHFRun) -> list[Obj]:
+    env: list[Obj] = [
+        {"name": "RLHF_WORKSPACE", "value": WORKSPACE_MOUNT},
+        {"name": "HF_HOME", "value": f"{WORKSPACE_MOUNT}/.cache/huggingface"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    token = run.spec.model.token_secret_ref
+    if token is not None:
+        ref = {"secretKeyRef": {"name": token.name, "key": token.key}}
+        env.append({"name": "HF_TOKEN", "valueFrom": ref})
+    return env
+
+
+def _volumes(run: api.RLHFRun, configmap: str) -> list[Obj]:
+    claim = run.spec.workspace.claim_name
+    workspace: Obj = (
+        {"name": "workspace", "persistentVolumeClaim": {"claimName": claim}}
+        if claim
+        else {"name": "workspace", "emptyDir": {}}
+    )
+    return [
+        workspace,
+        {"name": "config", "configMap": {"name": configmap}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+
+
+def trainer_pod_template(run: api.RLHFRun, stage: api.Stage) -> Obj:
+    trainer = run.spec.trainer
+    container: Obj = {
+        "name": TRAINER_CONTAINER,
+        "image": trainer.image,
+        "command": trainer_command(run, stage),
+        "env": _env(run),
+        "volumeMounts": [
+            {"name": "workspace", "mountPath": WORKSPACE_MOUNT},
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    resources = _resources(trainer.resources, trainer.gpus_per_node)
+    if resources:
+        container["resources"] = resources
+    pod: Obj = {
+        "containers": [container],
+        "volumes": _volumes(run, child_name(run, stage.name, "config")),
+    }
+    if trainer.scheduler_name:
+        pod["schedulerName"] = trainer.scheduler_name
+    return {"metadata": {"labels": labels(run, stage.name, "trainer")}, "spec": pod}
+
+
+def build_pytorchjob(run: api.RLHFRun, stage: api.Stage) -> Obj:
+    """A kubeflow.org/v1 PyTorchJob: one Master and `nodes - 1` Workers running torchrun."""
+    trainer = run.spec.trainer
+    template = trainer_pod_template(run, stage)
+    replica = {"restartPolicy": "OnFailure", "template": template}
+    replicas: Obj = {"Master": {"replicas": 1, **replica}}
+    if trainer.nodes > 1:
+        replicas["Worker"] = {"replicas": trainer.nodes - 1, **replica}
+    run_policy: Obj = {"cleanPodPolicy": "None", "backoffLimit": 3, "suspend": run.spec.suspend}
+    if trainer.scheduler_name:
+        run_policy["schedulingPolicy"] = {"minAvailable": trainer.nodes}
+    job: Obj = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": metadata(run, child_name(run, stage.name), stage.name, "trainer"),
+        "spec": {
+            "nprocPerNode": str(trainer.procs_per_node),
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+    return with_config_hash(job, build_configmap(run, stage))
+
+
+def with_config_hash(job: Obj, configmap: Obj) -> Obj:
+    """Annotate a job with a hash of what it runs (its spec, less suspension, and its config).
+
+    A changed hash means the job must be recreated; suspension alone is patched in place.
+    """
+    spec = json.loads(json.dumps(job["spec"]))
+    spec.get("runPolicy", {}).pop("suspend", None)
+    payload = json.dumps([spec, configmap["data"]], sort_keys=True)
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    job["metadata"]["annotations"] = {ANNOTATION_HASH: digest}
+    return job
+
+
+def build_stage_children(run: api.RLHFRun, stage: api.Stage) -> list[Obj]:
+    """Every object a trainer stage needs, in creation order."""
+    return [build_configmap(run, stage), build_pytorchjob(run, stage)]

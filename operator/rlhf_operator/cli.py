@@ -1,0 +1,152 @@
+"""The `rlhf` command line: validate, render, run, crd, tiny-model."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_operator import api, crd, yamlio
+from rlhf_operator.planner import Observed, plan
+
+
+class UsageError(Exception):
+    """A problem with the user's input; printed as is, exit status 1."""
+
+
+def load_documents(path: str) -> list[Any]:
+    """Every YAML document in a file, or UsageError naming the file, line and problem."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read: {err.strerror}") from err
+    try:
+        return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise UsageError(f"{path}: {where}malformed YAML: {problem}") from err
+
+
+def load_runs(path: str) -> list[api.RLHFRun]:
+    docs = load_documents(path)
+    if not docs:
+        raise UsageError(f"{path}: no RLHFRun found; the file is empty")
+    runs, problems = [], []
+    for index, doc in enumerate(docs):
+        source = path if len(docs) == 1 else f"{path}[{index}]"
+        try:
+            runs.append(api.parse_run(doc, source))
+        except api.SpecError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise UsageError("\n".join(problems))
+    return runs
+
+
+def load_run(path: str) -> api.RLHFRun:
+    runs = load_runs(path)
+    if len(runs) != 1:
+        raise UsageError(f"{path}: expected one RLHFRun, found {len(runs)}")
+    return runs[0]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.files:
+        try:
+            runs = load_runs(path)
+        except UsageError as err:
+            print(err, file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: valid ({', '.join(r.metadata.name for r in runs)})")
+    return 1 if failed else 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    run = load_run(args.file)
+    desired = plan(run, Observed())
+    if not desired.children:
+        reason = next(c.message for c in desired.status.conditions if c.type == "Degraded")
+        raise UsageError(f"{args.file}: nothing to render: {reason}")
+    print(yamlio.dump_all(desired.children), end="")
+    return 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    text = yamlio.dump(crd.build_crd())
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rlhf_operator.local import LocalExecutor, preflight
+    from rlhf_operator.progress import RunDisplay
+
+    run = load_run(args.file)
+    workdir = Path(args.workdir)
+    problems = preflight(run, workdir)
+    if problems:
+        raise UsageError("\n".join(f"{args.file}: {p}" for p in problems))
+    with RunDisplay(run) as display:
+        executor = LocalExecutor(
+            run, workdir, on_event=display.event, on_status=display.status
+        )
+        status = executor.execute()
+    display.summary(status, workdir / run.metadata.name / "status.json")
+    return 0 if status.phase == "Succeeded" else 1
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    # The operator package carries no torch; the trainer builds the model in its own process.
+    argv = [sys.executable, "-m", "rlhf_trainer", "tiny-model", args.dir, "--seed", str(args.seed)]
+    return subprocess.call(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="rlhf", description="RLHF pipelines on Kubernetes.")
+    sub = top.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="validate RLHFRun files")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("render", help="print the objects the operator would create now")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_render)
+    p = sub.add_parser("run", help="run an RLHFRun on this machine, with no cluster")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--workdir", default="runs", help="stands in for /workspace (default: runs)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("crd", help="print the RLHFRun CustomResourceDefinition")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_crd)
+    p = sub.add_parser("tiny-model", help="build a tiny random Llama and tokenizer for tests")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Interrupted; stopped the run's processes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Generate the `rlhfruns.rlhf.dev` CustomResourceDefinition from the typed model.
+
+Pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3 schema: no
+`$ref`, no `anyOf` with null, `nullable` instead, int-or-string as an extension, defaults that
+apply server-side. The CEL rules mirror the cross-field checks in `api.py`, so `kubectl apply`
+refuses what `rlhf validate` refuses.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from rlhf_operator import api
+
+Schema = dict[str, Any]
+
+_DROP = {"title", "additionalProperties", "prefixItems"}
+
+_STAGE_LIST_RULES: list[Schema] = [
+    {
+        "rule": "self.all(s, self.exists_one(t, t.name == s.name))",
+        "message": "stage names must be unique",
+        "reason": "FieldValueDuplicate",
+    },
+    {
+        "rule": "self.all(s, !has(s.from) || ("
+        "self.map(t, t.name).indexOf(s.from) >= 0 && "
+        "self.map(t, t.name).indexOf(s.from) < self.map(t, t.name).indexOf(s.name)))",
+        "message": "`from` must name an earlier stage",
+        "reason": "FieldValueInvalid",
+    },
+    {
+        "rule": "self.all(s, !has(s.reward) || !has(s.reward.from) || "
+        "self.exists(t, t.name == s.reward.from && t.type == 'reward' && "
+        "self.map(u, u.name).indexOf(t.name) < self.map(u, u.name).indexOf(s.name)))",
+        "message": "`reward.from` must name an earlier `reward` stage",
+        "reason": "FieldValueInvalid",
+    },
+]
+
+
+def _type_list(types: frozenset[str]) -> str:
+    return "[" + ", ".join(f"'{t}'" for t in sorted(types)) + "]"
+
+
+def _stage_rules() -> list[Schema]:
+    rules: list[Schema] = [
+        {
+            "rule": f"!(self.type in {_type_list(api.NEEDS_DATASET)}) || has(self.dataset)",
+            "message": "this stage type needs `dataset`",
+            "fieldPath": ".dataset",
+            "reason": "FieldValueRequired",
+        },
+        {
+            "rule": f"!(self.type in {_type_list(api.NEEDS_REWARD)}) || has(self.reward)",
+            "message": "ppo and grpo stages need `reward` ({from|judge|function})",
+            "fieldPath": ".reward",
+            "reason": "FieldValueRequired",
+        },
+    ]
+    for field, owner in api.OPTION_BLOCKS.items():
+        alias = api.Stage.model_fields[field].alias or field
+        rules.append(
+            {
+                "rule": f"!has(self.{alias}) || self.type == '{owner}'",
+                "message": f"`{alias}` options apply to `{owner}` stages only",
+                "fieldPath": f".{alias}",
+                "reason": "FieldValueForbidden",
+            }
+        )
+    return rules
+
+
+_ONE_SOURCE = [
+    {"rule": "has(self.name) != has(self.path)", "message": "set exactly one of `name` or `path`"}
+]
+
+# Rules attached wherever a model's schema is inlined, keyed by the model's name.
+_MODEL_RULES: dict[str, list[Schema]] = {
+    "ModelSource": _ONE_SOURCE,
+    "DatasetSpec": _ONE_SOURCE,
+    "RewardSource": [
+        {
+            "rule": "[has(self.from), has(self.judge), has(self.function)]"
+            ".filter(x, x).size() == 1",
+            "message": "set exactly one of `from`, `judge` or `function`",
+        }
+    ],
+    "Stage": _stage_rules(),
+    "RLHFRunSpec": [
+        {
+            "rule": "has(self.judge) || !self.stages.exists(s, s.type == 'feedback' || "
+            "(has(s.reward) && has(s.reward.judge)))",
+            "message": "a stage uses the AI judge, so `judge` must be set",
+            "fieldPath": ".judge",
+            "reason": "FieldValueRequired",
+        }
+    ],
+}
+
+
+def _structural(node: Schema, defs: dict[str, Schema], name: str | None = None) -> Schema:
+    """Rewrite one pydantic JSON-Schema node into a structural OpenAPI v3 node."""
+    if "$ref" in node:
+        ref = node["$ref"].rsplit("/", 1)[-1]
+        merged = {**copy.deepcopy(defs[ref]), **{k: v for k, v in node.items() if k != "$ref"}}
+        return _structural(merged, defs, ref)
+    if "anyOf" in node:
+        return _structural(_collapse_any_of(node), defs, name)
+    out: Schema = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == "properties":
+            out[key] = {k: _structural(v, defs) for k, v in value.items()}
+        elif key == "items":
+            out[key] = _structural(value, defs)
+        elif key == "exclusiveMinimum":
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum":
+            out["maximum"], out["exclusiveMaximum"] = value, True
+        elif key == "default" and value is None:
+            continue
+        else:
+            out[key] = copy.deepcopy(value)
+    if node.get("type") == "array" and "prefixItems" in node:
+        out["items"] = _structural(node["prefixItems"][0], defs)
+    if node.get("type") == "object" and isinstance(node.get("additionalProperties"), dict):
+        out["additionalProperties"] = _structural(node["additionalProperties"], defs)
+    if node.get("type") == "object" and "properties" in node:
+        _default_factories(out, node)
+    if name in _MODEL_RULES:
+        out["x-kubernetes-validations"] = copy.deepcopy(_MODEL_RULES[name])
+    return out
+
+
+def _collapse_any_of(node: Schema) -> Schema:
+    options = [o for o in node["anyOf"] if o.get("type") != "null"]
+    rest = {k: v for k, v in node.items() if k != "anyOf"}
+    types = sorted(o.get("type", "") for o in options)
+    if types == ["integer", "string"]:
+        return {**rest, "x-kubernetes-int-or-string": True}
+    if len(options) != 1:
+        raise ValueError(f"cannot express anyOf {node['anyOf']} in a structural schema")
+    return {**options[0], **rest}
+
+
+def _default_factories(out: Schema, node: Schema) -> None:
+    """Fields built by default_factory: default to {} (or []) so nested defaults apply."""
+    required = set(node.get("required", []))
+    for key, prop in node["properties"].items():
+        if key in required or "default" in prop or "anyOf" in prop:
+            continue
+        target = out["properties"][key]
+        if target.get("type") == "object" and "properties" in target:
+            target["default"] = {}
+        elif target.get("type") in ("array", "object"):
+            target["default"] = [] if target["type"] == "array" else {}
+
+
+def spec_schema() -> Schema:
+    raw = api.RLHFRunSpec.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    schema = _structural(raw, defs, "RLHFRunSpec")
+    schema["properties"]["stages"]["x-kubernetes-validations"] = copy.deepcopy(_STAGE_LIST_RULES)
+    return schema
+
+
+def status_schema() -> Schema:
+    raw = api.RunStatus.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    return _structural(raw, defs)
+
+
+PRINTER_COLUMNS: list[Schema] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Stage", "type": "string", "jsonPath": ".status.currentStage"},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.step",
+     "description": "Step of the current stage"},
+    {"name": "Reward", "type": "number", "jsonPath": ".status.reward",
+     "description": "Latest mean reward of the current stage"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def build_crd() -> Schema:
+    """The whole CustomResourceDefinition object."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "spec": {
+            "group": api.GROUP,
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": ["all", "rlhf"],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "An RLHF pipeline: SFT, reward model or AI feedback, "
+                            "then PPO, RRHF, DPO or GRPO.",
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": status_schema(),
+                            },
+                            "required": ["spec"],
+                        }
+                    },
+                }
+            ],
+        },
+    }

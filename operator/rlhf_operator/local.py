@@ -1,0 +1,331 @@
+"""The local executor: runs the planner's desired children as processes on this machine.
+
+It plays the parts a cluster plays. ConfigMaps become files. A PyTorchJob becomes one
+`torchrun` process per replica, started from the container command in its pod template with
+the env the training operator injects (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, PET_*),
+`$(VAR)` references expanded as the kubelet does, and each volume mount mapped to a local
+folder (the workspace to the work dir). Process states are reported back to `plan` as job
+objects with Kubeflow-shaped conditions, so a local run exercises the very commands a
+cluster runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rlhf_operator import api
+from rlhf_operator.planner import Event, Observed, Plan, config_hash, plan
+
+Obj = dict[str, Any]
+TERMINAL = ("Succeeded", "Failed")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LocalJob:
+    """One PyTorchJob as local processes (one torchrun per replica)."""
+
+    obj: Obj
+    procs: list[subprocess.Popen[bytes]]
+    logs: list[Path]
+    conditions: list[Obj] = field(default_factory=list)
+
+    def condition(self, ctype: str, message: str = "") -> None:
+        self.conditions.append(
+            {"type": ctype, "status": "True", "message": message, "lastTransitionTime": now_iso()}
+        )
+
+    @property
+    def phase(self) -> str:
+        return str(self.conditions[-1]["type"]) if self.conditions else "Created"
+
+
+class LocalExecutor:
+    """Reconciles one RLHFRun into local processes until it finishes."""
+
+    def __init__(
+        self,
+        run: api.RLHFRun,
+        workdir: Path,
+        on_event: Callable[[Event], None] | None = None,
+        on_status: Callable[[api.RunStatus], None] | None = None,
+        poll_seconds: float = 0.5,
+    ) -> None:
+        self.run = run
+        self.workdir = workdir.resolve()
+        self.run_dir = self.workdir / run.metadata.name
+        self.jobs: dict[str, LocalJob] = {}
+        self.configmaps: dict[str, Obj] = {}
+        self.on_event = on_event or (lambda event: None)
+        self.on_status = on_status or (lambda status: None)
+        self.poll_seconds = poll_seconds
+
+    # -- observe ---------------------------------------------------------------------------
+    def observe(self) -> Observed:
+        children: list[Obj] = list(self.configmaps.values())
+        progress: dict[str, api.StageMetrics] = {}
+        for job in self.jobs.values():
+            self._poll(job)
+            children.append({**job.obj, "status": {"conditions": list(job.conditions)}})
+        for stage in self.run.spec.stages:
+            metrics = read_progress(self.run_dir / stage.name / "progress.json")
+            if metrics is not None:
+                progress[stage.name] = metrics
+        return Observed(
+            children=children, progress=progress, workspace=str(self.workdir), now=now_iso()
+        )
+
+    def _poll(self, job: LocalJob) -> None:
+        if job.phase in ("Succeeded", "Failed", "Suspended"):
+            return
+        codes = [p.poll() for p in job.procs]
+        if any(c not in (None, 0) for c in codes):
+            self._terminate(job)
+            job.condition("Failed", failure_message(job.logs))
+        elif all(c == 0 for c in codes):
+            job.condition("Succeeded", "All replicas exited 0")
+
+    # -- apply -----------------------------------------------------------------------------
+    def apply(self, desired: Plan) -> None:
+        wanted = {c["metadata"]["name"]: c for c in desired.children}
+        for name in [n for n in self.jobs if n not in wanted]:
+            self._terminate(self.jobs.pop(name))
+        for name, child in wanted.items():
+            if child["kind"] == "ConfigMap":
+                self._write_configmap(child)
+            elif child["kind"] == "PyTorchJob":
+                self._apply_job(name, child)
+            else:
+                raise ValueError(f"the local executor cannot run a {child['kind']}")
+
+    def _write_configmap(self, obj: Obj) -> None:
+        folder = self._configmap_dir(obj["metadata"]["name"])
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, value in obj.get("data", {}).items():
+            path = folder / key
+            if not path.exists() or path.read_text() != value:
+                path.write_text(value)
+        self.configmaps[obj["metadata"]["name"]] = obj
+
+    def _configmap_dir(self, name: str) -> Path:
+        return self.run_dir / ".configmaps" / name
+
+    def _apply_job(self, name: str, obj: Obj) -> None:
+        job = self.jobs.get(name)
+        suspend = bool(obj["spec"]["runPolicy"].get("suspend"))
+        if job is not None and config_hash(job.obj) != config_hash(obj):
+            self._terminate(self.jobs.pop(name))  # the spec changed: replace the job
+            job = None
+        if job is not None and job.phase in TERMINAL:
+            return
+        if suspend:
+            if job is not None and job.phase != "Suspended":
+                self._terminate(job)
+                job.condition("Suspended", "Suspended by spec.suspend")
+            return
+        if job is None or job.phase == "Suspended":
+            self.jobs[name] = self._start(obj)
+
+    def _start(self, obj: Obj) -> LocalJob:
+        specs = obj["spec"]["pytorchReplicaSpecs"]
+        workers = specs.get("Worker")
+        replicas = [specs["Master"]] + ([workers] * workers["replicas"] if workers else [])
+        port = free_port()
+        procs, logs = [], []
+        for rank, replica in enumerate(replicas):
+            env = {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": str(rank),
+                "WORLD_SIZE": str(len(replicas)),
+                "PET_NNODES": str(len(replicas)),
+                "PET_NPROC_PER_NODE": obj["spec"].get("nprocPerNode", "1"),
+                "PET_NODE_RANK": str(rank),
+                "PET_MASTER_ADDR": "127.0.0.1",
+                "PET_MASTER_PORT": str(port),
+            }
+            log = self.run_dir / "logs" / f"{obj['metadata']['name']}-{rank}.log"
+            procs.append(self._spawn(replica["template"]["spec"], env, log))
+            logs.append(log)
+        job = LocalJob(obj=obj, procs=procs, logs=logs)
+        job.condition("Running", f"Started {len(procs)} local replica(s)")
+        return job
+
+    def _spawn(self, pod: Obj, injected: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        container = pod["containers"][0]
+        mounts = self._mounts(pod, container)
+        env = dict(os.environ)
+        env.update(injected)
+        for item in container.get("env", []):
+            if "value" in item:
+                env[item["name"]] = remap(str(item["value"]), mounts)
+        argv = [remap(expand(arg, env), mounts) for arg in container["command"]]
+        argv = local_argv(argv)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:
+            return subprocess.Popen(
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def _mounts(self, pod: Obj, container: Obj) -> dict[str, Path]:
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        mounts: dict[str, Path] = {}
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if "configMap" in volume:
+                mounts[mount["mountPath"]] = self._configmap_dir(volume["configMap"]["name"])
+            elif mount["name"] == "workspace":
+                mounts[mount["mountPath"]] = self.workdir
+        return mounts
+
+    def _terminate(self, job: LocalJob) -> None:
+        for proc in job.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in job.procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    # -- loop ------------------------------------------------------------------------------
+    def reconcile(self) -> Plan:
+        desired = plan(self.run, self.observe())
+        self.apply(desired)
+        self.run = self.run.model_copy(update={"status": desired.status})
+        write_status(self.run_dir / "status.json", desired.status)
+        for event in desired.events:
+            self.on_event(event)
+        self.on_status(desired.status)
+        return desired
+
+    def execute(self) -> api.RunStatus:
+        """Reconcile until the run succeeds, fails or is refused; returns the final status."""
+        try:
+            while True:
+                desired = self.reconcile()
+                status = desired.status
+                if status.phase in TERMINAL or not desired.children:
+                    return status
+                time.sleep(self.poll_seconds)
+        finally:
+            for job in self.jobs.values():
+                self._terminate(job)
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Expand `$(VAR)` as the kubelet does for command and args; unknown references stay."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), text)
+
+
+def remap(text: str, mounts: dict[str, Path]) -> str:
+    """Rewrite a path under a pod mount to the local folder that stands in for it."""
+    for mount_path, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+        if text == mount_path or text.startswith(mount_path + "/"):
+            return str(local) + text[len(mount_path) :]
+    return text
+
+
+def local_argv(argv: list[str]) -> list[str]:
+    """Run `torchrun` and `python` from this interpreter's environment."""
+    if argv and argv[0] == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+    if argv and argv[0] in ("python", "python3"):
+        return [sys.executable, *argv[1:]]
+    return argv
+
+
+def failure_message(logs: list[Path]) -> str:
+    """The trainer's own `error:` line if it printed one, else the last lines of its log."""
+    lines: list[str] = []
+    for log in logs:
+        with contextlib.suppress(OSError):
+            lines.extend(log.read_text(errors="replace").splitlines())
+    errors = [line for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1].removeprefix("error:").strip()
+    tail = [line for line in lines if line.strip()][-3:]
+    return " | ".join(tail) if tail else "the trainer exited non-zero"
+
+
+def read_progress(path: Path) -> api.StageMetrics | None:
+    """Read a trainer's progress.json into stage metrics; a torn or missing file is None."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
+    assert isinstance(metrics, dict)
+
+    def number(value: Any) -> float | None:
+        return float(value) if isinstance(value, int | float) else None
+
+    step, total = data.get("step"), data.get("totalSteps")
+    return api.StageMetrics(
+        step=step if isinstance(step, int) else None,
+        total_steps=total if isinstance(total, int) else None,
+        reward=number(metrics.get("reward")),
+        kl=number(metrics.get("kl")),
+        loss=number(metrics.get("loss")),
+    )
+
+
+def write_status(path: Path, status: api.RunStatus) -> None:
+    """Write status.json atomically, in the CR status shape."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(status.dump(), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def preflight(run: api.RLHFRun, workdir: Path) -> list[str]:
+    """Inputs a local run can check before anything starts: local model and dataset paths."""
+    def local(path: str) -> Path:
+        return Path(path) if Path(path).is_absolute() else workdir / path
+
+    problems = []
+    if run.spec.model.path is not None and not local(run.spec.model.path).exists():
+        problems.append(
+            f"spec.model.path: {local(run.spec.model.path)} does not exist; point it at a "
+            "Hugging Face model folder (relative paths are relative to --workdir), or build "
+            f"one with `rlhf tiny-model {local(run.spec.model.path)}`"
+        )
+    for index, stage in enumerate(run.spec.stages):
+        dataset = stage.dataset
+        if dataset is not None and dataset.path is not None and not local(dataset.path).is_file():
+            problems.append(
+                f"spec.stages[{index}].dataset.path: {local(dataset.path)} is not a file; "
+                "relative paths are relative to --workdir"
+            )
+    return problems
+
+
+

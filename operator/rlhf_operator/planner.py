@@ -1,0 +1,315 @@
+"""`plan(run, observed) -> Plan`: the one pure function both executors reconcile through.
+
+Given the typed run and what is observed (its child objects with their status, and the
+training progress each stage reported), it returns the desired children, the new status and
+the events to post. No I/O: the caller passes in the clock.
+
+Semantics:
+- Stages run in order; a stage starts once every stage before it has succeeded.
+- A failed stage fails the run; later stages never start.
+- A finished stage keeps its job as a desired child (its status is the record) and is not
+  re-run when the spec changes; an unfinished stage whose rendered job changed gets a new
+  config hash, and the executor replaces the job (it resumes from its checkpoint).
+- `spec.suspend` suspends the active job; the run's phase becomes Suspended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rlhf_operator import api, builders
+
+Obj = dict[str, Any]
+
+# Stage types with a trainer. The others are refused with a Degraded condition until their
+# trainers land.
+SUPPORTED_STAGE_TYPES: frozenset[str] = frozenset({"sft"})
+SUPPORTED_BACKENDS: frozenset[str] = frozenset({"pytorchjob"})
+
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Succeeded")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What exists now: child objects (any kind, with status) and per-stage progress."""
+
+    children: list[Obj] = field(default_factory=list)
+    progress: dict[str, api.StageMetrics] = field(default_factory=dict)
+    workspace: str = builders.WORKSPACE_MOUNT
+    now: str = "1970-01-01T00:00:00Z"
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    children: list[Obj]
+    status: api.RunStatus
+    events: list[Event]
+
+
+def job_phase(job: Obj) -> api.Phase:
+    """Phase of a Kubeflow job from its conditions (the newest true condition wins)."""
+    status = job.get("status") or {}
+    conditions = [c for c in status.get("conditions") or [] if c.get("status") == "True"]
+    if not conditions:
+        return "Pending"
+    phases: dict[str, api.Phase] = {
+        "Succeeded": "Succeeded",
+        "Failed": "Failed",
+        "Suspended": "Suspended",
+        "Running": "Running",
+        "Restarting": "Running",
+    }
+    return phases.get(str(conditions[-1].get("type")), "Pending")
+
+
+def _job_message(job: Obj) -> str | None:
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return str(conditions[-1].get("message")) if conditions else None
+
+
+def _jobs_by_stage(children: list[Obj]) -> dict[str, Obj]:
+    out = {}
+    for child in children:
+        if child.get("kind") in ("PyTorchJob", "TrainJob"):
+            stage = (child.get("metadata", {}).get("labels") or {}).get(builders.LABEL_STAGE)
+            if stage:
+                out[stage] = child
+    return out
+
+
+def refusal(run: api.RLHFRun) -> str | None:
+    """Why this spec cannot run yet (an unsupported stage type or backend), or None."""
+    for index, stage in enumerate(run.spec.stages):
+        if stage.type not in SUPPORTED_STAGE_TYPES:
+            return (
+                f"spec.stages[{index}].type: stage type {stage.type!r} is not supported yet; "
+                f"supported: {', '.join(sorted(SUPPORTED_STAGE_TYPES))}"
+            )
+    if run.spec.trainer.backend not in SUPPORTED_BACKENDS:
+        return f"spec.trainer.backend: {run.spec.trainer.backend!r} is not supported yet"
+    return None
+
+
+def plan(run: api.RLHFRun, observed: Observed) -> Plan:
+    previous = run.status or api.RunStatus()
+    problem = refusal(run)
+    if problem is not None:
+        status = _status(run, previous, observed, [], "Pending", None, problem)
+        return Plan(children=[], status=status, events=_events(previous, status, problem))
+    jobs = _jobs_by_stage(observed.children)
+    children: list[Obj] = []
+    stages: list[api.StageStatus] = []
+    current: str | None = None
+    for stage in run.spec.stages:
+        if current is not None:
+            stages.append(api.StageStatus(name=stage.name, type=stage.type))
+            continue
+        desired = builders.build_stage_children(run, stage)
+        job = jobs.get(stage.name)
+        if job is not None and job_phase(job) == "Failed" and config_hash(job) != config_hash(
+            desired[-1]
+        ):
+            job = None  # the spec changed after the failure: retry with the new spec
+        stage_status = _stage_status(run, stage, job, observed, previous)
+        stages.append(stage_status)
+        if stage_status.phase in ("Succeeded", "Failed"):
+            children.extend(_kept_children(observed.children, stage.name))
+        else:
+            children.extend(desired)
+        if stage_status.phase != "Succeeded":
+            current = stage.name
+    phase = _run_phase(run, stages)
+    status = _status(run, previous, observed, stages, phase, current, None)
+    return Plan(children=children, status=status, events=_events(previous, status, None))
+
+
+def config_hash(obj: Obj) -> str | None:
+    annotations = obj.get("metadata", {}).get("annotations") or {}
+    value = annotations.get(builders.ANNOTATION_HASH)
+    return str(value) if value is not None else None
+
+
+_SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp", "managedFields", "generation")
+
+
+def _kept_children(children: list[Obj], stage: str) -> list[Obj]:
+    """A finished stage keeps the objects it ran with, not ones rebuilt from an edited spec."""
+    kept = []
+    for child in children:
+        meta = child.get("metadata", {})
+        if (meta.get("labels") or {}).get(builders.LABEL_STAGE) != stage:
+            continue
+        clean = {k: v for k, v in meta.items() if k not in _SERVER_FIELDS}
+        kept.append({**{k: v for k, v in child.items() if k != "status"}, "metadata": clean})
+    return kept
+
+
+def _stage_status(
+    run: api.RLHFRun,
+    stage: api.Stage,
+    job: Obj | None,
+    observed: Observed,
+    previous: api.RunStatus,
+) -> api.StageStatus:
+    before = next((s for s in previous.stages if s.name == stage.name), None)
+    phase: api.Phase = "Pending" if job is None else job_phase(job)
+    if run.spec.suspend and phase in ("Pending", "Running"):
+        phase = "Suspended"
+    active = phase in ("Running", "Succeeded", "Failed", "Suspended")
+    started = before.start_time if before and active else None
+    if phase in ("Running", "Succeeded", "Failed") and started is None:
+        started = observed.now
+    finished = before.completion_time if before and phase in ("Succeeded", "Failed") else None
+    if phase in ("Succeeded", "Failed") and finished is None:
+        finished = observed.now
+    output = None
+    if phase == "Succeeded":
+        output = f"{observed.workspace}/{builders.stage_output_dir(run, stage.name)}/final"
+    return api.StageStatus(
+        name=stage.name,
+        type=stage.type,
+        phase=phase,
+        job_name=builders.child_name(run, stage.name) if job is not None else None,
+        start_time=started,
+        completion_time=finished if phase in ("Succeeded", "Failed") else None,
+        output=output,
+        message=_job_message(job) if job is not None and phase == "Failed" else None,
+        metrics=observed.progress.get(stage.name, before.metrics if before else None),
+    )
+
+
+def _run_phase(run: api.RLHFRun, stages: list[api.StageStatus]) -> api.Phase:
+    if any(s.phase == "Failed" for s in stages):
+        return "Failed"
+    if all(s.phase == "Succeeded" for s in stages):
+        return "Succeeded"
+    if run.spec.suspend:
+        return "Suspended"
+    if any(s.phase in ("Running", "Succeeded") for s in stages):
+        return "Running"
+    return "Pending"
+
+
+def _status(
+    run: api.RLHFRun,
+    previous: api.RunStatus,
+    observed: Observed,
+    stages: list[api.StageStatus],
+    phase: api.Phase,
+    current: str | None,
+    refused: str | None,
+) -> api.RunStatus:
+    metrics = next((s.metrics for s in stages if s.name == current), None)
+    wanted = _conditions(stages, phase, current, refused)
+    conditions = []
+    for ctype in CONDITION_TYPES:
+        cstatus, reason, message = wanted[ctype]
+        old = next((c for c in previous.conditions if c.type == ctype), None)
+        since = old.last_transition_time if old and old.status == cstatus else observed.now
+        conditions.append(
+            api.Condition(
+                type=ctype,
+                status=cstatus,
+                reason=reason,
+                message=message,
+                last_transition_time=since,
+                observed_generation=run.metadata.generation,
+            )
+        )
+    return api.RunStatus(
+        phase=phase,
+        current_stage=current,
+        step=metrics.step if metrics else None,
+        reward=metrics.reward if metrics else None,
+        stages=stages,
+        conditions=conditions,
+        observed_generation=run.metadata.generation,
+    )
+
+
+Wanted = dict[str, tuple[Literal["True", "False", "Unknown"], str, str]]
+
+
+def _conditions(
+    stages: list[api.StageStatus], phase: api.Phase, current: str | None, refused: str | None
+) -> Wanted:
+    if refused is not None:
+        return {
+            "Ready": ("False", "SpecRefused", refused),
+            "Progressing": ("False", "SpecRefused", refused),
+            "Degraded": ("True", "SpecRefused", refused),
+            "Succeeded": ("False", "SpecRefused", refused),
+        }
+    failed = next((s for s in stages if s.phase == "Failed"), None)
+    if failed is not None:
+        why = f"Stage {failed.name} failed" + (f": {failed.message}" if failed.message else "")
+        return {
+            "Ready": ("False", "StageFailed", why),
+            "Progressing": ("False", "StageFailed", why),
+            "Degraded": ("True", "StageFailed", why),
+            "Succeeded": ("False", "StageFailed", why),
+        }
+    if phase == "Succeeded":
+        done = f"All {len(stages)} stages succeeded"
+        return {
+            "Ready": ("True", "Succeeded", done),
+            "Progressing": ("False", "Succeeded", done),
+            "Degraded": ("False", "Succeeded", done),
+            "Succeeded": ("True", "Succeeded", done),
+        }
+    active = next((s for s in stages if s.name == current), None)
+    if phase == "Suspended":
+        note = f"Suspended at stage {current}"
+        return {
+            "Ready": ("False", "Suspended", note),
+            "Progressing": ("False", "Suspended", note),
+            "Degraded": ("False", "Suspended", note),
+            "Succeeded": ("False", "Suspended", note),
+        }
+    running = active is not None and active.phase == "Running"
+    note = f"Stage {current} is {'running' if running else 'starting'}"
+    reason = "StageRunning" if running else "StageStarting"
+    return {
+        "Ready": ("True" if running else "False", reason, note),
+        "Progressing": ("True", reason, note),
+        "Degraded": ("False", "AsExpected", ""),
+        "Succeeded": ("False", "InProgress", note),
+    }
+
+
+def _events(previous: api.RunStatus, status: api.RunStatus, refused: str | None) -> list[Event]:
+    """Events for what changed between the previous status and the new one."""
+    events: list[Event] = []
+    if refused is not None:
+        was = next((c for c in previous.conditions if c.type == "Degraded"), None)
+        if was is None or was.message != refused:
+            events.append(Event("Warning", "SpecRefused", refused))
+        return events
+    before = {s.name: s.phase for s in previous.stages}
+    for stage in status.stages:
+        old = before.get(stage.name, "Pending")
+        if stage.phase == old:
+            continue
+        if stage.phase == "Running":
+            events.append(Event("Normal", "StageStarted", f"Started stage {stage.name}"))
+        elif stage.phase == "Succeeded":
+            events.append(Event("Normal", "StageSucceeded", f"Stage {stage.name} succeeded"))
+        elif stage.phase == "Failed":
+            msg = f"Stage {stage.name} failed" + (f": {stage.message}" if stage.message else "")
+            events.append(Event("Warning", "StageFailed", msg))
+        elif stage.phase == "Suspended":
+            events.append(Event("Normal", "StageSuspended", f"Suspended stage {stage.name}"))
+    if status.phase != previous.phase and status.phase in ("Succeeded", "Failed"):
+        kind: Literal["Normal", "Warning"] = (
+            "Normal" if status.phase == "Succeeded" else "Warning"
+        )
+        events.append(Event(kind, f"Run{status.phase}", f"Run {status.phase.lower()}"))
+    return events

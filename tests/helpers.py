@@ -1,0 +1,43 @@
+"""Small builders shared by the operator tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from rlhf_operator import api
+
+BASE: dict[str, Any] = {
+    "apiVersion": "rlhf.dev/v1alpha1",
+    "kind": "RLHFRun",
+    "metadata": {"name": "demo", "namespace": "team-a", "uid": "uid-1", "generation": 1},
+    "spec": {
+        "model": {"path": "models/tiny-llama"},
+        "stages": [
+            {"name": "sft", "type": "sft", "dataset": {"path": "data/sft.jsonl"}},
+            {"name": "sft2", "type": "sft", "from": "sft", "dataset": {"path": "data/sft.jsonl"}},
+        ],
+    },
+}
+
+
+def manifest(**spec_updates: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(BASE)
+    doc["spec"].update(copy.deepcopy(spec_updates))
+    return doc
+
+
+def make_run(doc: dict[str, Any] | None = None, **spec_updates: Any) -> api.RLHFRun:
+    return api.parse_run(doc if doc is not None else manifest(**spec_updates), "test")
+
+
+def job_with(job: dict[str, Any], *conditions: str, message: str = "") -> dict[str, Any]:
+    """The job as the training operator would report it, newest condition last."""
+    out = copy.deepcopy(job)
+    out["status"] = {
+        "conditions": [
+            {"type": c, "status": "True", "message": message if i == len(conditions) - 1 else ""}
+            for i, c in enumerate(conditions)
+        ]
+    }
+    return out

@@ -1,0 +1,45 @@
+"""Import boundaries (ARCHITECTURE.md): the operator image carries no torch."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = {"torch", "transformers", "datasets", "safetensors", "tokenizers", "peft", "vllm"}
+
+
+def imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_operator_imports_only_trainer_config() -> None:
+    files = sorted((ROOT / "operator" / "rlhf_operator").rglob("*.py"))
+    assert files
+    for path in files:
+        for name in imports(path):
+            if name.startswith("rlhf_trainer"):
+                assert name == "rlhf_trainer.config", f"{path.name} imports {name}"
+            assert name.split(".")[0] not in HEAVY, f"{path.name} imports {name}"
+
+
+def test_trainer_config_is_torch_free() -> None:
+    names = imports(ROOT / "trainer" / "rlhf_trainer" / "config.py")
+    assert not {n.split(".")[0] for n in names} & HEAVY
+
+
+def test_losses_import_only_torch() -> None:
+    path = ROOT / "trainer" / "rlhf_trainer" / "losses.py"
+    assert path.exists()
+    allowed = {"torch", "__future__", "typing", "dataclasses", "math"}
+    assert {n.split(".")[0] for n in imports(path)} <= allowed

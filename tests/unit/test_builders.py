@@ -1,0 +1,196 @@
+"""Builders: every child validates against upstream Kubernetes schemas and the PyTorchJob API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from helpers import make_run, manifest
+from rlhf_operator import builders
+from rlhf_operator.planner import Observed, plan
+
+pytestmark = pytest.mark.unit
+
+K8S_VERSION = "1.34"
+
+# The kubeflow.org/v1 PyTorchJob envelope, written from the Go API types
+# (PyTorchJobSpec, RunPolicy, ReplicaSpec). Pod templates inside are checked against the
+# upstream Kubernetes schema with kubernetes-validate.
+REPLICA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["template"],
+    "properties": {
+        "replicas": {"type": "integer", "minimum": 0},
+        "restartPolicy": {"enum": ["Always", "OnFailure", "Never", "ExitCode"]},
+        "template": {"type": "object"},
+    },
+}
+PYTORCHJOB_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "kubeflow.org/v1"},
+        "kind": {"const": "PyTorchJob"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["pytorchReplicaSpecs"],
+            "properties": {
+                "nprocPerNode": {"type": "string"},
+                "elasticPolicy": {"type": "object"},
+                "runPolicy": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "cleanPodPolicy": {"enum": ["All", "Running", "None"]},
+                        "ttlSecondsAfterFinished": {"type": "integer"},
+                        "activeDeadlineSeconds": {"type": "integer"},
+                        "backoffLimit": {"type": "integer"},
+                        "suspend": {"type": "boolean"},
+                        "managedBy": {"type": "string"},
+                        "schedulingPolicy": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "minAvailable": {"type": "integer"},
+                                "queue": {"type": "string"},
+                                "minResources": {"type": "object"},
+                                "priorityClass": {"type": "string"},
+                                "scheduleTimeoutSeconds": {"type": "integer"},
+                            },
+                        },
+                    },
+                },
+                "pytorchReplicaSpecs": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["Master"],
+                    "properties": {"Master": REPLICA, "Worker": REPLICA},
+                },
+            },
+        },
+    },
+}
+
+
+def validate_pytorchjob(job: dict[str, Any]) -> None:
+    jsonschema.validate(job, PYTORCHJOB_SCHEMA)
+    for name, replica in job["spec"]["pytorchReplicaSpecs"].items():
+        template = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": f"{job['metadata']['name']}-{name.lower()}"},
+            "template": replica["template"],
+        }
+        kubernetes_validate.validate(template, K8S_VERSION, strict=True)
+        containers = replica["template"]["spec"]["containers"]
+        assert containers[0]["name"] == "pytorch", "Kubeflow requires the container `pytorch`"
+
+
+SCENARIOS = {
+    "default": manifest(),
+    "gpus-multinode": manifest(
+        trainer={
+            "nodes": 2,
+            "gpusPerNode": 8,
+            "resources": {"requests": {"cpu": "16", "memory": "200Gi"}, "limits": {"cpu": 32}},
+            "schedulerName": "volcano",
+        },
+        workspace={"claimName": "rlhf-workspace"},
+    ),
+    "hub-token": manifest(
+        model={"name": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "main",
+               "tokenSecretRef": {"name": "hf", "key": "token"}},
+    ),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_children_validate(scenario: str) -> None:
+    run = make_run(SCENARIOS[scenario])
+    for child in plan(run, Observed()).children:
+        if child["kind"] == "PyTorchJob":
+            validate_pytorchjob(child)
+        else:
+            kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+
+
+def test_schema_catches_a_broken_job() -> None:
+    job = builders.build_pytorchjob(make_run(), make_run().spec.stages[0])
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
+        "command"
+    ] = "torchrun -m rlhf_trainer"  # a string where Kubernetes wants an argv list
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_pytorchjob(job)
+    job = builders.build_pytorchjob(make_run(), make_run().spec.stages[0])
+    job["spec"]["runPolicy"]["cleanPodPolicy"] = "Never"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_pytorchjob(job)
+
+
+def test_multinode_job_shape() -> None:
+    run = make_run(SCENARIOS["gpus-multinode"])
+    job = builders.build_pytorchjob(run, run.spec.stages[0])
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 1
+    assert job["spec"]["nprocPerNode"] == "8"
+    assert job["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 2}
+    pod = specs["Worker"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert container["resources"]["requests"]["cpu"] == "16"
+    assert "--nnodes=2" in container["command"] and "--nproc-per-node=8" in container["command"]
+    assert pod["schedulerName"] == "volcano"
+    workspace = next(v for v in pod["volumes"] if v["name"] == "workspace")
+    assert workspace["persistentVolumeClaim"]["claimName"] == "rlhf-workspace"
+
+
+def test_secrets_travel_only_as_references() -> None:
+    run = make_run(SCENARIOS["hub-token"])
+    children = plan(run, Observed()).children
+    env = children[1]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][
+        0
+    ]["env"]
+    token = next(e for e in env if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert "value" not in token
+    config = yaml.safe_load(children[0]["data"]["sft.yaml"])
+    assert config["model"]["tokenSecretRef"] == {"name": "hf", "key": "token"}
+
+
+def test_spec_strings_are_single_argv_items() -> None:
+    doc = manifest()
+    doc["spec"]["trainer"] = {"image": "repo/img:1; rm -rf /"}
+    run = make_run(doc)
+    command = builders.trainer_command(run, run.spec.stages[0])
+    assert command[0] == "torchrun" and "sh" not in command and "-c" not in command
+    assert command[-1] == "/etc/rlhf/sft.yaml"
+
+
+def test_long_names_are_shortened_stably() -> None:
+    doc = manifest()
+    doc["metadata"]["name"] = "a" * 63
+    run = make_run(doc)
+    name = builders.child_name(run, "sft", "config")
+    assert len(name) <= 63 and name.endswith("-config")
+    assert name == builders.child_name(run, "sft", "config")
+    assert name != builders.child_name(run, "sft2", "config")
+
+
+def test_config_hash_ignores_suspension_only() -> None:
+    run = make_run()
+    suspended = make_run(manifest(suspend=True))
+    a = builders.build_pytorchjob(run, run.spec.stages[0])
+    b = builders.build_pytorchjob(suspended, suspended.spec.stages[0])
+    assert a["metadata"]["annotations"] == b["metadata"]["annotations"]
+    doc = manifest()
+    doc["spec"]["stages"][0]["hyperparameters"] = {"seed": 7}
+    c = builders.build_pytorchjob(make_run(doc), make_run(doc).spec.stages[0])
+    assert a["metadata"]["annotations"] != c["metadata"]["annotations"]

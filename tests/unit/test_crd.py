@@ -1,0 +1,127 @@
+"""The CRD: generated from the typed model, committed, structural, with CEL rules that work."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import celpy
+import kubernetes_validate
+import pytest
+import yaml
+from celpy import celtypes
+
+from helpers import manifest
+from rlhf_operator import api, crd
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMITTED = ROOT / "manifests" / "crds" / "rlhf.dev_rlhfruns.yaml"
+
+
+def test_committed_crd_matches_the_model() -> None:
+    committed = yaml.safe_load(COMMITTED.read_text())
+    assert committed == crd.build_crd(), "the CRD drifted from the model: run `make crd`"
+
+
+def test_crd_is_a_valid_customresourcedefinition() -> None:
+    kubernetes_validate.validate(crd.build_crd(), "1.34", strict=True)
+
+
+def walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    if isinstance(node, dict):
+        out.append((path, node))
+        for key, value in node.items():
+            out.extend(walk(value, f"{path}/{key}"))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out.extend(walk(value, f"{path}/{i}"))
+    return out
+
+
+def test_schema_is_structural() -> None:
+    schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in walk(schema):
+        if path.endswith("/x-kubernetes-validations") or "/default" in path:
+            continue
+        assert "$ref" not in node and "anyOf" not in node and "title" not in node, path
+        if "properties" in node:
+            assert node.get("type") == "object", path
+            assert node.get("additionalProperties") is not False, path
+
+
+def test_crd_surface() -> None:
+    version = crd.build_crd()["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase", "Stage", "Step", "Reward", "Age"
+    ]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert spec["trainer"]["properties"]["backend"]["default"] == "pytorchjob"
+    assert spec["stages"]["items"]["properties"]["hyperparameters"]["default"] == {}
+    lr = spec["stages"]["items"]["properties"]["hyperparameters"]["properties"]["learningRate"]
+    assert lr["minimum"] == 0 and lr["exclusiveMinimum"] is True
+
+
+def _index_of(items: celtypes.ListType, value: Any) -> celtypes.IntType:
+    """Kubernetes' CEL list library `indexOf`, which celpy lacks."""
+    for i, item in enumerate(items):
+        if item == value:
+            return celtypes.IntType(i)
+    return celtypes.IntType(-1)
+
+
+def apply_rules(schema: dict[str, Any], value: Any, env: celpy.Environment) -> list[str]:
+    """Evaluate the CEL rules of a schema node and its children against a value, as the API
+    server does: each rule with `self` bound to the value at its node."""
+    failures = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        program = env.program(env.compile(rule["rule"]), functions={"indexOf": _index_of})
+        if not bool(program.evaluate({"self": celpy.json_to_cel(value)})):
+            failures.append(rule["rule"])
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if key in schema.get("properties", {}):
+                failures.extend(apply_rules(schema["properties"][key], child, env))
+    elif isinstance(value, list) and "items" in schema:
+        for item in value:
+            failures.extend(apply_rules(schema["items"], item, env))
+    return failures
+
+
+def cel_failures(doc_spec: dict[str, Any]) -> list[str]:
+    version = crd.build_crd()["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    return apply_rules(schema, doc_spec, celpy.Environment())
+
+
+def test_cel_rules_accept_a_valid_spec() -> None:
+    assert cel_failures(manifest()["spec"]) == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda s: s["stages"].append(copy.deepcopy(s["stages"][0])), "exists_one"),
+        (lambda s: s["stages"][1].update({"from": "nope"}), "indexOf(s.from)"),
+        (lambda s: s["stages"].reverse(), "indexOf(s.from)"),
+        (lambda s: s["stages"][0].pop("dataset"), "has(self.dataset)"),
+        (lambda s: s["stages"][0].update({"type": "ppo"}), "has(self.reward)"),
+        (lambda s: s["stages"][0].update({"dpo": {}}), "self.type == 'dpo'"),
+        (lambda s: s["model"].update({"name": "org/m"}), "has(self.name) != has(self.path)"),
+        (
+            lambda s: s["stages"][0].update({"type": "feedback"}),
+            "has(self.judge) ||",
+        ),
+    ],
+)
+def test_cel_rules_refuse_what_validate_refuses(mutate: Any, needle: str) -> None:
+    doc = manifest()
+    mutate(doc["spec"])
+    failures = cel_failures(doc["spec"])
+    assert any(needle in rule for rule in failures), failures
+    with pytest.raises(api.SpecError):
+        api.parse_run(doc)

@@ -1,0 +1,273 @@
+"""The planner: stage progression, failure, suspension, spec edits, conditions and events."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from helpers import job_with, make_run, manifest
+from rlhf_operator import api, builders
+from rlhf_operator.planner import Observed, Plan, config_hash, job_phase, plan
+
+pytestmark = pytest.mark.unit
+
+
+def kinds(p: Plan) -> list[tuple[str, str]]:
+    return [(c["kind"], c["metadata"]["name"]) for c in p.children]
+
+
+def stage_phases(p: Plan) -> dict[str, str]:
+    return {s.name: s.phase for s in p.status.stages}
+
+
+def condition(p: Plan, ctype: str) -> api.Condition:
+    return next(c for c in p.status.conditions if c.type == ctype)
+
+
+def advance(run: api.RLHFRun, p: Plan) -> api.RLHFRun:
+    """What an executor does between reconciles: store the status it was given."""
+    return run.model_copy(update={"status": p.status})
+
+
+def observed_for(
+    p: Plan,
+    stage: str,
+    *conds: str,
+    now: str = "t1",
+    message: str = "",
+    done: tuple[str, ...] = (),
+) -> Observed:
+    """The plan's children as observed: `stage`'s job with `conds`, `done` stages Succeeded."""
+    children = []
+    for child in p.children:
+        name = child["metadata"]["labels"]["rlhf.dev/stage"]
+        if child["kind"] == "PyTorchJob" and name == stage:
+            children.append(job_with(child, *conds, message=message))
+        elif child["kind"] == "PyTorchJob" and name in done:
+            children.append(job_with(child, "Succeeded"))
+        else:
+            children.append(copy.deepcopy(child))
+    return Observed(children=children, now=now)
+
+
+def test_fresh_run_creates_first_stage_only() -> None:
+    p = plan(make_run(), Observed(now="t0"))
+    assert kinds(p) == [("ConfigMap", "demo-sft-config"), ("PyTorchJob", "demo-sft")]
+    assert p.status.phase == "Pending"
+    assert p.status.current_stage == "sft"
+    assert stage_phases(p) == {"sft": "Pending", "sft2": "Pending"}
+    assert condition(p, "Progressing").status == "True"
+    assert condition(p, "Ready").status == "False"
+    assert p.status.observed_generation == 1
+
+
+def test_running_then_succeeded_moves_to_next_stage() -> None:
+    run = make_run()
+    p0 = plan(run, Observed(now="t0"))
+    run = advance(run, p0)
+    p1 = plan(run, observed_for(p0, "sft", "Created", "Running", now="t1"))
+    assert p1.status.phase == "Running"
+    assert stage_phases(p1)["sft"] == "Running"
+    assert p1.status.stages[0].start_time == "t1"
+    assert condition(p1, "Ready").status == "True"
+    assert [e.reason for e in p1.events] == ["StageStarted"]
+    run = advance(run, p1)
+    p2 = plan(run, observed_for(p1, "sft", "Created", "Running", "Succeeded", now="t2"))
+    assert stage_phases(p2) == {"sft": "Succeeded", "sft2": "Pending"}
+    assert p2.status.current_stage == "sft2"
+    assert p2.status.stages[0].start_time == "t1"
+    assert p2.status.stages[0].completion_time == "t2"
+    assert p2.status.stages[0].output == "/workspace/demo/sft/final"
+    assert ("PyTorchJob", "demo-sft2") in kinds(p2)
+    assert ("PyTorchJob", "demo-sft") in kinds(p2), "finished jobs stay as the stage's record"
+    assert [e.reason for e in p2.events] == ["StageSucceeded"]
+
+
+def test_from_stage_initialises_from_its_output() -> None:
+    run = make_run()
+    stage = run.spec.stages[1]
+    config = builders.build_stage_config(run, stage)
+    assert config.model.path == "demo/sft/final"
+    assert builders.build_stage_config(run, run.spec.stages[0]).model.path == "models/tiny-llama"
+
+
+def test_all_stages_succeeded() -> None:
+    run = make_run()
+    p0 = plan(run, Observed(now="t0"))
+    p1 = plan(advance(run, p0), observed_for(p0, "sft", "Succeeded", now="t1"))
+    p2 = plan(advance(run, p1), observed_for(p1, "sft2", "Succeeded", now="t2", done=("sft",)))
+    assert p2.status.phase == "Succeeded"
+    assert condition(p2, "Succeeded").status == "True"
+    assert condition(p2, "Progressing").status == "False"
+    assert p2.status.current_stage is None
+    assert "RunSucceeded" in [e.reason for e in p2.events]
+
+
+def test_stage_failure_fails_run_and_blocks_later_stages() -> None:
+    run = make_run()
+    p0 = plan(run, Observed(now="t0"))
+    p1 = plan(
+        advance(run, p0),
+        observed_for(p0, "sft", "Running", "Failed", message="OOMKilled", now="t1"),
+    )
+    assert p1.status.phase == "Failed"
+    assert stage_phases(p1) == {"sft": "Failed", "sft2": "Pending"}
+    assert p1.status.stages[0].message == "OOMKilled"
+    assert condition(p1, "Degraded").status == "True"
+    assert condition(p1, "Degraded").reason == "StageFailed"
+    assert "OOMKilled" in condition(p1, "Degraded").message
+    assert all(c["metadata"]["labels"]["rlhf.dev/stage"] == "sft" for c in p1.children)
+    reasons = [e.reason for e in p1.events]
+    assert "StageFailed" in reasons and "RunFailed" in reasons
+    assert all(e.type == "Warning" for e in p1.events)
+
+
+def test_failed_stage_retries_after_spec_edit() -> None:
+    run = make_run()
+    p0 = plan(run, Observed(now="t0"))
+    failed = observed_for(p0, "sft", "Failed", message="bad lr", now="t1")
+    p1 = plan(advance(run, p0), failed)
+    assert p1.status.phase == "Failed"
+    doc = manifest()
+    doc["metadata"]["generation"] = 2
+    doc["spec"]["stages"][0]["hyperparameters"] = {"learningRate": 1e-4}
+    edited = make_run(doc).model_copy(update={"status": p1.status})
+    p2 = plan(edited, Observed(children=failed.children, now="t2"))
+    assert stage_phases(p2)["sft"] == "Pending"
+    assert p2.status.phase == "Pending"
+    assert p2.status.stages[0].completion_time is None
+    new_job = next(c for c in p2.children if c["kind"] == "PyTorchJob")
+    old_job = next(c for c in failed.children if c["kind"] == "PyTorchJob")
+    assert config_hash(new_job) != config_hash(old_job)
+    assert p2.status.observed_generation == 2
+    assert all(c.observed_generation == 2 for c in p2.status.conditions)
+
+
+def test_spec_edit_mid_run_replaces_running_job_and_keeps_finished() -> None:
+    run = make_run()
+    p0 = plan(run, Observed(now="t0"))
+    p1 = plan(advance(run, p0), observed_for(p0, "sft", "Succeeded", now="t1"))
+    running = observed_for(p1, "sft2", "Running", now="t2", done=("sft",))
+    p2 = plan(advance(run, p1), running)
+    doc = manifest()
+    doc["metadata"]["generation"] = 2
+    for stage in doc["spec"]["stages"]:
+        stage["hyperparameters"] = {"learningRate": 5e-5}
+    edited = make_run(doc).model_copy(update={"status": p2.status})
+    p3 = plan(edited, Observed(children=running.children, now="t3"))
+    jobs = {c["metadata"]["name"]: c for c in p3.children if c["kind"] == "PyTorchJob"}
+    old = {c["metadata"]["name"]: c for c in running.children if c["kind"] == "PyTorchJob"}
+    assert config_hash(jobs["demo-sft"]) == config_hash(old["demo-sft"]), "finished: untouched"
+    assert config_hash(jobs["demo-sft2"]) != config_hash(old["demo-sft2"]), "running: replaced"
+    assert stage_phases(p3) == {"sft": "Succeeded", "sft2": "Running"}
+    assert p3.status.observed_generation == 2
+
+
+def test_removed_stage_children_are_no_longer_desired() -> None:
+    run = make_run()
+    p0 = plan(run, Observed(now="t0"))
+    doc = manifest(stages=[{"name": "other", "type": "sft", "dataset": {"path": "d.jsonl"}}])
+    p1 = plan(make_run(doc), observed_for(p0, "sft", "Running"))
+    assert [c["metadata"]["name"] for c in p1.children] == ["demo-other-config", "demo-other"]
+
+
+def test_suspend_sets_job_suspended_and_resume_clears_it() -> None:
+    run = make_run()
+    p0 = plan(run, Observed(now="t0"))
+    running = observed_for(p0, "sft", "Running", now="t1")
+    p1 = plan(advance(run, p0), running)
+    suspended_run = make_run(manifest(suspend=True)).model_copy(update={"status": p1.status})
+    p2 = plan(suspended_run, running)
+    job = next(c for c in p2.children if c["kind"] == "PyTorchJob")
+    assert job["spec"]["runPolicy"]["suspend"] is True
+    assert config_hash(job) == config_hash(running.children[1]), "suspension patches in place"
+    assert p2.status.phase == "Suspended"
+    assert stage_phases(p2)["sft"] == "Suspended"
+    assert condition(p2, "Progressing").reason == "Suspended"
+    assert "StageSuspended" in [e.reason for e in p2.events]
+    resumed = make_run().model_copy(update={"status": p2.status})
+    p3 = plan(resumed, running)
+    assert next(c for c in p3.children if c["kind"] == "PyTorchJob")["spec"]["runPolicy"][
+        "suspend"
+    ] is False
+    assert p3.status.phase == "Running"
+
+
+@pytest.mark.parametrize("stage_type", ["reward", "dpo", "rrhf", "evaluate"])
+def test_unsupported_stage_type_is_refused_with_degraded(stage_type: str) -> None:
+    stage = {"name": "x", "type": stage_type}
+    if stage_type != "evaluate":
+        stage["dataset"] = {"path": "d.jsonl"}
+    run = make_run(manifest(stages=[stage]))
+    p = plan(run, Observed(now="t0"))
+    assert p.children == []
+    assert p.status.phase == "Pending"
+    degraded = condition(p, "Degraded")
+    assert degraded.status == "True"
+    assert "not supported yet" in degraded.message
+    assert "spec.stages[0].type" in degraded.message
+    assert [e.reason for e in p.events] == ["SpecRefused"]
+    again = plan(advance(run, p), Observed(now="t1"))
+    assert again.events == [], "the same refusal is not announced twice"
+
+
+def test_plan_is_deterministic_and_steady_state_has_no_events() -> None:
+    run = make_run()
+    p0 = plan(run, Observed(now="t0"))
+    obs = observed_for(p0, "sft", "Running", now="t1")
+    p1 = plan(advance(run, p0), obs)
+    p2 = plan(advance(run, p1), Observed(children=obs.children, now="t9"))
+    assert p2.children == p1.children
+    assert p2.status == p1.status, "nothing changed, so the status (timestamps too) is equal"
+    assert p2.events == []
+
+
+def test_condition_transition_time_changes_only_on_status_change() -> None:
+    run = make_run()
+    p0 = plan(run, Observed(now="t0"))
+    ready0 = condition(p0, "Ready")
+    p1 = plan(advance(run, p0), observed_for(p0, "sft", "Running", now="t1"))
+    assert condition(p1, "Ready").last_transition_time == "t1" != ready0.last_transition_time
+    assert condition(p1, "Progressing").last_transition_time == "t0"
+
+
+def test_progress_flows_into_status() -> None:
+    run = make_run()
+    p0 = plan(run, Observed(now="t0"))
+    obs = observed_for(p0, "sft", "Running", now="t1")
+    metrics = api.StageMetrics(step=7, total_steps=20, loss=1.5)
+    p1 = plan(advance(run, p0), Observed(children=obs.children, progress={"sft": metrics}))
+    assert p1.status.stages[0].metrics == metrics
+    assert p1.status.step == 7
+
+
+@pytest.mark.parametrize(
+    ("conditions", "phase"),
+    [
+        ([], "Pending"),
+        (["Created"], "Pending"),
+        (["Created", "Running"], "Running"),
+        (["Created", "Running", "Restarting"], "Running"),
+        (["Created", "Running", "Succeeded"], "Succeeded"),
+        (["Created", "Running", "Failed"], "Failed"),
+        (["Created", "Suspended"], "Suspended"),
+    ],
+)
+def test_job_phase_from_conditions(conditions: list[str], phase: str) -> None:
+    job = job_with({"kind": "PyTorchJob"}, *conditions)
+    assert job_phase(job) == phase
+
+
+def test_kueue_label_and_owner_reference_reach_children() -> None:
+    doc = manifest()
+    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-queue"}
+    p = plan(make_run(doc), Observed())
+    for child in p.children:
+        meta = child["metadata"]
+        assert meta["labels"]["rlhf.dev/run"] == "demo"
+        assert meta["labels"]["rlhf.dev/stage"] == "sft"
+        assert meta["ownerReferences"][0]["uid"] == "uid-1"
+        assert meta["ownerReferences"][0]["controller"] is True
+    job = p.children[1]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"

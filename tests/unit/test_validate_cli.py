@@ -1,0 +1,89 @@
+"""`rlhf validate` and `rlhf render`: every bad file gets one error naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_operator import cli
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+BAD = ROOT / "tests" / "data" / "bad"
+
+# file -> what the error must name (the field path, and the gist of the problem)
+EXPECTED = {
+    "missing-model.yaml": ["spec.model", "required"],
+    "duplicate-stage.yaml": ["spec.stages[1].name", "duplicate stage name 'sft'"],
+    "unknown-from.yaml": ["spec.stages[1].from", "'sfft' is not an earlier stage"],
+    "negative-lr.yaml": ["spec.stages[0].hyperparameters.learningRate", "greater than 0"],
+    "unknown-type.yaml": ["spec.stages[0].type", "'sft'"],
+    "malformed.yaml": ["line 8", "malformed YAML"],
+    "unknown-field.yaml": ["spec.stages[0].hyperparameter", "unknown field"],
+    "ppo-without-reward.yaml": ["spec.stages[0]", "needs `reward`"],
+    "two-model-sources.yaml": ["spec.model", "exactly one of `name`"],
+    "feedback-without-judge.yaml": ["spec.stages[0]", "`spec.judge` must be set"],
+}
+
+
+def test_every_bad_file_is_covered() -> None:
+    assert sorted(p.name for p in BAD.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bad_file_is_refused_naming_the_field(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = BAD / name
+    assert cli.main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(str(path) + ":"), "the error names the file"
+    for needle in EXPECTED[name]:
+        assert needle in err, f"{needle!r} missing from: {err}"
+    assert "Traceback" not in err
+
+
+def test_validate_many_files_reports_each_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    good = ROOT / "examples" / "quickstart.yaml"
+    bad = [BAD / "negative-lr.yaml", BAD / "unknown-from.yaml"]
+    assert cli.main(["validate", str(good), *map(str, bad)]) == 1
+    out = capsys.readouterr()
+    assert "quickstart.yaml: valid" in out.out
+    assert all(str(b) in out.err for b in bad)
+
+
+def test_validate_good_example_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["validate", str(ROOT / "examples" / "quickstart.yaml")]) == 0
+    assert "valid (quickstart)" in capsys.readouterr().out
+
+
+def test_missing_file_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["validate", "does/not/exist.yaml"]) == 1
+    assert "does/not/exist.yaml: cannot read" in capsys.readouterr().err
+
+
+def test_render_prints_configmap_and_pytorchjob(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["render", str(ROOT / "examples" / "quickstart.yaml")]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob"]
+    config = yaml.safe_load(docs[0]["data"]["sft.yaml"])
+    assert config["outputDir"] == "quickstart/sft"
+    command = docs[1]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][
+        0
+    ]["command"]
+    assert command[0] == "torchrun"
+    assert command[-2:] == ["--config", "/etc/rlhf/sft.yaml"]
+
+
+def test_render_of_unsupported_stage_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["spec"]["stages"][0]["type"] = "dpo"
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert cli.main(["render", str(path)]) == 1
+    assert "'dpo' is not supported yet" in capsys.readouterr().err

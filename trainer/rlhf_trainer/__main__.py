@@ -1,0 +1,107 @@
+"""Command line: `python -m rlhf_trainer <stage-type> --config FILE` and `tiny-model DIR`.
+
+Run under torchrun (`torchrun --nproc-per-node N -m rlhf_trainer sft --config FILE`) or as a plain
+process (one rank). A problem the user can fix prints one `error: ...` line (on rank 0 only) and
+exits with status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from rlhf_trainer.config import STAGE_TYPES, ConfigError, StageConfig, load_stage_config
+from rlhf_trainer.errors import UserError
+from rlhf_trainer.launch_env import env_rank, env_world_size
+
+TRAINERS = ("sft",)
+EXIT_USER_ERROR = 2
+
+log = logging.getLogger("rlhf_trainer")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_trainer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in STAGE_TYPES:
+        p = sub.add_parser(stage, help=f"run a {stage} stage from its rendered config")
+        p.add_argument("--config", required=True, help="stage config YAML (a StageConfig)")
+        p.add_argument(
+            "--validate-only",
+            action="store_true",
+            help="check the config, model path and every dataset row, then exit",
+        )
+    tiny = sub.add_parser("tiny-model", help="write the tiny test model and tokenizer to DIR")
+    tiny.add_argument("dir", metavar="DIR")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _setup_logging() -> None:
+    # Rank 0 speaks for the job; other ranks report only warnings and errors.
+    level = logging.INFO if env_rank() == 0 else logging.WARNING
+    fmt = "%(asctime)s %(levelname)s %(message)s"
+    if env_world_size() > 1:
+        fmt = f"%(asctime)s [rank {env_rank()}] %(levelname)s %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    logging.getLogger("rlhf_trainer").setLevel(level)
+
+
+def _load_config(command: str, path: str) -> StageConfig:
+    try:
+        config = load_stage_config(path)
+    except ConfigError as err:
+        problems = str(err).splitlines()
+        raise UserError(
+            "; ".join(problems)
+            + "; fix the stage config (the operator renders it from the RLHFRun)"
+        ) from None
+    if config.type != command:
+        raise UserError(
+            f"{path}: type: the config is for a {config.type} stage, not {command}; "
+            f"run `python -m rlhf_trainer {config.type} --config {path}`"
+        )
+    return config
+
+
+def _run_stage(command: str, config_path: str, validate_only: bool) -> None:
+    if command not in TRAINERS:
+        raise UserError(f"stage type {command} has no trainer yet")
+    config = _load_config(command, config_path)
+    from rlhf_trainer.preflight import check_sft
+
+    inputs = check_sft(config, env_world_size())
+    if validate_only:
+        log.info(
+            "Validated %s: %d training rows, %d steps",
+            config_path,
+            len(inputs.train_rows),
+            inputs.total_steps,
+        )
+        return
+    from rlhf_trainer.sft import run_sft  # imports torch: only after validation
+
+    run_sft(inputs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging()
+    try:
+        if args.command == "tiny-model":
+            from rlhf_trainer.tiny import build_tiny_model
+
+            build_tiny_model(args.dir, seed=args.seed)
+        else:
+            _run_stage(args.command, args.config, args.validate_only)
+    except UserError as err:
+        if env_rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

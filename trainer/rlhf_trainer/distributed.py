@@ -1,0 +1,108 @@
+"""Process group setup (torchrun or a plain process), rank-0 logging and FSDP2 sharding."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    bf16: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(bf16: bool | None, timeout_minutes: int = 30) -> DistContext:
+    """Join torchrun's group (env RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), or make a 1-rank gloo
+    group for a plain process. NCCL with one GPU per local rank when CUDA is present, else gloo."""
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if cuda else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, timeout=timeout, device_id=device if cuda else None)
+        else:
+            # A plain process: a 1-rank group on an in-memory store, no port needed.
+            store = dist.HashStore()  # type: ignore[attr-defined]
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    use_bf16 = cuda if bf16 is None else bf16
+    ctx = DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, use_bf16)
+    log.info(
+        "Joined %s process group: world size %d, device %s, bf16 %s",
+        backend,
+        ctx.world_size,
+        device.type,
+        use_bf16,
+    )
+    return ctx
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over all ranks, in float64 so sums of token counts stay exact."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's value of `obj` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks, found by the model's `_no_split_modules` class names."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        inner = getattr(model, "model", None)
+        found = getattr(inner, "layers", None)
+        layers = list(found) if isinstance(found, nn.ModuleList) else []
+    return layers
+
+
+def shard_model(model: nn.Module, bf16: bool) -> nn.Module:
+    """FSDP2: shard each decoder layer, then the root (embeddings, norm, head). Parameters stay
+    float32; with bf16 the forward and backward compute in bf16 and gradients reduce in float32."""
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
+    layers = decoder_layers(model)
+    if not layers:
+        log.warning("Found no decoder layers in %s; sharded only the root", type(model).__name__)
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model

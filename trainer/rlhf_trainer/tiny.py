@@ -1,0 +1,82 @@
+"""A tiny, seeded Llama model and BPE tokenizer for tests and local runs.
+
+The model is a random-init `LlamaForCausalLM` (2 layers, hidden 128, 2 heads of dim 64: vLLM's CPU
+attention rejects head dims below 32, so 64 keeps the model servable). The tokenizer is a byte-level
+BPE trained on `tasks.corpus()`, so it ships inside the package and needs no download. The same seed
+gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rlhf_trainer import tasks
+
+log = logging.getLogger(__name__)
+
+VOCAB_SIZE = 512
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def build_tokenizer(seed: int = 0) -> object:
+    """A byte-level BPE trained on the task corpus, wrapped as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tasks.corpus(seed), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    # Like Llama's tokenizer: encoding a text adds BOS, so prompts look the same everywhere.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=512,
+        padding_side="right",
+    )
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny model and tokenizer to `out_dir` (created if needed) and return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = build_tokenizer(seed)
+    vocab = len(tokenizer)  # type: ignore[arg-type]
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,  # type: ignore[attr-defined]
+        eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
+        pad_token_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("Wrote tiny model (%d parameters, vocab %d) to %s", n_params, vocab, out)
+    return out
