@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Registry builds of these do not match torch 2.13 and break `import transformers`.
 TORCH_STRAYS := torchvision torchaudio torchcodec
 
-.PHONY: run test lint typecheck pytest unit integration e2e crd bench clean venv venv-local
+.PHONY: run test lint typecheck pytest unit integration e2e crd docs bench clean venv venv-local
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,9 @@ e2e: venv
 # Regenerate the committed CRD from the typed model (a test fails when they drift).
 crd: venv
 	$(RLHF) crd -o manifests/crds/rlhf.dev_rlhfruns.yaml
+
+docs: venv
+	$(RLHF) docs -o docs/API.md
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .mypy_cache .ruff_cache .pytest_cache

@@ -6,6 +6,7 @@ in manifests/crds is generated from these models by `rlhf crd` (see `crd.py`).
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -80,6 +81,11 @@ class Trainer(ApiModel):
     )
     scheduler_name: str | None = Field(
         default=None, description="Pod schedulerName for gang scheduling (e.g. volcano)."
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        description="ServiceAccount of the trainer pods. To report progress into the run "
+        "status it needs `get` and `patch` on pods in the run's namespace.",
     )
 
     @property
@@ -292,6 +298,30 @@ class StageMetrics(ApiModel):
     reward: float | None = None
     kl: float | None = None
     loss: float | None = None
+
+    @classmethod
+    def from_progress(cls, data: Any) -> StageMetrics | None:
+        """Parse the trainer's progress document ({step, totalSteps, metrics: {...}}), the
+        shape of progress.json and of the `rlhf.dev/progress` pod annotation; None if odd."""
+        if not isinstance(data, dict):
+            return None
+        raw = data.get("metrics")
+        metrics: dict[str, Any] = raw if isinstance(raw, dict) else {}
+
+        def number(value: Any) -> float | None:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            return float(value) if ok and math.isfinite(value) else None  # JSON has no NaN
+
+        def integer(value: Any) -> int | None:
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        return cls(
+            step=integer(data.get("step")),
+            total_steps=integer(data.get("totalSteps")),
+            reward=number(metrics.get("reward")),
+            kl=number(metrics.get("kl")),
+            loss=number(metrics.get("loss")),
+        )
 
 
 class StageStatus(ApiModel):

@@ -19,6 +19,7 @@ LABEL_RUN = "rlhf.dev/run"
 LABEL_STAGE = "rlhf.dev/stage"
 LABEL_COMPONENT = "rlhf.dev/component"
 ANNOTATION_HASH = "rlhf.dev/config-hash"
+ANNOTATION_PROGRESS = "rlhf.dev/progress"  # written by the trainer's rank 0 on its own pod
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 WORKSPACE_MOUNT = "/workspace"
@@ -152,6 +153,9 @@ def _env(run: api.RLHFRun) -> list[Obj]:
         {"name": "RLHF_WORKSPACE", "value": WORKSPACE_MOUNT},
         {"name": "HF_HOME", "value": f"{WORKSPACE_MOUNT}/.cache/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # The downward API tells rank 0 which pod to annotate with its progress.
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
     token = run.spec.model.token_secret_ref
     if token is not None:
@@ -197,6 +201,8 @@ def trainer_pod_template(run: api.RLHFRun, stage: api.Stage) -> Obj:
     }
     if trainer.scheduler_name:
         pod["schedulerName"] = trainer.scheduler_name
+    if trainer.service_account_name:
+        pod["serviceAccountName"] = trainer.service_account_name
     return {"metadata": {"labels": labels(run, stage.name, "trainer")}, "spec": pod}
 
 
@@ -230,13 +236,9 @@ def with_config_hash(job: Obj, configmap: Obj) -> Obj:
     A changed hash means the job must be recreated; suspension alone is patched in place.
     """
     spec = json.loads(json.dumps(job["spec"]))
-    spec.get("runPolicy", {}).pop("suspend", None)
+    spec.pop("suspend", None)  # TrainJob
+    spec.get("runPolicy", {}).pop("suspend", None)  # PyTorchJob
     payload = json.dumps([spec, configmap["data"]], sort_keys=True)
     digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
     job["metadata"]["annotations"] = {ANNOTATION_HASH: digest}
     return job
-
-
-def build_stage_children(run: api.RLHFRun, stage: api.Stage) -> list[Obj]:
-    """Every object a trainer stage needs, in creation order."""
-    return [build_configmap(run, stage), build_pytorchjob(run, stage)]

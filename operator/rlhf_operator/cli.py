@@ -107,6 +107,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if status.phase == "Succeeded" else 1
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    from rlhf_operator import apidoc
+
+    text = apidoc.render()
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from rlhf_operator.controller import run_operator
+
+    run_operator(
+        args.namespace or [],
+        args.all_namespaces,
+        resync_seconds=args.resync_seconds,
+        liveness=args.liveness,
+        verbose=args.verbose,
+    )
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     # The operator package carries no torch; the trainer builds the model in its own process.
     argv = [sys.executable, "-m", "rlhf_trainer", "tiny-model", args.dir, "--seed", str(args.seed)]
@@ -129,10 +153,21 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("crd", help="print the RLHFRun CustomResourceDefinition")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_crd)
+    p = sub.add_parser("docs", help="print the API field reference (docs/API.md)")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_docs)
     p = sub.add_parser("tiny-model", help="build a tiny random Llama and tokenizer for tests")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
+    p = sub.add_parser("operator", help="run the Kubernetes operator (kubeconfig or in-cluster)")
+    scope = p.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--namespace", "-n", action="append", help="watch this namespace")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch all")
+    p.add_argument("--resync-seconds", type=float, default=60.0, help="resync timer interval")
+    p.add_argument("--liveness", metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.set_defaults(func=cmd_operator)
     return top
 
 

@@ -1,12 +1,13 @@
 """The local executor: runs the planner's desired children as processes on this machine.
 
-It plays the parts a cluster plays. ConfigMaps become files. A PyTorchJob becomes one
-`torchrun` process per replica, started from the container command in its pod template with
-the env the training operator injects (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, PET_*),
+It plays the parts a cluster plays. ConfigMaps become files. A trainer job (PyTorchJob or
+TrainJob, through its backend) becomes one `torchrun` process per replica, started from the
+container command in its pod spec with the env the training operator injects (MASTER_ADDR,
+MASTER_PORT, RANK, WORLD_SIZE, PET_*),
 `$(VAR)` references expanded as the kubelet does, and each volume mount mapped to a local
 folder (the workspace to the work dir). Process states are reported back to `plan` as job
-objects with Kubeflow-shaped conditions, so a local run exercises the very commands a
-cluster runs.
+objects with the status their Kubeflow controller would write, so a local run exercises the
+very commands a cluster runs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rlhf_operator import api
+from rlhf_operator import api, backends
 from rlhf_operator.planner import Event, Observed, Plan, config_hash, plan
 
 Obj = dict[str, Any]
@@ -45,7 +46,7 @@ def free_port() -> int:
 
 @dataclass
 class LocalJob:
-    """One PyTorchJob as local processes (one torchrun per replica)."""
+    """One trainer job (PyTorchJob or TrainJob) as local processes, one torchrun per replica."""
 
     obj: Obj
     procs: list[subprocess.Popen[bytes]]
@@ -60,6 +61,16 @@ class LocalJob:
     @property
     def phase(self) -> str:
         return str(self.conditions[-1]["type"]) if self.conditions else "Created"
+
+    def status(self) -> Obj:
+        """The status the job's cluster controller would report (its backend's shape)."""
+        last = self.conditions[-1] if self.conditions else {}
+        phases: dict[str, api.Phase] = {
+            p: p for p in ("Running", "Succeeded", "Failed", "Suspended")
+        }
+        phase = phases.get(str(last.get("type")), "Pending")
+        backend = backends.for_kind(self.obj["kind"])
+        return backend.status_for(phase, str(last.get("message", "")))
 
 
 class LocalExecutor:
@@ -88,7 +99,7 @@ class LocalExecutor:
         progress: dict[str, api.StageMetrics] = {}
         for job in self.jobs.values():
             self._poll(job)
-            children.append({**job.obj, "status": {"conditions": list(job.conditions)}})
+            children.append({**job.obj, "status": job.status()})
         for stage in self.run.spec.stages:
             metrics = read_progress(self.run_dir / stage.name / "progress.json")
             if metrics is not None:
@@ -115,7 +126,7 @@ class LocalExecutor:
         for name, child in wanted.items():
             if child["kind"] == "ConfigMap":
                 self._write_configmap(child)
-            elif child["kind"] == "PyTorchJob":
+            elif child["kind"] in backends.JOB_KINDS:
                 self._apply_job(name, child)
             else:
                 raise ValueError(f"the local executor cannot run a {child['kind']}")
@@ -134,7 +145,7 @@ class LocalExecutor:
 
     def _apply_job(self, name: str, obj: Obj) -> None:
         job = self.jobs.get(name)
-        suspend = bool(obj["spec"]["runPolicy"].get("suspend"))
+        suspend = backends.is_suspended(obj)
         if job is not None and config_hash(job.obj) != config_hash(obj):
             self._terminate(self.jobs.pop(name))  # the spec changed: replace the job
             job = None
@@ -149,25 +160,23 @@ class LocalExecutor:
             self.jobs[name] = self._start(obj)
 
     def _start(self, obj: Obj) -> LocalJob:
-        specs = obj["spec"]["pytorchReplicaSpecs"]
-        workers = specs.get("Worker")
-        replicas = [specs["Master"]] + ([workers] * workers["replicas"] if workers else [])
+        launch = backends.for_kind(obj["kind"]).local_launch(obj)
         port = free_port()
         procs, logs = [], []
-        for rank, replica in enumerate(replicas):
+        for rank in range(launch.replicas):
             env = {
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
                 "RANK": str(rank),
-                "WORLD_SIZE": str(len(replicas)),
-                "PET_NNODES": str(len(replicas)),
-                "PET_NPROC_PER_NODE": obj["spec"].get("nprocPerNode", "1"),
+                "WORLD_SIZE": str(launch.replicas),
+                "PET_NNODES": str(launch.replicas),
+                "PET_NPROC_PER_NODE": launch.nproc_per_node,
                 "PET_NODE_RANK": str(rank),
                 "PET_MASTER_ADDR": "127.0.0.1",
                 "PET_MASTER_PORT": str(port),
             }
             log = self.run_dir / "logs" / f"{obj['metadata']['name']}-{rank}.log"
-            procs.append(self._spawn(replica["template"]["spec"], env, log))
+            procs.append(self._spawn(launch.pod, env, log))
             logs.append(log)
         job = LocalJob(obj=obj, procs=procs, logs=logs)
         job.condition("Running", f"Started {len(procs)} local replica(s)")
@@ -282,8 +291,8 @@ def read_progress(path: Path) -> api.StageMetrics | None:
         return None
     if not isinstance(data, dict):
         return None
-    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
-    assert isinstance(metrics, dict)
+    raw = data.get("metrics")
+    metrics: dict[str, Any] = raw if isinstance(raw, dict) else {}
 
     def number(value: Any) -> float | None:
         return float(value) if isinstance(value, int | float) else None

@@ -18,14 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from rlhf_operator import api, builders
+from rlhf_operator import api, backends, builders
 
 Obj = dict[str, Any]
 
 # Stage types with a trainer. The others are refused with a Degraded condition until their
 # trainers land.
 SUPPORTED_STAGE_TYPES: frozenset[str] = frozenset({"sft"})
-SUPPORTED_BACKENDS: frozenset[str] = frozenset({"pytorchjob"})
+SUPPORTED_BACKENDS: frozenset[str] = frozenset({"pytorchjob", "trainjob"})
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Succeeded")
 
@@ -55,30 +55,21 @@ class Plan:
 
 
 def job_phase(job: Obj) -> api.Phase:
-    """Phase of a Kubeflow job from its conditions (the newest true condition wins)."""
-    status = job.get("status") or {}
-    conditions = [c for c in status.get("conditions") or [] if c.get("status") == "True"]
-    if not conditions:
-        return "Pending"
-    phases: dict[str, api.Phase] = {
-        "Succeeded": "Succeeded",
-        "Failed": "Failed",
-        "Suspended": "Suspended",
-        "Running": "Running",
-        "Restarting": "Running",
-    }
-    return phases.get(str(conditions[-1].get("type")), "Pending")
+    """Phase of a trainer job, read by its backend from the status its controller writes."""
+    return backends.for_kind(str(job.get("kind"))).job_phase(job)
 
 
 def _job_message(job: Obj) -> str | None:
     conditions = (job.get("status") or {}).get("conditions") or []
-    return str(conditions[-1].get("message")) if conditions else None
+    failed = [c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"]
+    chosen = failed or conditions
+    return str(chosen[-1].get("message")) if chosen else None
 
 
 def _jobs_by_stage(children: list[Obj]) -> dict[str, Obj]:
     out = {}
     for child in children:
-        if child.get("kind") in ("PyTorchJob", "TrainJob"):
+        if child.get("kind") in backends.JOB_KINDS:
             stage = (child.get("metadata", {}).get("labels") or {}).get(builders.LABEL_STAGE)
             if stage:
                 out[stage] = child
@@ -93,8 +84,15 @@ def refusal(run: api.RLHFRun) -> str | None:
                 f"spec.stages[{index}].type: stage type {stage.type!r} is not supported yet; "
                 f"supported: {', '.join(sorted(SUPPORTED_STAGE_TYPES))}"
             )
-    if run.spec.trainer.backend not in SUPPORTED_BACKENDS:
-        return f"spec.trainer.backend: {run.spec.trainer.backend!r} is not supported yet"
+    trainer = run.spec.trainer
+    if trainer.backend not in SUPPORTED_BACKENDS:
+        return f"spec.trainer.backend: {trainer.backend!r} is not supported yet"
+    if trainer.backend == "trainjob" and trainer.scheduler_name:
+        return (
+            "spec.trainer.schedulerName: a TrainJob takes its scheduler from its "
+            "ClusterTrainingRuntime (spec.podGroupPolicy); unset schedulerName, or use "
+            "backend pytorchjob"
+        )
     return None
 
 
@@ -112,7 +110,7 @@ def plan(run: api.RLHFRun, observed: Observed) -> Plan:
         if current is not None:
             stages.append(api.StageStatus(name=stage.name, type=stage.type))
             continue
-        desired = builders.build_stage_children(run, stage)
+        desired = backends.build_stage_children(run, stage)
         job = jobs.get(stage.name)
         if job is not None and job_phase(job) == "Failed" and config_hash(job) != config_hash(
             desired[-1]

@@ -125,3 +125,10 @@ def test_cel_rules_refuse_what_validate_refuses(mutate: Any, needle: str) -> Non
     assert any(needle in rule for rule in failures), failures
     with pytest.raises(api.SpecError):
         api.parse_run(doc)
+
+
+def test_api_reference_matches_the_model() -> None:
+    from rlhf_operator import apidoc
+
+    committed = (ROOT / "docs" / "API.md").read_text()
+    assert committed == apidoc.render(), "docs/API.md drifted from the model: run `make docs`"

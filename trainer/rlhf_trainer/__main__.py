@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
             action="store_true",
             help="check the config, model path and every dataset row, then exit",
         )
+        p.add_argument(
+            "--world-size",
+            type=int,
+            default=None,
+            help="ranks to check the batch split for with --validate-only (default: $WORLD_SIZE)",
+        )
     tiny = sub.add_parser("tiny-model", help="write the tiny test model and tokenizer to DIR")
     tiny.add_argument("dir", metavar="DIR")
     tiny.add_argument("--seed", type=int, default=0)
@@ -66,13 +72,13 @@ def _load_config(command: str, path: str) -> StageConfig:
     return config
 
 
-def _run_stage(command: str, config_path: str, validate_only: bool) -> None:
+def _run_stage(command: str, config_path: str, validate_only: bool, world_size: int) -> None:
     if command not in TRAINERS:
         raise UserError(f"stage type {command} has no trainer yet")
     config = _load_config(command, config_path)
     from rlhf_trainer.preflight import check_sft
 
-    inputs = check_sft(config, env_world_size())
+    inputs = check_sft(config, world_size)
     if validate_only:
         log.info(
             "Validated %s: %d training rows, %d steps",
@@ -81,9 +87,12 @@ def _run_stage(command: str, config_path: str, validate_only: bool) -> None:
             inputs.total_steps,
         )
         return
-    from rlhf_trainer.sft import run_sft  # imports torch: only after validation
+    # torch is imported only now, after validation, so bad input fails fast.
+    from torch.distributed.elastic.multiprocessing.errors import record
 
-    run_sft(inputs)
+    from rlhf_trainer.sft import run_sft
+
+    record(run_sft)(inputs)  # under torchrun, a crash's traceback reaches its failure summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             build_tiny_model(args.dir, seed=args.seed)
         else:
-            _run_stage(args.command, args.config, args.validate_only)
+            world_size = env_world_size()
+            if args.validate_only and args.world_size is not None:
+                world_size = args.world_size
+            _run_stage(args.command, args.config, args.validate_only, world_size)
     except UserError as err:
         if env_rank() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)

@@ -16,6 +16,9 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits: (B, T, V), any float dtype (computed in float32). labels: (B, T) int64 token ids, with
     IGNORE_INDEX (-100) on prompt and padding positions. Returns a float32 scalar.
 
+    The supervised stage of InstructGPT (Ouyang et al. 2022, "Training language models to follow
+    instructions with human feedback"), with the prompt masked as in TRL's completion-only loss.
+
     Dividing by the number of response tokens in the whole global batch (`count_targets` summed
     over every micro-batch and rank) makes the mean independent of world size and gradient
     accumulation, as in OpenRLHF's loss aggregation and TRL's `average_tokens_across_devices`.

@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from rlhf_trainer.config import ModelSource
 from rlhf_trainer.distributed import DistContext, barrier
 from rlhf_trainer.errors import UserError
+from rlhf_trainer.tiny import portable_tokenizer_config
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,10 @@ def load_tokenizer(source: ModelSource, ref: str) -> Any:
 
 def load_causal_lm(source: ModelSource, ref: str) -> tuple[nn.Module, torch.dtype]:
     """The model in float32 (master weights) and the dtype its checkpoint was saved in."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     kwargs = _hub_kwargs(source)
     try:
         config = AutoConfig.from_pretrained(ref, **kwargs)
@@ -85,6 +88,8 @@ def _write_hf(
     plain.config.use_cache = True
     plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    if (out / "tokenizer_config.json").is_file():
+        portable_tokenizer_config(out / "tokenizer_config.json")
     for f in out.iterdir():  # save_pretrained may write 0600 files; servers run as other users
         f.chmod(0o644)
 

@@ -80,6 +80,8 @@ def check_sft(config: StageConfig, world_size: int) -> SFTInputs:
             "dataset: the sft stage needs a dataset; set dataset.path (a JSONL file) or "
             "dataset.name (a hub dataset)"
         )
+    if config.sft is not None and config.sft.packing:
+        raise UserError("sft.packing: packing is not implemented yet; set it to false")
     micro = micro_batch_size(hp.batch_size, world_size, hp.gradient_accumulation)
     model_ref = check_model_source(config.model)
     rows = load_sft_rows(config.dataset)

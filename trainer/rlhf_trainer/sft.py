@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ class Window:
     loss: float = 0.0
     tokens: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, tokens: float) -> None:
+        self.steps, self.loss, self.tokens = self.steps + 1, self.loss + loss, self.tokens + tokens
 
 
 def n_targets(example: Example) -> int:
@@ -218,11 +221,7 @@ def train_loop(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        window.steps, window.loss, window.tokens = (
-            window.steps + 1,
-            window.loss + loss,
-            window.tokens + tokens,
-        )
+        window.add(loss, tokens)
         save = step % hp.save_every == 0 and step < total
         extra = {"learning_rate": lr, "grad_norm": norm}
         if eval_examples and (save or step == total):
@@ -231,11 +230,8 @@ def train_loop(
             log_step(reporter, step, total, stream.epochs_done, window, extra)
             window = Window()
         if save:
-            state = {
-                "epoch": stream.epoch,
-                "index": stream.index,
-                "scheduler": scheduler.state_dict(),
-            }
+            state: dict[str, Any] = {"epoch": stream.epoch, "index": stream.index}
+            state["scheduler"] = scheduler.state_dict()
             checkpoint.save_checkpoint(
                 out / "checkpoints", step, model, optimizer, state, ctx, hp.keep_checkpoints
             )

@@ -8,6 +8,7 @@ gives byte-identical files.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -50,9 +51,20 @@ def build_tokenizer(seed: int = 0) -> object:
     )
 
 
+def portable_tokenizer_config(path: Path) -> None:
+    """transformers 5 saves a generic fast tokenizer as TokenizersBackend, which 4.x (and so
+    older vLLM images) cannot load; PreTrainedTokenizerFast loads in both."""
+    conf = json.loads(path.read_text())
+    if conf.get("tokenizer_class") not in (None, "TokenizersBackend"):
+        return
+    conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+
+
 def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny model and tokenizer to `out_dir` (created if needed) and return it."""
     import torch
+    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
@@ -75,8 +87,12 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     out.mkdir(parents=True, exist_ok=True)
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    portable_tokenizer_config(out / "tokenizer_config.json")
+    for f in out.iterdir():  # save_pretrained may write 0600 files; servers run as other users
+        f.chmod(0o644)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("Wrote tiny model (%d parameters, vocab %d) to %s", n_params, vocab, out)
     return out

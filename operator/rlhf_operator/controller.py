@@ -1,0 +1,141 @@
+"""`rlhf operator`: the kopf operator. Every handler ends in the same reconcile.
+
+Triggers: the RLHFRun created, updated or resumed after a restart; a resync timer; a trainer
+job's status (PyTorchJob, TrainJob); a server Deployment's availability; a trainer pod's
+progress annotation. Children are mapped to their run by the `rlhf.dev/run` label, and the
+watches on them are label-selected on the server. Reconciles of one run never overlap, and a
+burst of child events collapses into one reconcile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import kopf
+
+from rlhf_operator import api, builders, kube
+from rlhf_operator.kube import KubeError
+from rlhf_operator.reconcile import Reconciler
+
+logger = logging.getLogger("rlhf_operator.controller")
+
+RUN = (api.GROUP, api.VERSION, api.PLURAL)
+DEFAULT_RESYNC_SECONDS = 60.0
+TRANSIENT_DELAY = 10.0  # throttled, unreachable or a server error: retry soon
+PERSISTENT_DELAY = 60.0  # refused (RBAC, admission): someone must act; retry slowly
+
+
+class Controller:
+    """Serialises reconciles per run and turns API failures into kopf retries."""
+
+    def __init__(self, reconciler: Reconciler) -> None:
+        self.reconciler = reconciler
+        self._guard = threading.Lock()
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._queued: set[tuple[str, str]] = set()
+
+    def reconcile(self, namespace: str, name: str, coalesce: bool = False) -> None:
+        """Reconcile now; with `coalesce`, skip if a reconcile of the run is already queued
+        (it reads fresh state when it starts, so it covers this trigger too)."""
+        key = (namespace, name)
+        with self._guard:
+            if coalesce and key in self._queued:
+                return
+            self._queued.add(key)
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._guard:
+                self._queued.discard(key)
+            try:
+                self.reconciler.reconcile(namespace, name)
+            except KubeError as err:
+                delay = TRANSIENT_DELAY if err.transient else PERSISTENT_DELAY
+                raise kopf.TemporaryError(
+                    f"Failed to reconcile RLHFRun {namespace}/{name}: {err}", delay=delay
+                ) from err
+
+    def reconcile_quietly(self, namespace: str, name: str) -> None:
+        """For event handlers, which kopf does not retry: log, and let the timer retry."""
+        try:
+            self.reconcile(namespace, name, coalesce=True)
+        except kopf.TemporaryError as err:
+            logger.warning("%s; the resync timer retries", err)
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Keep kopf's bookkeeping out of `status` and kopf's own Events off the run."""
+    settings.persistence.finalizer = "rlhf.dev/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="rlhf.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="rlhf.dev", key="last-handled-configuration"
+    )
+    # The reconciler posts the Events that matter (stage started, failed, ...).
+    settings.posting.enabled = False
+    for resource in (*kube.JOBS, kube.DEPLOYMENTS, kube.PODS):
+        group, _, version = resource.api_version.rpartition("/")
+        settings.watching.label_selectors[group, version, resource.plural] = builders.LABEL_RUN
+
+
+def build_registry(
+    controller: Controller, resync_seconds: float = DEFAULT_RESYNC_SECONDS
+) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # The same sources as the reconciler's client: the pod's account, else kubeconfig.
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.create(*RUN, registry=registry, id="run-created")
+    @kopf.on.update(*RUN, registry=registry, id="run-updated")
+    @kopf.on.resume(*RUN, registry=registry, id="run-resumed")
+    def run_changed(namespace: str | None, name: str, **_: Any) -> None:
+        controller.reconcile(namespace or "default", name)
+
+    @kopf.timer(*RUN, interval=resync_seconds, registry=registry, id="resync")
+    def resync(namespace: str | None, name: str, **_: Any) -> None:
+        controller.reconcile(namespace or "default", name, coalesce=True)
+
+    def child_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+        controller.reconcile_quietly(namespace or "default", labels[builders.LABEL_RUN])
+
+    has_run = {builders.LABEL_RUN: kopf.PRESENT}
+    for resource in (*kube.JOBS, kube.DEPLOYMENTS):
+        group, _, version = resource.api_version.rpartition("/")
+        kopf.on.event(
+            group, version, resource.plural, labels=has_run, registry=registry,
+            id=f"{resource.plural}-changed",
+        )(child_changed)
+    kopf.on.event(
+        "", "v1", "pods", labels=has_run,
+        annotations={builders.ANNOTATION_PROGRESS: kopf.PRESENT},
+        registry=registry, id="progress-reported",
+    )(child_changed)
+    return registry
+
+
+def run_operator(
+    namespaces: Sequence[str],
+    all_namespaces: bool,
+    resync_seconds: float = DEFAULT_RESYNC_SECONDS,
+    liveness: str | None = None,
+    verbose: bool = False,
+) -> None:
+    """Run until SIGINT/SIGTERM, with the kubeconfig or the in-cluster service account."""
+    kopf.configure(verbose=verbose)
+    logging.getLogger("rlhf_operator").setLevel(logging.INFO)
+    controller = Controller(Reconciler(kube.ApiKube.from_environment()))
+    kopf.run(
+        registry=build_registry(controller, resync_seconds),
+        standalone=True,  # one replica (Recreate); no peering objects needed
+        clusterwide=all_namespaces,
+        namespaces=list(namespaces),
+        liveness_endpoint=liveness,
+    )

@@ -1,0 +1,221 @@
+"""The kube executor's one reconcile: read the run and its children, plan, write the difference.
+
+Every trigger (the run created, changed or resumed, the resync timer, a child's status, a
+trainer pod's progress) ends here. It reads fresh state from the API server each time, so
+it never acts on a stale cache, and it writes only what differs: a steady state makes no
+write call at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from rlhf_operator import api, builders, sync
+from rlhf_operator.kube import BY_KIND, CHILDREN, PODS, RUNS, Kube, KubeError
+from rlhf_operator.planner import CONDITION_TYPES, Event, Observed, plan
+
+Obj = dict[str, Any]
+
+logger = logging.getLogger("rlhf_operator.reconcile")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one reconcile did; `writes` counts create, patch and delete calls."""
+
+    writes: int
+    phase: str | None = None
+
+
+def parse_body(body: Obj) -> api.RLHFRun:
+    """The typed run from an API object; SpecError for a bad spec. Status is read leniently:
+    a status the operator cannot read is recomputed, never an error."""
+    run = api.parse_run({k: v for k, v in body.items() if k != "status"}, "RLHFRun")
+    return run.model_copy(update={"status": stored_status(body)})
+
+
+def stored_status(body: Obj) -> api.RunStatus | None:
+    raw = body.get("status")
+    if not isinstance(raw, dict):
+        return None
+    known = {k: v for k, v in raw.items() if k in sync.STATUS_FIELDS}
+    try:
+        return api.RunStatus.model_validate(known)
+    except ValueError:
+        return None
+
+
+def invalid_spec_status(body: Obj, problems: list[str], now: str) -> api.RunStatus:
+    """Degraded, naming every bad field; the phase and stages stay as they were."""
+    generation = int(body.get("metadata", {}).get("generation") or 1)
+    previous = stored_status(body) or api.RunStatus()
+    message = "; ".join(p.removeprefix("RLHFRun: ") for p in problems)
+    wanted = {"Degraded": "True"}
+    conditions = []
+    for ctype in CONDITION_TYPES:
+        status = wanted.get(ctype, "False")
+        old = next((c for c in previous.conditions if c.type == ctype), None)
+        since = old.last_transition_time if old and old.status == status else now
+        conditions.append(
+            api.Condition(
+                type=ctype,
+                status="True" if status == "True" else "False",
+                reason="InvalidSpec",
+                message=message,
+                last_transition_time=since,
+                observed_generation=generation,
+            )
+        )
+    return previous.model_copy(
+        update={"conditions": conditions, "observed_generation": generation}
+    )
+
+
+def event_object(body: Obj, event: Event, now: str, instance: str) -> Obj:
+    """A core/v1 Event about the run, as `kubectl describe rlhf` shows it."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {
+            "name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
+            "namespace": meta["namespace"],
+        },
+        "involvedObject": {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid", ""),
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": event.message[:1024],
+        "source": {"component": "rlhf-operator"},
+        "reportingComponent": "rlhf.dev/operator",
+        "reportingInstance": instance,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
+class Reconciler:
+    """Reconciles one run at a time through a `Kube` client."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        clock: Callable[[], str] = now_iso,
+        instance: str | None = None,
+    ) -> None:
+        self.kube = kube
+        self.clock = clock
+        self.instance = instance or socket.gethostname()
+
+    def reconcile(self, namespace: str, name: str) -> Outcome:
+        body = self.kube.get(RUNS, namespace, name)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return Outcome(writes=0)  # gone or going: garbage collection removes children
+        try:
+            run = parse_body(body)
+        except api.SpecError as err:
+            return self._refuse(body, err.problems)
+        observed = self.observe(run)
+        desired = plan(run, observed)
+        writes = self.apply(run, desired.children, observed.children)
+        writes += self.write_status(body, desired.status)
+        writes += self.post(body, desired.events)
+        return Outcome(writes=writes, phase=desired.status.phase)
+
+    def observe(self, run: api.RLHFRun) -> Observed:
+        namespace = run.metadata.namespace
+        labels = {builders.LABEL_RUN: run.metadata.name}
+        children = [
+            child
+            for resource in CHILDREN
+            for child in self.kube.list(resource, namespace, labels)
+        ]
+        pods = self.kube.list(PODS, namespace, labels)
+        return Observed(
+            children=children, progress=sync.progress_by_stage(pods), now=self.clock()
+        )
+
+    def apply(self, run: api.RLHFRun, desired: list[Obj], observed: list[Obj]) -> int:
+        namespace = run.metadata.namespace
+        writes = 0
+        for action in sync.child_actions(desired, observed, run.metadata.uid):
+            resource = BY_KIND[action.kind]
+            what = f"{action.kind} {action.name}"
+            if action.verb in ("delete", "replace"):
+                self.kube.delete(resource, namespace, action.name)
+                writes += 1
+                logger.info("Deleted %s%s", what, " to replace it" * (action.verb == "replace"))
+            if action.verb in ("create", "replace"):
+                assert action.body is not None
+                writes += 1
+                try:
+                    self.kube.create(action.body)
+                except KubeError as err:
+                    if err.status != 409:
+                        raise
+                    # Someone was first, or a replaced object is still terminating: the next
+                    # reconcile sees it.
+                    logger.info("Found %s already present; will reconcile it next", what)
+                    continue
+                logger.info("Created %s", what)
+            elif action.verb == "patch":
+                assert action.body is not None
+                self.kube.patch(resource, namespace, action.name, action.body)
+                writes += 1
+                logger.info("Patched %s: %s", what, ", ".join(sorted(action.body)))
+        return writes
+
+    def write_status(self, body: Obj, status: api.RunStatus) -> int:
+        old = body.get("status") if isinstance(body.get("status"), dict) else None
+        patch = sync.status_patch(old, status.dump())
+        if patch is None:
+            return 0
+        meta = body["metadata"]
+        self.kube.patch(RUNS, meta["namespace"], meta["name"], {"status": patch}, sub="status")
+        logger.info(
+            "Updated RLHFRun %s/%s status: phase %s, stage %s",
+            meta["namespace"], meta["name"], status.phase, status.current_stage or "-",
+        )
+        return 1
+
+    def post(self, body: Obj, events: list[Event]) -> int:
+        now = self.clock()
+        for event in events:
+            try:
+                self.kube.create(event_object(body, event, now, self.instance))
+            except KubeError as err:
+                # An event is a courtesy; losing one must not fail the reconcile.
+                logger.warning("Failed to post Event %s: %s", event.reason, err)
+        return len(events)
+
+    def _refuse(self, body: Obj, problems: list[str]) -> Outcome:
+        meta = body["metadata"]
+        status = invalid_spec_status(body, problems, self.clock())
+        degraded = next(c for c in status.conditions if c.type == "Degraded")
+        before = stored_status(body)
+        was = next((c for c in before.conditions if c.type == "Degraded"), None) if before else None
+        events = []
+        if was is None or was.message != degraded.message:
+            events.append(Event("Warning", "InvalidSpec", degraded.message))
+            logger.warning(
+                "Refused RLHFRun %s/%s: %s", meta["namespace"], meta["name"], degraded.message
+            )
+        writes = self.write_status(body, status) + self.post(body, events)
+        return Outcome(writes=writes, phase=status.phase)
+

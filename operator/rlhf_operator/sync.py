@@ -1,0 +1,197 @@
+"""Pure reconcile arithmetic for the kube executor: which child to create, patch, replace or
+delete, the status patch, and the progress read from trainer pods. No I/O.
+
+Create-or-patch compares only the fields the operator sets: what the API server, admission
+webhooks or other controllers add (defaults, Kueue's node selectors, a training operator's
+ports) never counts as drift, so a steady state patches nothing. A changed
+`rlhf.dev/config-hash` means the job must be replaced: Kubeflow jobs are immutable in the
+fields that matter, and the trainer resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from rlhf_operator import api, backends, builders
+
+Obj = dict[str, Any]
+
+Verb = Literal["create", "patch", "replace", "delete"]
+
+# The fields of metadata the operator owns; the rest (uid, resourceVersion, finalizers, ...)
+# belongs to the API server and other controllers.
+OWNED_METADATA = ("labels", "annotations", "ownerReferences")
+
+# Wire names of the status fields the operator writes; anything else in status is not ours.
+STATUS_FIELDS: tuple[str, ...] = tuple(
+    field.alias or name for name, field in api.RunStatus.model_fields.items()
+)
+
+
+@dataclass(frozen=True)
+class Action:
+    """One write: `body` is the object to create (create, replace) or the merge patch."""
+
+    verb: Verb
+    kind: str
+    name: str
+    body: Obj | None = None
+
+
+def key(obj: Obj) -> tuple[str, str]:
+    return str(obj["kind"]), str(obj["metadata"]["name"])
+
+
+def covers(have: Any, want: Any) -> bool:
+    """Whether the observed value holds every field of the desired one.
+
+    Dicts may carry extra keys; lists must have the same length and cover item by item;
+    an int and its decimal string are equal (quantities come back from the server as strings).
+    """
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(covers(have.get(k), v) for k, v in want.items())
+    if isinstance(want, list):
+        return (
+            isinstance(have, list)
+            and len(have) == len(want)
+            and all(covers(h, w) for h, w in zip(have, want, strict=True))
+        )
+    if isinstance(want, bool) or isinstance(have, bool):
+        return have is want
+    if isinstance(want, int | float) and isinstance(have, int | float):
+        return have == want  # JSON does not keep 1 and 1.0 apart
+    if isinstance(want, int) and isinstance(have, str):
+        return have == str(want)
+    return bool(have == want)
+
+
+def _dict_patch(have: Any, want: Obj) -> Obj:
+    """A JSON merge patch (RFC 7386) that makes `have` cover `want`; lists go whole."""
+    current: Obj = have if isinstance(have, dict) else {}
+    patch: Obj = {}
+    for name, value in want.items():
+        if isinstance(value, dict) and isinstance(current.get(name), dict):
+            sub = _dict_patch(current[name], value)
+            if sub:
+                patch[name] = sub
+        elif not covers(current.get(name), value):
+            patch[name] = value
+    return patch
+
+
+def merge_patch(desired: Obj, observed: Obj) -> Obj | None:
+    """The merge patch that brings `observed` to `desired`, or None when nothing drifted."""
+    want = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "status")}
+    meta = desired.get("metadata") or {}
+    want["metadata"] = {k: meta[k] for k in OWNED_METADATA if k in meta}
+    return _dict_patch(observed, want) or None
+
+
+def needs_replace(desired: Obj, observed: Obj) -> bool:
+    """A job whose config hash differs runs something else now: delete and recreate it."""
+    wanted = (desired["metadata"].get("annotations") or {}).get(builders.ANNOTATION_HASH)
+    if wanted is None:
+        return False
+    have = (observed["metadata"].get("annotations") or {}).get(builders.ANNOTATION_HASH)
+    return bool(have != wanted)
+
+
+def owned_by(obj: Obj, uid: str | None) -> bool:
+    """Whether `obj` has the run with `uid` as its controller."""
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(r.get("controller") and r.get("uid") == uid for r in refs)
+
+
+def kueue_keeps_suspended(desired: Obj, observed: Obj) -> Obj:
+    """Kueue admits a queued job by un-suspending it, so the operator never does.
+
+    A job labelled with a Kueue queue keeps `suspend: true` while Kueue holds it; the
+    operator may suspend it (spec.suspend), and only Kueue resumes it.
+    """
+    if builders.KUEUE_QUEUE_LABEL not in (desired["metadata"].get("labels") or {}):
+        return desired
+    if desired["kind"] not in backends.JOB_KINDS or backends.is_suspended(desired):
+        return desired
+    if not backends.is_suspended(observed):
+        return desired
+    out = json.loads(json.dumps(desired))
+    node = out
+    *parents, leaf = backends.for_kind(desired["kind"]).suspend_path
+    for name in parents:
+        node = node[name]
+    node[leaf] = True
+    return dict(out)
+
+
+def child_actions(desired: list[Obj], observed: list[Obj], uid: str | None) -> list[Action]:
+    """Writes that turn the observed children into the desired ones, deletions first.
+
+    `observed` holds the objects labelled with the run; only those the run controls are
+    deleted or replaced, and an object on its way out (deletionTimestamp) is left alone
+    until it is gone.
+    """
+    have = {key(obj): obj for obj in observed}
+    wanted = {key(obj) for obj in desired}
+    actions = [
+        Action("delete", kind, name)
+        for (kind, name), obj in have.items()
+        if (kind, name) not in wanted and owned_by(obj, uid) and not _terminating(obj)
+    ]
+    for obj in desired:
+        current = have.get(key(obj))
+        if current is None:
+            actions.append(Action("create", *key(obj), obj))
+        elif _terminating(current):
+            continue
+        elif needs_replace(obj, current):
+            if owned_by(current, uid):
+                actions.append(Action("replace", *key(obj), obj))
+        else:
+            patch = merge_patch(kueue_keeps_suspended(obj, current), current)
+            if patch is not None:
+                actions.append(Action("patch", *key(obj), patch))
+    return actions
+
+
+def _terminating(obj: Obj) -> bool:
+    return bool(obj.get("metadata", {}).get("deletionTimestamp"))
+
+
+def status_patch(old: Obj | None, new: Obj) -> Obj | None:
+    """The merge patch from the stored status to the new one, or None when equal.
+
+    A field the new status leaves out is removed (null), but only among the operator's own
+    fields: whatever else lives in status is not touched.
+    """
+    old = old or {}
+    patch: Obj = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in STATUS_FIELDS if k in old and k not in new})
+    return patch or None
+
+
+def progress_by_stage(pods: list[Obj]) -> dict[str, api.StageMetrics]:
+    """Stage metrics from the `rlhf.dev/progress` annotations of trainer pods.
+
+    Several pods of a stage may carry one (a replaced job's pod lingers): the newest report
+    wins, by its `updatedAt`, then by step.
+    """
+    best: dict[str, tuple[tuple[str, int], api.StageMetrics]] = {}
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        stage = (meta.get("labels") or {}).get(builders.LABEL_STAGE)
+        raw = (meta.get("annotations") or {}).get(builders.ANNOTATION_PROGRESS)
+        if not stage or not raw:
+            continue
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            continue
+        metrics = api.StageMetrics.from_progress(data)
+        if metrics is None:
+            continue
+        rank = (str(data.get("updatedAt") or ""), metrics.step or 0)
+        if stage not in best or rank > best[stage][0]:
+            best[stage] = (rank, metrics)
+    return {stage: metrics for stage, (_, metrics) in best.items()}

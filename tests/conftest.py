@@ -1,0 +1,32 @@
+"""Shared fixtures: the task fixtures folder and a tiny model built through the real CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """tests/fixtures: sft.jsonl, sft_eval.jsonl, preference.jsonl, ranked.jsonl, prompts.jsonl,
+    hh.jsonl (regenerate with tests/fixtures/make_fixtures.py)."""
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama and tokenizer written by `python -m rlhf_trainer tiny-model DIR` (seed 0)."""
+    out = tmp_path_factory.mktemp("tiny-model") / "model"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_trainer", "tiny-model", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out

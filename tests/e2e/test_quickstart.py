@@ -1,0 +1,114 @@
+"""End to end: `rlhf run examples/quickstart.yaml` through the planner, local executor,
+torchrun and the SFT trainer, exactly as `make run` does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+RLHF = [sys.executable, "-m", "rlhf_operator.cli"]
+
+
+def workspace(tmp: Path, model_from: Path | None) -> Path:
+    (tmp / "data").mkdir(parents=True)
+    for path in (ROOT / "tests" / "fixtures").glob("*.jsonl"):
+        shutil.copy(path, tmp / "data" / path.name)
+    if model_from is not None:
+        shutil.copytree(model_from, tmp / "models" / "tiny-llama")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "tiny-llama"
+    subprocess.run([*RLHF, "tiny-model", str(out), "--seed", "0"], check=True, timeout=120)
+    return out
+
+
+def rlhf_run(spec: Path, workdir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RLHF, "run", str(spec), "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+
+
+def test_quickstart_succeeds_in_under_five_minutes(tiny_model: Path, tmp_path: Path) -> None:
+    workdir = workspace(tmp_path, tiny_model)
+    started = time.monotonic()
+    result = rlhf_run(ROOT / "examples" / "quickstart.yaml", workdir)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert elapsed < 300, f"quickstart took {elapsed:.0f}s"
+    status = json.loads((workdir / "quickstart" / "status.json").read_text())
+    assert status["phase"] == "Succeeded"
+    [stage] = status["stages"]
+    assert stage["name"] == "sft" and stage["phase"] == "Succeeded"
+    assert stage["output"] == str(workdir.resolve() / "quickstart" / "sft" / "final")
+    assert (Path(stage["output"]) / "config.json").is_file()
+    assert (Path(stage["output"]) / "tokenizer.json").is_file()
+    assert stage["metrics"]["step"] == stage["metrics"]["totalSteps"] == 60
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions == {
+        "Ready": "True", "Progressing": "False", "Degraded": "False", "Succeeded": "True"
+    }
+    stage_dir = workdir / "quickstart" / "sft"
+    lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 61))
+    assert "StageSucceeded" in result.stderr and "RunSucceeded" in result.stderr
+
+
+def test_missing_model_path_fails_before_anything_is_written(tmp_path: Path) -> None:
+    workdir = workspace(tmp_path, model_from=None)
+    result = rlhf_run(ROOT / "examples" / "quickstart.yaml", workdir)
+    assert result.returncode == 1
+    assert "spec.model.path" in result.stderr and "rlhf tiny-model" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "quickstart").exists(), "nothing is half-written"
+
+
+def test_bad_dataset_row_fails_the_stage_with_a_clear_error(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    workdir = workspace(tmp_path, tiny_model)
+    rows = (workdir / "data" / "sft.jsonl").read_text().splitlines()
+    broken = json.loads(rows[6])
+    del broken["response"]
+    rows[6] = json.dumps(broken)
+    (workdir / "data" / "sft.jsonl").write_text("\n".join(rows) + "\n")
+    result = rlhf_run(ROOT / "examples" / "quickstart.yaml", workdir)
+    assert result.returncode == 1
+    status = json.loads((workdir / "quickstart" / "status.json").read_text())
+    assert status["phase"] == "Failed"
+    message = status["stages"][0]["message"]
+    assert "line 7" in message and "response" in message, message
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and "line 7" in degraded["message"]
+    stage_dir = workdir / "quickstart" / "sft"
+    assert not (stage_dir / "final").exists() and not (stage_dir / "checkpoints").exists()
+
+
+def test_unsupported_stage_is_refused_locally(tmp_path: Path, tiny_model: Path) -> None:
+    workdir = workspace(tmp_path, tiny_model)
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["spec"]["trainer"]["backend"] = "trainjob"
+    spec = tmp_path / "trainjob.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    result = rlhf_run(spec, workdir)
+    assert result.returncode == 1
+    status = json.loads((workdir / "quickstart" / "status.json").read_text())
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and "not supported yet" in degraded["message"]

@@ -1,0 +1,57 @@
+"""The local executor's pure parts: how pod commands become local processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf_operator.local import expand, failure_message, local_argv, read_progress, remap
+
+pytestmark = pytest.mark.unit
+
+
+def test_expand_follows_kubelet_rules() -> None:
+    env = {"RANK": "1", "MASTER_ADDR": "10.0.0.1"}
+    assert expand("--node-rank=$(RANK)", env) == "--node-rank=1"
+    assert expand("$(MASTER_ADDR):$(MISSING)", env) == "10.0.0.1:$(MISSING)"
+    assert expand("$RANK and ${RANK}", env) == "$RANK and ${RANK}", "only $(VAR) is expanded"
+
+
+def test_remap_rewrites_mount_paths_only_at_path_boundaries(tmp_path: Path) -> None:
+    mounts = {"/workspace": tmp_path / "w", "/etc/rlhf": tmp_path / "cfg"}
+    assert remap("/workspace", mounts) == str(tmp_path / "w")
+    assert remap("/etc/rlhf/sft.yaml", mounts) == str(tmp_path / "cfg" / "sft.yaml")
+    assert remap("/workspace2/x", mounts) == "/workspace2/x"
+    assert remap("--flag=/workspace/x", mounts) == "--flag=/workspace/x"
+
+
+def test_local_argv_uses_this_interpreter() -> None:
+    argv = local_argv(["torchrun", "--nnodes=1", "-m", "rlhf_trainer"])
+    assert argv[1:3] == ["-m", "torch.distributed.run"] and argv[3:] == ["--nnodes=1", "-m",
+                                                                         "rlhf_trainer"]
+
+
+def test_failure_message_prefers_the_trainers_error_line(tmp_path: Path) -> None:
+    log = tmp_path / "a.log"
+    log.write_text("noise\nerror: data/sft.jsonl line 7: missing field \"response\"\nmore\n")
+    assert failure_message([log]).startswith("data/sft.jsonl line 7")
+    other = tmp_path / "b.log"
+    other.write_text("a\nb\nc\nd\n")
+    assert failure_message([other]) == "b | c | d"
+    assert failure_message([tmp_path / "missing.log"]) == "the trainer exited non-zero"
+
+
+def test_read_progress_tolerates_torn_and_odd_files(tmp_path: Path) -> None:
+    path = tmp_path / "progress.json"
+    assert read_progress(path) is None
+    path.write_text('{"step": 3, "totalSteps"')
+    assert read_progress(path) is None
+    path.write_text(json.dumps({"step": 3, "totalSteps": 10, "metrics": {"loss": 1.25}}))
+    metrics = read_progress(path)
+    assert metrics is not None
+    assert (metrics.step, metrics.total_steps, metrics.loss) == (3, 10, 1.25)
+    path.write_text(json.dumps({"step": "3", "metrics": ["x"]}))
+    odd = read_progress(path)
+    assert odd is not None and odd.step is None and odd.loss is None
