@@ -27,7 +27,7 @@ from rlhf_trainer.config import (
     RRHFOptions,
     SFTOptions,
     StageType,
-    format_validation_error,
+    validation_problems,
 )
 
 GROUP = "rlhf.dev"
@@ -378,4 +378,4 @@ def parse_run(obj: Any, source: str = "RLHFRun") -> RLHFRun:
     try:
         return RLHFRun.model_validate(obj)
     except ValidationError as err:
-        raise SpecError(format_validation_error(err, source).splitlines()) from err
+        raise SpecError(validation_problems(err, source)) from err

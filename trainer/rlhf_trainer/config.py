@@ -12,6 +12,7 @@ Every model forbids unknown fields, so a typo is an error that names the field.
 from __future__ import annotations
 
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -265,11 +266,19 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file, the field and the fix."""
 
 
+_SIMPLE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def format_loc(loc: tuple[int | str, ...]) -> str:
     """`("spec", "stages", 1, "from")` -> `spec.stages[1].from`."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _SIMPLE_KEY.fullmatch(part):
+            out += f"[{part!r}]"  # a key a user mistyped can hold any character
+        else:
+            out += f".{part}" if out else part
     return out or "(root)"
 
 
@@ -280,7 +289,12 @@ _HINTS = {
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: `source: field.path: message`.
+    """One line per problem (see `validation_problems`)."""
+    return "\n".join(validation_problems(err, source))
+
+
+def validation_problems(err: ValidationError, source: str) -> list[str]:
+    """One entry per problem: `source: field.path: message`.
 
     Validators that check several fields at once put the field path at the start of their
     message (`stages[1].from: ...`); it is joined onto the location here.
@@ -293,7 +307,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         if sep and head.startswith("stages[") and " " not in head:
             loc, msg = f"{loc}.{head}", rest
         lines.append(f"{source}: {loc}: {msg}")
-    return "\n".join(lines)
+    return lines
 
 
 def load_stage_config(path: str | os.PathLike[str]) -> StageConfig:
