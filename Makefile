@@ -13,15 +13,20 @@ TORCH_SPEC ?= torch==2.13.0
 # Registry builds of these do not match torch 2.13 and break `import transformers`.
 TORCH_STRAYS := torchvision torchaudio torchcodec
 
-.PHONY: run test lint typecheck pytest unit integration e2e crd docs bench clean venv venv-local
+.PHONY: system-deps run test lint typecheck pytest unit integration e2e crd docs manifests bench clean venv venv-local
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 
+# Debian packages the tests use: Prometheus and promtool (alert rules, real scraping).
+system-deps:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
+
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,local]'
 	$(PIP) uninstall --quiet -y $(TORCH_STRAYS) 2>/dev/null || true
 	touch $@
 
@@ -45,15 +50,15 @@ run: $(VENV)/.local-installed $(WORKDIR)/models/tiny-llama/config.json $(WORKDIR
 	$(RLHF) run examples/quickstart.yaml --workdir $(WORKDIR)
 
 lint: venv
-	$(VENV)/bin/ruff check operator trainer tests bench
+	$(VENV)/bin/ruff check operator trainer tests bench manifests
 
 typecheck: venv
 	$(VENV)/bin/mypy
 
-pytest: venv
+pytest: venv system-deps
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck pytest
+test: system-deps lint typecheck pytest
 
 unit: venv
 	$(VENV)/bin/pytest -q -m unit
@@ -67,6 +72,11 @@ e2e: venv
 # Regenerate the committed CRD from the typed model (a test fails when they drift).
 crd: venv
 	$(RLHF) crd -o manifests/crds/rlhf.dev_rlhfruns.yaml
+	$(PY) manifests/generate.py
+
+# The chart's CRD copy and the kustomize base, rendered from the chart (tests check both).
+manifests: venv
+	$(PY) manifests/generate.py
 
 docs: venv
 	$(RLHF) docs -o docs/API.md

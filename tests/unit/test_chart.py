@@ -735,6 +735,19 @@ def test_every_values_key_is_typed_and_documented() -> None:
     assert undocumented == [], f"values keys without a comment above them: {undocumented}"
 
 
+def test_install_doc_lists_every_values_key() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    data = data_paths(schema)
+    typed = {
+        ".".join(p) for p in schema_leaves(schema)
+        if p[0] != "global" and not any(p[: len(d)] == d and p != d for d in data)
+    }
+    groups = {k.rsplit(".", i)[0] for k in typed for i in range(1, k.count(".") + 1)}
+    table = set(re.findall(r"^\| `([a-z][\w.]*)` \|", (ROOT / "docs" / "INSTALL.md").read_text(),
+                           re.MULTILINE))
+    assert table == typed - groups
+
+
 def test_notes_render() -> None:
     with helm_python.Chart.load(CHART) as chart:
         notes = chart.render({}, name="rlhf-operator", namespace=NAMESPACE)[

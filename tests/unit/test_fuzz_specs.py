@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import BASE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import BASE
 from rlhf_operator import api, yamlio
 from rlhf_operator.planner import Observed, plan
+from rlhf_trainer.config import STAGE_TYPES
 
 pytestmark = pytest.mark.unit
 
@@ -56,9 +57,9 @@ FIELDS = [
 def mutate(doc: dict[str, Any], path: tuple[Any, ...], value: Any, delete: bool) -> None:
     node: Any = doc
     for key in path[:-1]:
-        if isinstance(node, dict) and key in node:
-            node = node[key]
-        elif isinstance(node, list) and isinstance(key, int) and key < len(node):
+        in_dict = isinstance(node, dict) and key in node
+        in_list = isinstance(node, list) and isinstance(key, int) and key < len(node)
+        if in_dict or in_list:
             node = node[key]
         else:
             return
@@ -75,9 +76,7 @@ def mutate(doc: dict[str, Any], path: tuple[Any, ...], value: Any, delete: bool)
 mutations = st.lists(
     st.tuples(st.sampled_from(FIELDS), json_value, st.booleans()), min_size=1, max_size=4
 )
-stage_types = st.sampled_from(list(api.STAGE_TYPES) if hasattr(api, "STAGE_TYPES") else [
-    "sft", "reward", "dpo", "rrhf", "ppo", "grpo", "feedback", "evaluate"
-])
+stage_types = st.sampled_from(STAGE_TYPES)
 
 
 def check(doc: Any) -> str:
