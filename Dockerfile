@@ -27,7 +27,7 @@ FROM ${PYTHON_IMAGE} AS operator-deps
 WORKDIR /src
 COPY pyproject.toml ./
 RUN python -c "import re, tomllib; \
-keep = {'kopf', 'kubernetes', 'pydantic', 'pyyaml', 'prometheus-client', 'rich'}; \
+keep = {'kopf', 'kubernetes', 'pydantic', 'pyyaml', 'prometheus-client', 'rich', 'matplotlib'}; \
 deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
 name = lambda d: re.split(r'[<>=!~;\[ ]', d, maxsplit=1)[0].lower(); \
 print('\n'.join(d for d in deps if name(d) in keep))" > /operator-requirements.txt \

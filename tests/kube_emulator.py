@@ -10,6 +10,7 @@ tests set `metadata.generation` themselves and cover the rest with pure-function
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -19,12 +20,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+import aiohttp.web
+import jsonpatch
 import kmock
+
+CREATE, UPDATE = kmock.action.CREATE, kmock.action.UPDATE
 
 Obj = dict[str, Any]
 T = TypeVar("T")
@@ -34,6 +40,7 @@ TEST_AGENT = "rlhf-tests"
 # group/version/plural -> (kind, namespaced, subresources)
 RESOURCES: dict[str, tuple[str, bool, set[str]]] = {
     "v1/namespaces": ("Namespace", False, set()),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, set()),
     "v1/events": ("Event", True, set()),
     "v1/configmaps": ("ConfigMap", True, set()),
     "v1/services": ("Service", True, set()),
@@ -44,6 +51,43 @@ RESOURCES: dict[str, tuple[str, bool, set[str]]] = {
     "trainer.kubeflow.org/v1alpha1/trainjobs": ("TrainJob", True, {"status"}),
 }
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+
+
+class VersionedEmulator(kmock.KubernetesEmulator):
+    """The emulator plus what every API server does on a write: a new resourceVersion (kopf
+    relies on it to tell its own patches from older events), a uid and creationTimestamp on
+    create, and 422 when a JSON patch's `test` op fails."""
+
+    _versions: ClassVar[Iterator[int]] = itertools.count(1)
+
+    async def _handle(self, request: Any) -> Any:
+        if request.resource is not None and request.action in (CREATE, UPDATE):
+            version = str(next(self._versions))
+            data = request.data
+            if isinstance(data, dict):
+                meta = data.setdefault("metadata", {})
+                meta["resourceVersion"] = version
+                if request.action == CREATE:
+                    meta.setdefault("uid", str(uuid.uuid4()))
+                    meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ"))
+            elif isinstance(data, list):  # a JSON patch: its `test` ops see the old version
+                data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
+        try:
+            return await super()._handle(request)
+        except jsonpatch.JsonPatchTestFailed as err:
+            # What the API server answers when a patch's `test` op fails; kopf expects it.
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=str(err)) from err
+
+
+    async def __call__(self, raw_request: Any) -> Any:
+        # kmock 0.8 cannot parse the cluster-scoped namespaces list. Answer as an API server
+        # does to an operator without that permission; kopf then watches the namespaces it
+        # was given (--namespace) instead of discovering them.
+        if raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            status = {"kind": "Status", "apiVersion": "v1", "code": 403, "status": "Failure",
+                      "reason": "Forbidden", "message": "namespaces is forbidden"}
+            return aiohttp.web.json_response(status, status=403)
+        return await super().__call__(raw_request)
 
 
 class Emulator:
@@ -74,7 +118,7 @@ class Emulator:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with kmock.KubernetesEmulator() as handler, kmock.Server(handler) as server:
+        async with VersionedEmulator() as handler, kmock.Server(handler) as server:
             for key, (kind, namespaced, subresources) in RESOURCES.items():
                 handler.resources[key] = kmock.ResourceInfo(
                     kind=kind, namespaced=namespaced, verbs=VERBS, subresources=subresources
@@ -93,6 +137,19 @@ class Emulator:
             if request.method.value in ("POST", "PATCH", "PUT", "DELETE") and agent != TEST_AGENT:
                 out.append(f"{request.method.value} {request.url.path}")
         return out
+
+    def api_calls(self) -> set[tuple[str, str, str]]:
+        """(apiGroup, resource, verb) of every operator API request, as RBAC
+        sees it: `list` vs `watch` vs `get`, subresources as `resource/sub`."""
+        calls = set()
+        for request in list(self.handler):
+            agent = request.headers.get("User-Agent", "")
+            if agent == TEST_AGENT or agent.startswith("rlhf-trainer/"):
+                continue  # the tests, and trainer pods (their own ServiceAccount)
+            call = rbac_call(request.method.value, request.url.path, dict(request.url.query))
+            if call is not None:
+                calls.add(call)
+        return calls
 
     def request_count(self) -> int:
         return len(list(self.handler))
@@ -177,3 +234,30 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+_VERBS = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+
+
+def rbac_call(method: str, path: str, query: dict[str, str]) -> tuple[str, str, str] | None:
+    """Map one REST request to the (apiGroup, resource, verb) an RBAC rule must grant;
+    None for discovery (/api, /apis, /version), which every authenticated user may read."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:1] == ["api"]:
+        group, rest = "", parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        rest = rest[2:]  # /namespaces/{ns}/{resource}...: a namespaced resource
+    if not rest:
+        return None
+    resource = rest[0] if len(rest) < 3 else f"{rest[0]}/{rest[2]}"
+    named = len(rest) >= 2
+    if method == "GET":
+        verb = "get" if named else ("watch" if query.get("watch") in ("true", "1") else "list")
+    else:
+        verb = _VERBS[method] if named or method == "POST" else "deletecollection"
+    return group, resource, verb
+

@@ -21,9 +21,13 @@ from rlhf_trainer.config import (
     FeedbackOptions,
     GRPOOptions,
     Hyperparameters,
+    JudgeProtocol,
+    JudgeReward,
+    LoRAOptions,
     ModelSource,
     PPOOptions,
     RewardModelOptions,
+    RolloutClientOptions,
     RRHFOptions,
     SFTOptions,
     StageType,
@@ -95,15 +99,6 @@ class Trainer(ApiModel):
         return max(self.gpus_per_node, 1)
 
 
-class JudgeReward(ApiModel):
-    """Online rewards from the AI judge."""
-
-    mode: Literal["pairwise", "pointwise"] = Field(
-        default="pairwise",
-        description="pairwise: against a reference response; pointwise: a score per response.",
-    )
-
-
 class RewardSource(ApiModel):
     """Where an online stage gets rewards: a reward-model stage, the judge, or a function."""
 
@@ -123,17 +118,24 @@ class RewardSource(ApiModel):
         return self
 
 
-class Rollout(ApiModel):
-    """The inference servers that generate rollouts for online stages."""
+class Rollout(RolloutClientOptions):
+    """The inference servers that generate rollouts for online stages.
+
+    Each replica is its own Deployment and Service, so the trainer can reach (and sync the
+    weights of) every replica by name.
+    """
 
     engine: Literal["vllm", "lmdeploy"] = "vllm"
-    replicas: int = Field(default=1, ge=1, le=64)
-    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
+    replicas: int = Field(default=1, ge=1, le=64, description="Server replicas.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=16, description="GPUs per replica.")
     weight_sync: Literal["disk", "nccl"] = Field(
         default="disk", description="disk: safetensors snapshot + reload; nccl: GPU transfer."
     )
     image: str | None = Field(default=None, description="Server image; the engine's default.")
-    max_model_len: int | None = Field(default=None, gt=0)
+    max_model_len: int | None = Field(default=None, gt=0, description="Context length served.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weight and activation dtype of the server."
+    )
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
 
@@ -160,6 +162,10 @@ class Stage(ApiModel):
     grpo: GRPOOptions | None = None
     feedback: FeedbackOptions | None = None
     evaluate: EvaluateOptions | None = None
+    lora: LoRAOptions | None = Field(
+        default=None,
+        description="Train LoRA adapters instead of every weight (sft, reward, dpo, rrhf).",
+    )
 
     @model_validator(mode="after")
     def _fields_for_type(self) -> Stage:
@@ -170,7 +176,12 @@ class Stage(ApiModel):
 
 # Which fields each stage type needs, and which option blocks belong to which type. Mirrored
 # by CEL rules in the CRD (crd.py) so `kubectl apply` refuses what `rlhf validate` refuses.
-NEEDS_DATASET: frozenset[str] = frozenset({"sft", "reward", "dpo", "rrhf", "ppo", "grpo"})
+NEEDS_DATASET: frozenset[str] = frozenset(
+    {"sft", "reward", "dpo", "rrhf", "ppo", "grpo", "feedback", "evaluate"}
+)
+LORA_TYPES: frozenset[str] = frozenset({"sft", "reward", "dpo", "rrhf"})
+# Stage types whose output is a policy (a causal LM), i.e. what `evaluate.policies` may name.
+POLICY_TYPES: frozenset[str] = frozenset({"sft", "dpo", "rrhf", "ppo", "grpo"})
 NEEDS_REWARD: frozenset[str] = frozenset({"ppo", "grpo"})
 OPTION_BLOCKS: dict[str, str] = {
     "sft": "sft",
@@ -184,6 +195,10 @@ OPTION_BLOCKS: dict[str, str] = {
 }
 
 
+# Formats whose rows hold no alternative responses: a feedback stage must sample them.
+PROMPT_ONLY_FORMATS: frozenset[str] = frozenset({"jsonl", "prompts"})
+
+
 def stage_type_problems(stage: Stage) -> list[str]:
     problems = []
     if stage.type in NEEDS_DATASET and stage.dataset is None:
@@ -194,27 +209,41 @@ def stage_type_problems(stage: Stage) -> list[str]:
         if getattr(stage, field) is not None and stage.type != owner:
             alias = Stage.model_fields[field].alias or field
             problems.append(f"`{alias}` options apply to `{owner}` stages, not `{stage.type}`")
+    if stage.lora is not None and stage.type not in LORA_TYPES:
+        problems.append(
+            f"`lora` applies to {', '.join(sorted(LORA_TYPES))} stages, not `{stage.type}`"
+        )
+    if stage.type == "evaluate" and (stage.evaluate is None or not stage.evaluate.policies):
+        problems.append("an `evaluate` stage needs `evaluate.policies` (the stages to compare)")
+    if (
+        stage.type == "feedback"
+        and stage.rollout is None
+        and stage.dataset is not None
+        and stage.dataset.format in PROMPT_ONLY_FORMATS
+    ):
+        problems.append(
+            f"a `feedback` stage with a `{stage.dataset.format}` dataset has no responses to "
+            "judge: set `rollout` to sample them from the policy, or use ranked or pair data"
+        )
     return problems
 
 
-class Judge(ApiModel):
-    """The AI judge used by `feedback` stages and `reward: {judge: {}}`."""
+class Judge(JudgeProtocol):
+    """The AI judge used by `feedback` stages and `reward: {judge: {}}`: its servers (one
+    Deployment and Service per replica, created while such a stage runs) and its protocol."""
 
     engine: Literal["vllm", "lmdeploy"] = "lmdeploy"
     model: ModelSource
-    principle: str = Field(
-        default="Which response is best for humanity?",
-        max_length=2000,
-        description="The one general principle the judge applies.",
+    replicas: int = Field(default=1, ge=1, le=64, description="Server replicas.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=16, description="GPUs per replica.")
+    image: str | None = Field(default=None, description="Server image; the engine's default.")
+    max_model_len: int | None = Field(default=None, gt=0, description="Context length served.")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="vLLM: share of GPU memory for weights and cache."
     )
-    self_reference: bool = Field(
-        default=True, description="The judge answers the prompt first and uses it as reference."
+    startup_timeout_seconds: float = Field(
+        default=1800.0, gt=0, description="How long a server may take to load its weights."
     )
-    replicas: int = Field(default=1, ge=1, le=64)
-    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
-    temperature: float = Field(default=0.1, ge=0)
-    top_p: float = Field(default=0.9, gt=0, le=1)
-    image: str | None = None
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
 
 
@@ -253,6 +282,12 @@ def stage_graph_problems(spec: RLHFRunSpec) -> list[str]:
             if source is None or source.type != "reward":
                 problems.append(
                     f"{where}.reward.from: {stage.reward.from_!r} is not an earlier `reward` stage"
+                )
+        for policy in stage.evaluate.policies if stage.evaluate else []:
+            if policy not in seen or seen[policy].type not in POLICY_TYPES:
+                problems.append(
+                    f"{where}.evaluate.policies: {policy!r} is not an earlier stage that trains a "
+                    f"policy ({', '.join(sorted(POLICY_TYPES))})"
                 )
         needs_judge = stage.type == "feedback" or (
             stage.reward is not None and stage.reward.judge is not None

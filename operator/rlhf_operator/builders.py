@@ -11,7 +11,16 @@ import json
 from typing import Any
 
 from rlhf_operator import api
-from rlhf_trainer.config import ModelSource, StageConfig
+from rlhf_trainer.config import (
+    Hyperparameters,
+    JudgeProtocol,
+    JudgeRequestOptions,
+    JudgeTarget,
+    ModelSource,
+    RolloutClientOptions,
+    RolloutTarget,
+    StageConfig,
+)
 
 Obj = dict[str, Any]
 
@@ -25,7 +34,12 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 WORKSPACE_MOUNT = "/workspace"
 CONFIG_MOUNT = "/etc/rlhf"
 TRAINER_CONTAINER = "pytorch"  # the container name Kubeflow's PyTorchJob requires
+METRICS_PORT_NAME = "metrics"  # rank 0's /metrics; the chart's PodMonitor selects it by name
+METRICS_PORT = 9400
+METRICS_PORT_ENV = "RLHF_METRICS_PORT"
 MAX_NAME = 63
+# Stage types that generate with rollout servers while they train.
+ONLINE_STAGE_TYPES: frozenset[str] = frozenset({"ppo", "grpo"})
 
 
 def child_name(run: api.RLHFRun, stage: str, suffix: str = "") -> str:
@@ -79,15 +93,134 @@ def stage_model(run: api.RLHFRun, stage: api.Stage) -> ModelSource:
     return ModelSource(path=f"{stage_output_dir(run, stage.from_)}/final")
 
 
+SERVER_PORT = 8000  # the rollout and judge servers' container port, named `http`
+SERVED_MODEL = "policy"  # the name rollout servers answer to (--served-model-name)
+
+
+def rollout_name(run: api.RLHFRun, stage: str, replica: int) -> str:
+    """Deployment and Service name of one rollout server replica."""
+    return child_name(run, stage, f"rollout-{replica}")
+
+
+def uses_rollout(stage: api.Stage) -> bool:
+    """Online stages generate with rollout servers; a feedback stage with `rollout` samples
+    the responses it judges from them."""
+    return stage.type in ONLINE_STAGE_TYPES or (
+        stage.type == "feedback" and stage.rollout is not None
+    )
+
+
+def rollout_target(run: api.RLHFRun, stage: api.Stage) -> RolloutTarget | None:
+    """How the trainer of an online stage reaches its servers: one Service URL per replica."""
+    rollout = stage.rollout
+    if not uses_rollout(stage):
+        return None
+    rollout = rollout or api.Rollout()
+    namespace = run.metadata.namespace
+    urls = [
+        f"http://{rollout_name(run, stage.name, i)}.{namespace}.svc:{SERVER_PORT}"
+        for i in range(rollout.replicas)
+    ]
+    options = {f: getattr(rollout, f) for f in RolloutClientOptions.model_fields}
+    return RolloutTarget(
+        engine=rollout.engine,
+        urls=urls,
+        served_model=SERVED_MODEL,
+        weight_sync=rollout.weight_sync,
+        **options,
+    )
+
+
+SERVED_JUDGE = "judge"  # the name judge servers answer to
+
+
+def uses_judge(stage: api.Stage) -> bool:
+    """Feedback stages, and online stages rewarded by the judge, get judge servers."""
+    return stage.type == "feedback" or (stage.reward is not None and stage.reward.judge is not None)
+
+
+def judge_name(run: api.RLHFRun, stage: str, replica: int) -> str:
+    """Deployment and Service name of one judge server replica (one set per judging stage)."""
+    return child_name(run, stage, f"judge-{replica}")
+
+
+def judge_target(run: api.RLHFRun, stage: api.Stage) -> JudgeTarget | None:
+    """How a judging stage reaches the judge: Service URLs, protocol and request options."""
+    judge = run.spec.judge
+    if judge is None or not uses_judge(stage):
+        return None
+    namespace = run.metadata.namespace
+    urls = [
+        f"http://{judge_name(run, stage.name, i)}.{namespace}.svc:{SERVER_PORT}"
+        for i in range(judge.replicas)
+    ]
+    calls = (stage.reward.judge if stage.reward else None) or stage.feedback
+    requests = JudgeRequestOptions(
+        **{f: getattr(calls, f) for f in JudgeRequestOptions.model_fields} if calls else {}
+    )
+    return JudgeTarget(
+        **{f: getattr(judge, f) for f in JudgeProtocol.model_fields},
+        engine=judge.engine,
+        urls=urls,
+        served_model=SERVED_JUDGE,
+        model=judge.model,
+        requests=requests,
+        startup_timeout_seconds=judge.startup_timeout_seconds,
+        mode=stage.reward.judge.mode if stage.reward and stage.reward.judge else None,
+    )
+
+
+# PPO's own defaults where a stage leaves a hyperparameter unset (ALGORITHMS.md, from
+# MOSS-RLHF): policy lr 5e-7, AdamW betas (0.9, 0.95), train minibatch 32.
+PPO_HYPERPARAMETERS: dict[str, Any] = {
+    "learning_rate": 5e-7,
+    "adam_betas": (0.9, 0.95),
+    "batch_size": 32,
+}
+
+
+def stage_hyperparameters(stage: api.Stage) -> Hyperparameters:
+    """The stage's hyperparameters, with its algorithm's defaults for the fields it left unset
+    (rendered into the config, so the trainer and the user see the values in effect)."""
+    hp = stage.hyperparameters
+    if stage.type != "ppo":
+        return hp
+    unset = {k: v for k, v in PPO_HYPERPARAMETERS.items() if k not in hp.model_fields_set}
+    return hp.model_copy(update=unset)
+
+
+def _reward_fields(run: api.RLHFRun, stage: api.Stage) -> dict[str, Any]:
+    """reward.from becomes the reward stage's final/ folder; reward.function passes through."""
+    reward = stage.reward
+    if reward is None:
+        return {}
+    out: dict[str, Any] = {}
+    if reward.from_ is not None:
+        out["reward_model_path"] = f"{stage_output_dir(run, reward.from_)}/final"
+    if reward.function is not None:
+        out["reward_function"] = reward.function
+    return out
+
+
+def _policy_paths(run: api.RLHFRun, stage: api.Stage) -> dict[str, str] | None:
+    """evaluate.policies: each named stage's final/ folder."""
+    if stage.evaluate is None or not stage.evaluate.policies:
+        return None
+    return {name: f"{stage_output_dir(run, name)}/final" for name in stage.evaluate.policies}
+
+
 def build_stage_config(run: api.RLHFRun, stage: api.Stage) -> StageConfig:
     return StageConfig(
+        rollout=rollout_target(run, stage),
+        judge=judge_target(run, stage),
+        **_reward_fields(run, stage),
         run=run.metadata.name,
         stage=stage.name,
         type=stage.type,
         model=stage_model(run, stage),
         dataset=stage.dataset,
         output_dir=stage_output_dir(run, stage.name),
-        hyperparameters=stage.hyperparameters,
+        hyperparameters=stage_hyperparameters(stage),
         sft=stage.sft,
         reward_model=stage.reward_model,
         dpo=stage.dpo,
@@ -96,6 +229,8 @@ def build_stage_config(run: api.RLHFRun, stage: api.Stage) -> StageConfig:
         grpo=stage.grpo,
         feedback=stage.feedback,
         evaluate=stage.evaluate,
+        lora=stage.lora,
+        policies=_policy_paths(run, stage),
     )
 
 
@@ -135,6 +270,11 @@ def trainer_command(run: api.RLHFRun, stage: api.Stage) -> list[str]:
     ]
 
 
+def gpu_resources(resources: api.ResourceRequirements, gpus: int) -> Obj:
+    """Container resources with `gpus` nvidia.com/gpu in both requests and limits."""
+    return _resources(resources, gpus)
+
+
 def _resources(resources: api.ResourceRequirements, gpus: int) -> Obj:
     out: Obj = {}
     if resources.requests:
@@ -153,9 +293,12 @@ def _env(run: api.RLHFRun) -> list[Obj]:
         {"name": "RLHF_WORKSPACE", "value": WORKSPACE_MOUNT},
         {"name": "HF_HOME", "value": f"{WORKSPACE_MOUNT}/.cache/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": METRICS_PORT_ENV, "value": str(METRICS_PORT)},
         # The downward API tells rank 0 which pod to annotate with its progress.
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        # Rank 0 hosts the NCCL weight-transfer rendezvous that rollout servers join.
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
     token = run.spec.model.token_secret_ref
     if token is not None:
@@ -190,6 +333,7 @@ def trainer_pod_template(run: api.RLHFRun, stage: api.Stage) -> Obj:
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "securityContext": {"allowPrivilegeEscalation": False},
     }
     resources = _resources(trainer.resources, trainer.gpus_per_node)

@@ -1,4 +1,4 @@
-"""The `rlhf` command line: validate, render, run, crd, tiny-model."""
+"""The `rlhf` command line: validate, render, run, crd, docs, eval, tiny-model, operator."""
 
 from __future__ import annotations
 
@@ -91,6 +91,8 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from rlhf_operator.local import LocalExecutor, preflight
+    from rlhf_operator.metrics import RunMetrics
+    from rlhf_operator.plots import write_plots
     from rlhf_operator.progress import RunDisplay
 
     run = load_run(args.file)
@@ -98,12 +100,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     problems = preflight(run, workdir)
     if problems:
         raise UsageError("\n".join(f"{args.file}: {p}" for p in problems))
+    metrics = RunMetrics()
+    if args.metrics_port is not None:
+        try:
+            metrics.serve(args.metrics_port)
+        except OSError as err:
+            raise UsageError(f"--metrics-port {args.metrics_port}: {err.strerror or err}") from err
     with RunDisplay(run) as display:
         executor = LocalExecutor(
-            run, workdir, on_event=display.event, on_status=display.status
+            run,
+            workdir,
+            on_event=display.event,
+            on_status=display.status,
+            metrics=metrics,
+            trainer_metrics_port=args.trainer_metrics_port,
         )
         status = executor.execute()
-    display.summary(status, workdir / run.metadata.name / "status.json")
+    run_dir = workdir / run.metadata.name
+    plots = write_plots(run_dir, [stage.name for stage in run.spec.stages])
+    display.summary(status, run_dir / "status.json", plots)
     return 0 if status.phase == "Succeeded" else 1
 
 
@@ -120,12 +135,18 @@ def cmd_docs(args: argparse.Namespace) -> int:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     from rlhf_operator.controller import run_operator
+    from rlhf_operator.metrics import port_from_env
 
+    try:
+        metrics_port = args.metrics_port if args.metrics_port is not None else port_from_env()
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     run_operator(
         args.namespace or [],
         args.all_namespaces,
         resync_seconds=args.resync_seconds,
         liveness=args.liveness,
+        metrics_port=metrics_port,
         verbose=args.verbose,
     )
     return 0
@@ -135,6 +156,16 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     # The operator package carries no torch; the trainer builds the model in its own process.
     argv = [sys.executable, "-m", "rlhf_trainer", "tiny-model", args.dir, "--seed", str(args.seed)]
     return subprocess.call(argv)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rlhf_operator import evalcmd
+
+    run = load_run(args.file) if args.file else None
+    try:
+        return evalcmd.run_eval(args, run)
+    except evalcmd.EvalUsageError as err:
+        raise UsageError(str(err)) from err
 
 
 def parser() -> argparse.ArgumentParser:
@@ -149,6 +180,18 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run an RLHFRun on this machine, with no cluster")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--workdir", default="runs", help="stands in for /workspace (default: runs)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the operator's Prometheus metrics on PORT (default: off)",
+    )
+    p.add_argument(
+        "--trainer-metrics-port",
+        type=int,
+        metavar="PORT",
+        help="port of the trainer's rank-0 metrics (default: 9400, as in the pod; 0: off)",
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("crd", help="print the RLHFRun CustomResourceDefinition")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
@@ -156,6 +199,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("docs", help="print the API field reference (docs/API.md)")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_docs)
+    from rlhf_operator import evalcmd
+
+    evalcmd.add_parser(sub).set_defaults(func=cmd_eval)
     p = sub.add_parser("tiny-model", help="build a tiny random Llama and tokenizer for tests")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
@@ -165,7 +211,18 @@ def parser() -> argparse.ArgumentParser:
     scope.add_argument("--namespace", "-n", action="append", help="watch this namespace")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch all")
     p.add_argument("--resync-seconds", type=float, default=60.0, help="resync timer interval")
-    p.add_argument("--liveness", metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--liveness", metavar="URL", help="e.g. http://0.0.0.0:8081/healthz")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics on PORT (default: $RLHF_METRICS_PORT or 8080; 0: any free port)",
+    )
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        help="no kopf peering (always so: run one replica with the Recreate strategy)",
+    )
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=cmd_operator)
     return top

@@ -9,8 +9,8 @@ burst of child events collapses into one reconcile.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +18,7 @@ import kopf
 
 from rlhf_operator import api, builders, kube
 from rlhf_operator.kube import KubeError
+from rlhf_operator.metrics import DEFAULT_PORT, RunMetrics
 from rlhf_operator.reconcile import Reconciler
 
 logger = logging.getLogger("rlhf_operator.controller")
@@ -29,38 +30,50 @@ PERSISTENT_DELAY = 60.0  # refused (RBAC, admission): someone must act; retry sl
 
 
 class Controller:
-    """Serialises reconciles per run and turns API failures into kopf retries."""
+    """Serialises reconciles per run and turns API failures into kopf retries.
+
+    The reconcile itself is blocking I/O and runs in a worker thread; the handlers stay async,
+    so kopf can stop a run's timer at once when the run is deleted.
+    """
 
     def __init__(self, reconciler: Reconciler) -> None:
         self.reconciler = reconciler
-        self._guard = threading.Lock()
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._queued: set[tuple[str, str]] = set()
 
-    def reconcile(self, namespace: str, name: str, coalesce: bool = False) -> None:
+    async def reconcile(self, namespace: str, name: str, coalesce: bool = False) -> None:
         """Reconcile now; with `coalesce`, skip if a reconcile of the run is already queued
         (it reads fresh state when it starts, so it covers this trigger too)."""
         key = (namespace, name)
-        with self._guard:
-            if coalesce and key in self._queued:
-                return
-            self._queued.add(key)
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            with self._guard:
-                self._queued.discard(key)
-            try:
-                self.reconciler.reconcile(namespace, name)
-            except KubeError as err:
-                delay = TRANSIENT_DELAY if err.transient else PERSISTENT_DELAY
-                raise kopf.TemporaryError(
-                    f"Failed to reconcile RLHFRun {namespace}/{name}: {err}", delay=delay
-                ) from err
+        if coalesce and key in self._queued:
+            return
+        self._queued.add(key)
+        # Shielded: a cancelled handler must not release the lock while its thread still runs.
+        task = asyncio.ensure_future(self._locked(key))
+        try:
+            await asyncio.shield(task)
+        except KubeError as err:
+            delay = TRANSIENT_DELAY if err.transient else PERSISTENT_DELAY
+            raise kopf.TemporaryError(
+                f"Failed to reconcile RLHFRun {namespace}/{name}: {err}", delay=delay
+            ) from err
 
-    def reconcile_quietly(self, namespace: str, name: str) -> None:
+    async def _locked(self, key: tuple[str, str]) -> None:
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            self._queued.discard(key)
+            await asyncio.to_thread(self.reconciler.reconcile, *key)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """A deleted run: drop its metric series and its lock (children go by GC)."""
+        self.reconciler.metrics.forget_run(namespace, name)
+        lock = self._locks.get((namespace, name))
+        if lock is not None and not lock.locked():
+            del self._locks[(namespace, name)]
+
+    async def reconcile_quietly(self, namespace: str, name: str) -> None:
         """For event handlers, which kopf does not retry: log, and let the timer retry."""
         try:
-            self.reconcile(namespace, name, coalesce=True)
+            await self.reconcile(namespace, name, coalesce=True)
         except kopf.TemporaryError as err:
             logger.warning("%s; the resync timer retries", err)
 
@@ -74,6 +87,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     )
     # The reconciler posts the Events that matter (stage started, failed, ...).
     settings.posting.enabled = False
+    # A run deleted while its resync timer is mid-reconcile is let go (finalizer removed) a
+    # second after that reconcile ends, not a minute.
+    settings.background.cancellation_polling = 1.0
     for resource in (*kube.JOBS, kube.DEPLOYMENTS, kube.PODS):
         group, _, version = resource.api_version.rpartition("/")
         settings.watching.label_selectors[group, version, resource.plural] = builders.LABEL_RUN
@@ -90,21 +106,28 @@ def build_registry(
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # The same sources as the reconciler's client: the pod's account, else kubeconfig.
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        # Through the kubernetes client, as the reconciler: in-cluster account, else the
+        # kubeconfig, exec credential plugins (EKS, GKE, AKS) included.
+        return kopf.login_via_client(**kwargs)
 
     @kopf.on.create(*RUN, registry=registry, id="run-created")
     @kopf.on.update(*RUN, registry=registry, id="run-updated")
     @kopf.on.resume(*RUN, registry=registry, id="run-resumed")
-    def run_changed(namespace: str | None, name: str, **_: Any) -> None:
-        controller.reconcile(namespace or "default", name)
+    async def run_changed(namespace: str | None, name: str, **_: Any) -> None:
+        await controller.reconcile(namespace or "default", name)
+
+    @kopf.on.delete(*RUN, registry=registry, id="run-deleted", optional=True)
+    async def run_deleted(namespace: str | None, name: str, **_: Any) -> None:
+        controller.forget(namespace or "default", name)
 
     @kopf.timer(*RUN, interval=resync_seconds, registry=registry, id="resync")
-    def resync(namespace: str | None, name: str, **_: Any) -> None:
-        controller.reconcile(namespace or "default", name, coalesce=True)
+    async def resync(namespace: str | None, name: str, **_: Any) -> None:
+        await controller.reconcile(namespace or "default", name, coalesce=True)
 
-    def child_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-        controller.reconcile_quietly(namespace or "default", labels[builders.LABEL_RUN])
+    async def child_changed(
+        namespace: str | None, labels: Mapping[str, str], **_: Any
+    ) -> None:
+        await controller.reconcile_quietly(namespace or "default", labels[builders.LABEL_RUN])
 
     has_run = {builders.LABEL_RUN: kopf.PRESENT}
     for resource in (*kube.JOBS, kube.DEPLOYMENTS):
@@ -126,12 +149,16 @@ def run_operator(
     all_namespaces: bool,
     resync_seconds: float = DEFAULT_RESYNC_SECONDS,
     liveness: str | None = None,
+    metrics_port: int = DEFAULT_PORT,
     verbose: bool = False,
 ) -> None:
     """Run until SIGINT/SIGTERM, with the kubeconfig or the in-cluster service account."""
     kopf.configure(verbose=verbose)
     logging.getLogger("rlhf_operator").setLevel(logging.INFO)
-    controller = Controller(Reconciler(kube.ApiKube.from_environment()))
+    metrics = RunMetrics()
+    server = metrics.serve(metrics_port)
+    logger.info("Serving operator metrics on port %d", server.server_port)
+    controller = Controller(Reconciler(kube.ApiKube.from_environment(), metrics=metrics))
     kopf.run(
         registry=build_registry(controller, resync_seconds),
         standalone=True,  # one replica (Recreate); no peering objects needed

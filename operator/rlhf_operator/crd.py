@@ -17,6 +17,11 @@ Schema = dict[str, Any]
 
 _DROP = {"title", "additionalProperties", "prefixItems"}
 
+
+def _type_list(types: frozenset[str]) -> str:
+    return "[" + ", ".join(f"'{t}'" for t in sorted(types)) + "]"
+
+
 _STAGE_LIST_RULES: list[Schema] = [
     {
         "rule": "self.all(s, self.exists_one(t, t.name == s.name))",
@@ -37,11 +42,15 @@ _STAGE_LIST_RULES: list[Schema] = [
         "message": "`reward.from` must name an earlier `reward` stage",
         "reason": "FieldValueInvalid",
     },
+    {
+        "rule": "self.all(s, !has(s.evaluate) || s.evaluate.policies.all(p, "
+        "self.exists(t, t.name == p && t.type in "
+        + _type_list(api.POLICY_TYPES)
+        + " && self.map(u, u.name).indexOf(t.name) < self.map(u, u.name).indexOf(s.name))))",
+        "message": "`evaluate.policies` must name earlier stages that train a policy",
+        "reason": "FieldValueInvalid",
+    },
 ]
-
-
-def _type_list(types: frozenset[str]) -> str:
-    return "[" + ", ".join(f"'{t}'" for t in sorted(types)) + "]"
 
 
 def _stage_rules() -> list[Schema]:
@@ -59,6 +68,35 @@ def _stage_rules() -> list[Schema]:
             "reason": "FieldValueRequired",
         },
     ]
+    rules.append(
+        {
+            "rule": f"!has(self.lora) || self.type in {_type_list(api.LORA_TYPES)}",
+            "message": "`lora` applies to sft, reward, dpo and rrhf stages",
+            "fieldPath": ".lora",
+            "reason": "FieldValueForbidden",
+        }
+    )
+    rules.append(
+        {
+            "rule": "self.type != 'evaluate' || "
+            "(has(self.evaluate) && size(self.evaluate.policies) > 0)",
+            "message": "an evaluate stage needs `evaluate.policies`",
+            "fieldPath": ".evaluate",
+            "reason": "FieldValueRequired",
+        }
+    )
+    rules.append(
+        {
+            # An absent format is the default, jsonl: prompts only.
+            "rule": "self.type != 'feedback' || has(self.rollout) || !has(self.dataset) || "
+            "(has(self.dataset.format) && "
+            f"!(self.dataset.format in {_type_list(api.PROMPT_ONLY_FORMATS)}))",
+            "message": "a feedback stage on a prompts-only dataset needs `rollout` to sample "
+            "the responses it judges",
+            "fieldPath": ".rollout",
+            "reason": "FieldValueRequired",
+        }
+    )
     for field, owner in api.OPTION_BLOCKS.items():
         alias = api.Stage.model_fields[field].alias or field
         rules.append(

@@ -61,8 +61,9 @@ class KubeError(Exception):
 
     @property
     def transient(self) -> bool:
-        """Worth retrying as is: no answer, throttled, or a server-side error."""
-        return self.status is None or self.status == 429 or self.status >= 500
+        """Worth retrying as is: no answer, a race with another writer (404, 409), throttled,
+        or a server-side error. Anything else is a refusal someone must act on."""
+        return self.status is None or self.status in (404, 409, 429) or self.status >= 500
 
 
 class Kube(Protocol):
@@ -126,20 +127,26 @@ class ApiKube:
         body: Obj | None = None,
         content_type: str = "application/json",
     ) -> Any:
+        # Straight to the client's urllib3 pool (TLS, client certificates and proxies as
+        # configured): the generated API layer on top changed shape between releases.
         import urllib3
-        from kubernetes.client.exceptions import ApiException
 
+        configuration = self.client.configuration
         headers = {"Accept": "application/json", "Content-Type": content_type}
+        for auth in configuration.auth_settings().values():  # a bearer token, refreshed if due
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
         if query:
             path = f"{path}?{urlencode(query)}"
         try:
-            request = self.client.param_serialize(
-                method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
+            response = self.client.rest_client.pool_manager.request(
+                method,
+                configuration.host + path,
+                body=json.dumps(body) if body is not None else None,
+                headers=headers,
+                timeout=urllib3.Timeout(total=self.timeout),
+                retries=False,
             )
-            response = self.client.call_api(*request, _request_timeout=self.timeout)
-            response.read()
-        except ApiException as err:
-            raise KubeError(err.status or None, f"{method} {path}: {err.reason}") from err
         except (urllib3.exceptions.HTTPError, OSError) as err:
             raise KubeError(None, f"{method} {path}: {err}") from err
         text = response.data.decode() if response.data else ""

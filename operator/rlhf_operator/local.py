@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_operator import api, backends
+from rlhf_operator.local_servers import SERVER_KINDS, LocalServers
+from rlhf_operator.metrics import RunMetrics
 from rlhf_operator.planner import Event, Observed, Plan, config_hash, plan
 
 Obj = dict[str, Any]
@@ -83,6 +85,8 @@ class LocalExecutor:
         on_event: Callable[[Event], None] | None = None,
         on_status: Callable[[api.RunStatus], None] | None = None,
         poll_seconds: float = 0.5,
+        metrics: RunMetrics | None = None,
+        trainer_metrics_port: int | None = None,
     ) -> None:
         self.run = run
         self.workdir = workdir.resolve()
@@ -92,10 +96,22 @@ class LocalExecutor:
         self.on_event = on_event or (lambda event: None)
         self.on_status = on_status or (lambda status: None)
         self.poll_seconds = poll_seconds
+        self.servers = LocalServers(
+            spawn=lambda pod, log, to_local: self._spawn(pod, {}, log, to_local),
+            log_dir=self.run_dir / "logs",
+            free_port=free_port,
+        )
+        self.metrics = metrics or RunMetrics()
+        # Pods each have an IP, processes here share one: like `docker run -p`, the trainer's
+        # metrics port (9400 in its pod spec) can be moved. Only global rank 0 binds it.
+        self.host_env: dict[str, str] = {}
+        if trainer_metrics_port is not None:
+            self.host_env["RLHF_METRICS_PORT"] = str(trainer_metrics_port)
 
     # -- observe ---------------------------------------------------------------------------
     def observe(self) -> Observed:
         children: list[Obj] = list(self.configmaps.values())
+        children.extend(self.servers.observe())
         progress: dict[str, api.StageMetrics] = {}
         for job in self.jobs.values():
             self._poll(job)
@@ -123,18 +139,23 @@ class LocalExecutor:
         wanted = {c["metadata"]["name"]: c for c in desired.children}
         for name in [n for n in self.jobs if n not in wanted]:
             self._terminate(self.jobs.pop(name))
+        # Servers first: their local ports go into the ConfigMaps that name their Services.
+        self.servers.apply([c for c in desired.children if c["kind"] in SERVER_KINDS])
         for name, child in wanted.items():
             if child["kind"] == "ConfigMap":
                 self._write_configmap(child)
             elif child["kind"] in backends.JOB_KINDS:
                 self._apply_job(name, child)
+            elif child["kind"] in SERVER_KINDS:
+                continue
             else:
                 raise ValueError(f"the local executor cannot run a {child['kind']}")
 
     def _write_configmap(self, obj: Obj) -> None:
         folder = self._configmap_dir(obj["metadata"]["name"])
         folder.mkdir(parents=True, exist_ok=True)
-        for key, value in obj.get("data", {}).items():
+        for key, raw in obj.get("data", {}).items():
+            value = self.servers.rewrite_urls(raw)
             path = folder / key
             if not path.exists() or path.read_text() != value:
                 path.write_text(value)
@@ -182,7 +203,13 @@ class LocalExecutor:
         job.condition("Running", f"Started {len(procs)} local replica(s)")
         return job
 
-    def _spawn(self, pod: Obj, injected: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self,
+        pod: Obj,
+        injected: dict[str, str],
+        log: Path,
+        to_local: Callable[[list[str]], list[str]] | None = None,
+    ) -> subprocess.Popen[bytes]:
         container = pod["containers"][0]
         mounts = self._mounts(pod, container)
         env = dict(os.environ)
@@ -190,8 +217,9 @@ class LocalExecutor:
         for item in container.get("env", []):
             if "value" in item:
                 env[item["name"]] = remap(str(item["value"]), mounts)
+        env.update(self.host_env)
         argv = [remap(expand(arg, env), mounts) for arg in container["command"]]
-        argv = local_argv(argv)
+        argv = (to_local or local_argv)(argv)
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             return subprocess.Popen(
@@ -225,9 +253,11 @@ class LocalExecutor:
 
     # -- loop ------------------------------------------------------------------------------
     def reconcile(self) -> Plan:
-        desired = plan(self.run, self.observe())
-        self.apply(desired)
+        with self.metrics.reconcile_timer():
+            desired = plan(self.run, self.observe())
+            self.apply(desired)
         self.run = self.run.model_copy(update={"status": desired.status})
+        self.metrics.observe_run(self.run, desired.status)
         write_status(self.run_dir / "status.json", desired.status)
         for event in desired.events:
             self.on_event(event)
@@ -246,6 +276,7 @@ class LocalExecutor:
         finally:
             for job in self.jobs.values():
                 self._terminate(job)
+            self.servers.stop_all()
 
 
 def expand(text: str, env: dict[str, str]) -> str:
@@ -327,9 +358,23 @@ def preflight(run: api.RLHFRun, workdir: Path) -> list[str]:
             "Hugging Face model folder (relative paths are relative to --workdir), or build "
             f"one with `rlhf tiny-model {local(run.spec.model.path)}`"
         )
+    judge = run.spec.judge.model.path if run.spec.judge is not None else None
+    stage_output = judge is not None and judge.startswith(f"{run.metadata.name}/")
+    if judge is not None and not stage_output and not local(judge).exists():
+        problems.append(
+            f"spec.judge.model.path: {local(judge)} does not exist; point it at a Hugging "
+            "Face model folder (relative paths are relative to --workdir)"
+        )
+    produced: list[str] = []  # outputs of earlier stages: written during the run
     for index, stage in enumerate(run.spec.stages):
         dataset = stage.dataset
-        if dataset is not None and dataset.path is not None and not local(dataset.path).is_file():
+        later = dataset is not None and dataset.path is not None and any(
+            dataset.path.startswith(folder) for folder in produced
+        )
+        produced.append(f"{run.metadata.name}/{stage.name}/")
+        if later or dataset is None or dataset.path is None:
+            continue
+        if not local(dataset.path).is_file():
             problems.append(
                 f"spec.stages[{index}].dataset.path: {local(dataset.path)} is not a file; "
                 "relative paths are relative to --workdir"

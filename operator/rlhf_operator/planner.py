@@ -18,13 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from rlhf_operator import api, backends, builders
+from rlhf_operator import api, backends, builders, judge_servers, servers
 
 Obj = dict[str, Any]
 
 # Stage types with a trainer. The others are refused with a Degraded condition until their
 # trainers land.
-SUPPORTED_STAGE_TYPES: frozenset[str] = frozenset({"sft"})
+SUPPORTED_STAGE_TYPES: frozenset[str] = frozenset(
+    {"sft", "feedback", "reward", "dpo", "rrhf", "evaluate", "ppo", "grpo"}
+)
 SUPPORTED_BACKENDS: frozenset[str] = frozenset({"pytorchjob", "trainjob"})
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Succeeded")
@@ -84,6 +86,12 @@ def refusal(run: api.RLHFRun) -> str | None:
                 f"spec.stages[{index}].type: stage type {stage.type!r} is not supported yet; "
                 f"supported: {', '.join(sorted(SUPPORTED_STAGE_TYPES))}"
             )
+        online = servers.online_stage_problem(run, index, stage)
+        if online is not None:
+            return online
+        offline = _offline_stage_problem(index, stage)
+        if offline is not None:
+            return offline
     trainer = run.spec.trainer
     if trainer.backend not in SUPPORTED_BACKENDS:
         return f"spec.trainer.backend: {trainer.backend!r} is not supported yet"
@@ -96,12 +104,36 @@ def refusal(run: api.RLHFRun) -> str | None:
     return None
 
 
+def _offline_stage_problem(index: int, stage: api.Stage) -> str | None:
+    """What an offline rrhf or evaluate stage asks for that cannot run yet, or None."""
+    where = f"spec.stages[{index}]"
+    if stage.type == "rrhf" and stage.rrhf is not None and stage.rrhf.online:
+        return (
+            f"{where}.rrhf.online: online RRHF (sampling from rollout servers) is not supported "
+            "yet; set online to false and give k responses per prompt in the dataset"
+        )
+    if stage.type in ("rrhf", "evaluate") and stage.reward is not None and stage.reward.judge:
+        return (
+            f"{where}.reward.judge: {stage.type} scores responses with reward.from (a reward "
+            "stage) or reward.function; the AI judge is not supported here yet"
+        )
+    return None
+
+
 def plan(run: api.RLHFRun, observed: Observed) -> Plan:
     previous = run.status or api.RunStatus()
     problem = refusal(run)
     if problem is not None:
-        status = _status(run, previous, observed, [], "Pending", None, problem)
-        return Plan(children=[], status=status, events=_events(previous, status, problem))
+        # A spec refused mid-run (say, edited to a type this version lacks) keeps what exists:
+        # running work is neither deleted nor forgotten until the spec is fixed.
+        kept = [c for name in _stage_names(observed.children) for c in _kept_children(
+            observed.children, name
+        )]
+        phase = previous.phase if previous.stages else "Pending"
+        status = _status(
+            run, previous, observed, list(previous.stages), phase, previous.current_stage, problem
+        )
+        return Plan(children=kept, status=status, events=_events(previous, status, problem))
     jobs = _jobs_by_stage(observed.children)
     children: list[Obj] = []
     stages: list[api.StageStatus] = []
@@ -116,17 +148,32 @@ def plan(run: api.RLHFRun, observed: Observed) -> Plan:
             desired[-1]
         ):
             job = None  # the spec changed after the failure: retry with the new spec
+        rollout = [
+            *servers.rollout_children(run, stage),
+            *judge_servers.judge_children(run, stage),
+        ]
+        gate = servers.readiness(rollout, observed.children)
         stage_status = _stage_status(run, stage, job, observed, previous)
+        if job is None:
+            stage_status = _gated(run, stage_status, gate, previous, observed.now)
         stages.append(stage_status)
         if stage_status.phase in ("Succeeded", "Failed"):
             children.extend(_kept_children(observed.children, stage.name))
         else:
-            children.extend(desired)
+            # Rollout servers come first; the trainer starts once every one is available.
+            children.extend([*desired[:-1], *rollout])
+            if job is not None or gate.ready:
+                children.append(desired[-1])
         if stage_status.phase != "Succeeded":
             current = stage.name
     phase = _run_phase(run, stages)
     status = _status(run, previous, observed, stages, phase, current, None)
     return Plan(children=children, status=status, events=_events(previous, status, None))
+
+
+def _stage_names(children: list[Obj]) -> list[str]:
+    labels = [c.get("metadata", {}).get("labels") or {} for c in children]
+    return list(dict.fromkeys(n for n in (x.get(builders.LABEL_STAGE) for x in labels) if n))
 
 
 def config_hash(obj: Obj) -> str | None:
@@ -138,12 +185,55 @@ def config_hash(obj: Obj) -> str | None:
 _SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp", "managedFields", "generation")
 
 
+def _gated(
+    run: api.RLHFRun,
+    status: api.StageStatus,
+    gate: servers.Readiness,
+    previous: api.RunStatus,
+    now: str,
+) -> api.StageStatus:
+    """A stage without a job yet waits for its rollout servers, or fails when one cannot start.
+
+    A server failure stays in the status (the failed Deployment is removed) until the spec
+    changes, which retries the stage.
+    """
+    before = next((s for s in previous.stages if s.name == status.name), None)
+    sticky = (
+        before is not None
+        and before.phase == "Failed"
+        and before.job_name is None
+        and previous.observed_generation == run.metadata.generation
+    )
+    if gate.failure is not None or sticky:
+        message = gate.failure or (before.message if before else None)
+        started = (before.start_time if before else None) or now
+        done = (before.completion_time if sticky and before else None) or now
+        return status.model_copy(
+            update={
+                "phase": "Failed",
+                "message": message,
+                "start_time": started,
+                "completion_time": done,
+            }
+        )
+    if gate.waiting is not None and status.phase == "Pending":
+        return status.model_copy(update={"message": gate.waiting})
+    return status
+
+
 def _kept_children(children: list[Obj], stage: str) -> list[Obj]:
-    """A finished stage keeps the objects it ran with, not ones rebuilt from an edited spec."""
+    """A finished stage keeps the objects it ran with, not ones rebuilt from an edited spec;
+    its rollout servers go (their GPUs are free again)."""
     kept = []
     for child in children:
         meta = child.get("metadata", {})
-        if (meta.get("labels") or {}).get(builders.LABEL_STAGE) != stage:
+        labels = meta.get("labels") or {}
+        if labels.get(builders.LABEL_STAGE) != stage:
+            continue
+        if labels.get(builders.LABEL_COMPONENT) in (
+            servers.COMPONENT_ROLLOUT,
+            judge_servers.COMPONENT_JUDGE,
+        ):
             continue
         clean = {k: v for k, v in meta.items() if k not in _SERVER_FIELDS}
         kept.append({**{k: v for k, v in child.items() if k != "status"}, "metadata": clean})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -24,6 +25,7 @@ class RunDisplay:
             BarColumn(),
             TextColumn("{task.completed:>5.0f}/{task.total:<5.0f}"),
             TextColumn("{task.fields[detail]}"),
+            TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
@@ -60,6 +62,8 @@ class RunDisplay:
                 detail += f"  loss {metrics.loss:.4f}"
             if metrics.reward is not None:
                 detail += f"  reward {metrics.reward:.3f}"
+            if metrics.kl is not None:
+                detail += f"  kl {metrics.kl:.4f}"
             self.progress.update(
                 self.tasks[stage.name],
                 total=metrics.total_steps or 1,
@@ -67,9 +71,11 @@ class RunDisplay:
                 detail=detail,
             )
 
-    def summary(self, status: api.RunStatus, status_file: Path) -> None:
+    def summary(
+        self, status: api.RunStatus, status_file: Path, plots: Sequence[Path] = ()
+    ) -> None:
         table = Table(title=f"RLHFRun {self.run.metadata.name}: {status.phase}")
-        for column in ("stage", "type", "phase", "step", "loss", "output"):
+        for column in ("stage", "type", "phase", "step", "loss", "reward", "kl", "output"):
             table.add_column(column)
         for stage in status.stages:
             m = stage.metrics or api.StageMetrics()
@@ -78,11 +84,19 @@ class RunDisplay:
                 stage.type,
                 stage.phase,
                 f"{m.step}/{m.total_steps}" if m.step is not None else "-",
-                f"{m.loss:.4f}" if m.loss is not None else "-",
+                _number(m.loss, 4),
+                _number(m.reward, 3),
+                _number(m.kl, 4),
                 stage.output or stage.message or "-",
             )
         self.console.print(table)
         degraded = next((c for c in status.conditions if c.type == "Degraded"), None)
         if degraded is not None and degraded.status == "True":
             self.console.print(f"[red]{degraded.reason}[/]: {degraded.message}")
+        for path in plots:
+            self.console.print(f"Plot: {path}")
         self.console.print(f"Status: {status_file}")
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -14,10 +14,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from rlhf_operator import api, builders, sync
 from rlhf_operator.kube import BY_KIND, CHILDREN, PODS, RUNS, Kube, KubeError
+from rlhf_operator.metrics import RunMetrics
 from rlhf_operator.planner import CONDITION_TYPES, Event, Observed, plan
 
 Obj = dict[str, Any]
@@ -55,22 +56,21 @@ def stored_status(body: Obj) -> api.RunStatus | None:
         return None
 
 
-def invalid_spec_status(body: Obj, problems: list[str], now: str) -> api.RunStatus:
-    """Degraded, naming every bad field; the phase and stages stay as they were."""
-    generation = int(body.get("metadata", {}).get("generation") or 1)
-    previous = stored_status(body) or api.RunStatus()
-    message = "; ".join(p.removeprefix("RLHFRun: ") for p in problems)
-    wanted = {"Degraded": "True"}
+def degraded_status(
+    previous: api.RunStatus, reason: str, message: str, generation: int, now: str
+) -> api.RunStatus:
+    """`previous` with Degraded=True (and Ready, Progressing, Succeeded False) for `reason`;
+    phase and stages stay as they were."""
     conditions = []
     for ctype in CONDITION_TYPES:
-        status = wanted.get(ctype, "False")
+        status: Literal["True", "False"] = "True" if ctype == "Degraded" else "False"
         old = next((c for c in previous.conditions if c.type == ctype), None)
         since = old.last_transition_time if old and old.status == status else now
         conditions.append(
             api.Condition(
                 type=ctype,
-                status="True" if status == "True" else "False",
-                reason="InvalidSpec",
+                status=status,
+                reason=reason,
                 message=message,
                 last_transition_time=since,
                 observed_generation=generation,
@@ -118,22 +118,43 @@ class Reconciler:
         kube: Kube,
         clock: Callable[[], str] = now_iso,
         instance: str | None = None,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self.kube = kube
         self.clock = clock
         self.instance = instance or socket.gethostname()
+        self.metrics = metrics or RunMetrics()
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
+        with self.metrics.reconcile_timer():
+            return self._reconcile(namespace, name)
+
+    def _reconcile(self, namespace: str, name: str) -> Outcome:
         body = self.kube.get(RUNS, namespace, name)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
-            return Outcome(writes=0)  # gone or going: garbage collection removes children
+            # Gone or going: garbage collection removes the children (owner references).
+            self.metrics.forget_run(namespace, name)
+            return Outcome(writes=0)
         try:
             run = parse_body(body)
         except api.SpecError as err:
+            self.metrics.forget_run(namespace, name)
             return self._refuse(body, err.problems)
         observed = self.observe(run)
         desired = plan(run, observed)
-        writes = self.apply(run, desired.children, observed.children)
+        try:
+            writes = self.apply(run, desired.children, observed.children)
+        except KubeError as err:
+            if not err.transient:
+                # Refused (RBAC, an admission webhook, a CRD's schema): say so on the run, and
+                # let kopf retry after someone has acted.
+                self._degrade(body, desired.status, "ChildRejected", str(err))
+            raise
+        if writes:
+            # The status describes the children as they are now (a job just created has a
+            # jobName), so the next reconcile finds nothing to write.
+            desired = plan(run, self.observe(run))
+        self.metrics.observe_run(run, desired.status)
         writes += self.write_status(body, desired.status)
         writes += self.post(body, desired.events)
         return Outcome(writes=writes, phase=desired.status.phase)
@@ -205,17 +226,22 @@ class Reconciler:
         return len(events)
 
     def _refuse(self, body: Obj, problems: list[str]) -> Outcome:
+        """A spec that does not parse: Degraded naming every bad field; nothing created."""
+        message = "; ".join(p.removeprefix("RLHFRun: ") for p in problems)
+        previous = stored_status(body) or api.RunStatus()
+        writes = self._degrade(body, previous, "InvalidSpec", message)
+        return Outcome(writes=writes, phase=previous.phase)
+
+    def _degrade(self, body: Obj, previous: api.RunStatus, reason: str, message: str) -> int:
+        """Write a Degraded status, and a Warning event when the message is new."""
         meta = body["metadata"]
-        status = invalid_spec_status(body, problems, self.clock())
-        degraded = next(c for c in status.conditions if c.type == "Degraded")
-        before = stored_status(body)
-        was = next((c for c in before.conditions if c.type == "Degraded"), None) if before else None
+        generation = int(meta.get("generation") or 1)
+        status = degraded_status(previous, reason, message, generation, self.clock())
+        stored = stored_status(body)
+        was = next((c for c in stored.conditions if c.type == "Degraded"), None) if stored else None
         events = []
-        if was is None or was.message != degraded.message:
-            events.append(Event("Warning", "InvalidSpec", degraded.message))
-            logger.warning(
-                "Refused RLHFRun %s/%s: %s", meta["namespace"], meta["name"], degraded.message
-            )
-        writes = self.write_status(body, status) + self.post(body, events)
-        return Outcome(writes=writes, phase=status.phase)
+        if was is None or was.status != "True" or was.message != message:
+            events.append(Event("Warning", reason, message))
+            logger.warning("Degraded RLHFRun %s/%s: %s", meta["namespace"], meta["name"], message)
+        return self.write_status(body, status) + self.post(body, events)
 

@@ -10,6 +10,7 @@ fields that matter, and the trainer resumes from its checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -47,16 +48,21 @@ def key(obj: Obj) -> tuple[str, str]:
 def covers(have: Any, want: Any) -> bool:
     """Whether the observed value holds every field of the desired one.
 
-    Dicts may carry extra keys; lists must have the same length and cover item by item;
-    an int and its decimal string are equal (quantities come back from the server as strings).
+    Dicts may carry extra keys. Lists of named items (containers, env, ports, volumes) are
+    maps keyed by name, as Kubernetes merges them, so an item a webhook added (the training
+    operator's port) is not drift; other lists must match item by item. An int and its decimal
+    string are equal (quantities come back from the server as strings).
     """
     if isinstance(want, dict):
         return isinstance(have, dict) and all(covers(have.get(k), v) for k, v in want.items())
     if isinstance(want, list):
-        return (
-            isinstance(have, list)
-            and len(have) == len(want)
-            and all(covers(h, w) for h, w in zip(have, want, strict=True))
+        if not isinstance(have, list):
+            return False
+        if want and all(isinstance(w, dict) and "name" in w for w in want):
+            named = {h.get("name"): h for h in have if isinstance(h, dict)}
+            return all(covers(named.get(w["name"]), w) for w in want)
+        return len(have) == len(want) and all(
+            covers(h, w) for h, w in zip(have, want, strict=True)
         )
     if isinstance(want, bool) or isinstance(have, bool):
         return have is want
@@ -116,21 +122,22 @@ def kueue_keeps_suspended(desired: Obj, observed: Obj) -> Obj:
         return desired
     if not backends.is_suspended(observed):
         return desired
-    out = json.loads(json.dumps(desired))
+    out = copy.deepcopy(desired)
     node = out
     *parents, leaf = backends.for_kind(desired["kind"]).suspend_path
     for name in parents:
         node = node[name]
     node[leaf] = True
-    return dict(out)
+    return out
 
 
 def child_actions(desired: list[Obj], observed: list[Obj], uid: str | None) -> list[Action]:
     """Writes that turn the observed children into the desired ones, deletions first.
 
-    `observed` holds the objects labelled with the run; only those the run controls are
-    deleted or replaced, and an object on its way out (deletionTimestamp) is left alone
-    until it is gone.
+    `observed` holds the objects labelled with the run. Only those the run controls are
+    patched, replaced or deleted (one left by an earlier run of the same name waits for the
+    garbage collector), and an object on its way out (deletionTimestamp) is left alone until
+    it is gone.
     """
     have = {key(obj): obj for obj in observed}
     wanted = {key(obj) for obj in desired}
@@ -143,11 +150,10 @@ def child_actions(desired: list[Obj], observed: list[Obj], uid: str | None) -> l
         current = have.get(key(obj))
         if current is None:
             actions.append(Action("create", *key(obj), obj))
-        elif _terminating(current):
+        elif _terminating(current) or not owned_by(current, uid):
             continue
         elif needs_replace(obj, current):
-            if owned_by(current, uid):
-                actions.append(Action("replace", *key(obj), obj))
+            actions.append(Action("replace", *key(obj), obj))
         else:
             patch = merge_patch(kueue_keeps_suspended(obj, current), current)
             if patch is not None:

@@ -10,9 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
+
+from rlhf_operator.api import NEEDS_REWARD
+from rlhf_operator.planner import SUPPORTED_STAGE_TYPES
+from rlhf_trainer.config import StageType
 
 pytestmark = pytest.mark.e2e
 
@@ -29,13 +34,6 @@ def workspace(tmp: Path, model_from: Path | None) -> Path:
     return tmp
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("model") / "tiny-llama"
-    subprocess.run([*RLHF, "tiny-model", str(out), "--seed", "0"], check=True, timeout=120)
-    return out
-
-
 def rlhf_run(spec: Path, workdir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*RLHF, "run", str(spec), "--workdir", str(workdir)],
@@ -46,8 +44,8 @@ def rlhf_run(spec: Path, workdir: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_quickstart_succeeds_in_under_five_minutes(tiny_model: Path, tmp_path: Path) -> None:
-    workdir = workspace(tmp_path, tiny_model)
+def test_quickstart_succeeds_in_under_five_minutes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    workdir = workspace(tmp_path, tiny_model_dir)
     started = time.monotonic()
     result = rlhf_run(ROOT / "examples" / "quickstart.yaml", workdir)
     elapsed = time.monotonic() - started
@@ -81,9 +79,9 @@ def test_missing_model_path_fails_before_anything_is_written(tmp_path: Path) -> 
 
 
 def test_bad_dataset_row_fails_the_stage_with_a_clear_error(
-    tiny_model: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    workdir = workspace(tmp_path, tiny_model)
+    workdir = workspace(tmp_path, tiny_model_dir)
     rows = (workdir / "data" / "sft.jsonl").read_text().splitlines()
     broken = json.loads(rows[6])
     del broken["response"]
@@ -101,14 +99,20 @@ def test_bad_dataset_row_fails_the_stage_with_a_clear_error(
     assert not (stage_dir / "final").exists() and not (stage_dir / "checkpoints").exists()
 
 
-def test_unsupported_stage_is_refused_locally(tmp_path: Path, tiny_model: Path) -> None:
-    workdir = workspace(tmp_path, tiny_model)
+def test_unsupported_stage_is_refused_locally(tmp_path: Path, tiny_model_dir: Path) -> None:
+    workdir = workspace(tmp_path, tiny_model_dir)
+    unsupported = sorted(set(get_args(StageType)) - SUPPORTED_STAGE_TYPES)
+    assert unsupported, "every stage type runs now: test another refusal"
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
-    doc["spec"]["trainer"]["backend"] = "trainjob"
-    spec = tmp_path / "trainjob.yaml"
+    stage = doc["spec"]["stages"][0]
+    stage["type"] = unsupported[0]
+    if stage["type"] in NEEDS_REWARD:
+        stage["reward"] = {"function": "length"}
+    spec = tmp_path / "unsupported.yaml"
     spec.write_text(yaml.safe_dump(doc))
     result = rlhf_run(spec, workdir)
     assert result.returncode == 1
     status = json.loads((workdir / "quickstart" / "status.json").read_text())
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert degraded["status"] == "True" and "not supported yet" in degraded["message"]
+    assert "spec.stages[0].type" in degraded["message"]

@@ -8,8 +8,11 @@ namespace, so they share one emulator and one operator process.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import re
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +23,13 @@ import pytest
 from helpers import manifest
 from kube_emulator import Client, Emulator, operator_process, stop, wait_for
 from rlhf_operator import backends
+from rlhf_operator.api import Phase
 from rlhf_trainer.kube_progress import PodAnnotator
 
 pytestmark = pytest.mark.integration
 
 Obj = dict[str, Any]
+ALL_RUNS = "/apis/rlhf.dev/v1alpha1/rlhfruns"
 RUNS = "/apis/rlhf.dev/v1alpha1/namespaces/{ns}/rlhfruns"
 JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
 TRAINJOBS = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs"
@@ -42,8 +47,16 @@ class Cluster:
     procs: list[Any] = field(default_factory=list)
 
     def start_operator(self) -> None:
-        context = operator_process(self.kubeconfig, self.log, "--all-namespaces")
+        args = ("--all-namespaces", "--metrics-port", "0")
+        context = operator_process(self.kubeconfig, self.log, *args)
         self.procs.append((context, context.__enter__()))
+
+    def scrape(self) -> str:
+        """The operator's /metrics (its port is in the log: it asked for any free one)."""
+        ports = re.findall(r"Serving operator metrics on port (\d+)", self.log.read_text())
+        url = f"http://127.0.0.1:{ports[-1]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
 
     def kill_operator(self) -> None:
         """SIGKILL: no graceful shutdown, as when a node dies."""
@@ -73,10 +86,12 @@ class Cluster:
         return run
 
     # -- the training operator's side ---------------------------------------------------
-    def set_job_phase(self, ns: str, name: str, phase: str, message: str = "", kind: str = "PyTorchJob") -> None:
-        backend = backends.for_kind(kind)
+    def set_job_phase(
+        self, ns: str, name: str, phase: Phase, message: str = "", kind: str = "PyTorchJob"
+    ) -> None:
+        """Report `phase` in the status shape of the job's own controller."""
         path = (JOBS if kind == "PyTorchJob" else TRAINJOBS).format(ns=ns)
-        status = backend.status_for(phase, message)  # type: ignore[arg-type]
+        status = backends.for_kind(kind).status_for(phase, message)
         self.client.call("PATCH", f"{path}/{name}/status", {"status": status})
 
     def start_pod(self, ns: str, name: str, stage: str, run: str = "demo") -> None:
@@ -98,6 +113,12 @@ class Cluster:
 
     def event_reasons(self, ns: str) -> list[str]:
         return [e["reason"] for e in self.client.items(EVENTS.format(ns=ns))]
+
+    def status(self, ns: str, name: str = "demo") -> Obj:
+        return dict(self.run(ns, name).get("status") or {})
+
+    def phase(self, ns: str, name: str = "demo") -> str | None:
+        return self.status(ns, name).get("phase")
 
     def stage(self, ns: str, index: int, name: str = "demo") -> Obj:
         return dict(self.run(ns, name).get("status", {}).get("stages", [{}] * 2)[index])
@@ -140,6 +161,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def operator_log(cluster: Cluster) -> Iterator[None]:
     yield
     print("--- operator log ---\n" + cluster.log_tail(60))  # shown when a test fails
+    # `kubectl delete` the test's runs, so later tests do not pay for reconciling them; kopf
+    # lets go of its finalizer and the run disappears (children stay: the emulator has no GC).
+    for run in cluster.client.items(ALL_RUNS):
+        meta = run["metadata"]
+        cluster.client.call("DELETE", f"{RUNS.format(ns=meta['namespace'])}/{meta['name']}")
+    try:
+        wait_for("the runs to go", lambda: not cluster.client.items(ALL_RUNS))
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{cluster.log_tail(60)}") from None
 
 
 def running(cluster: Cluster, ns: str, doc: Obj | None = None) -> None:
@@ -147,7 +177,7 @@ def running(cluster: Cluster, ns: str, doc: Obj | None = None) -> None:
     cluster.apply_run(ns, doc or manifest())
     wait_for("the stage-1 PyTorchJob", lambda: cluster.job(ns, "demo-sft"))
     cluster.set_job_phase(ns, "demo-sft", "Running")
-    wait_for("phase Running", lambda: cluster.run(ns).get("status", {}).get("phase") == "Running")
+    wait_for("phase Running", lambda: cluster.phase(ns) == "Running")
 
 
 def test_run_progresses_through_stages(cluster: Cluster) -> None:
@@ -165,10 +195,11 @@ def test_run_progresses_through_stages(cluster: Cluster) -> None:
     assert cluster.job(ns, "demo-sft2") is None, "stage 2 waits for stage 1"
 
     cluster.set_job_phase(ns, "demo-sft", "Running")
-    wait_for("phase Running", lambda: cluster.run(ns).get("status", {}).get("phase") == "Running")
+    wait_for("phase Running", lambda: cluster.phase(ns) == "Running")
     status = cluster.run(ns)["status"]
     assert status["currentStage"] == "sft"
-    assert status["stages"][0]["phase"] == "Running" and status["stages"][0]["jobName"] == "demo-sft"
+    assert status["stages"][0]["phase"] == "Running"
+    assert status["stages"][0]["jobName"] == "demo-sft"
     assert cluster.condition(ns, "Ready")["status"] == "True"
 
     # The trainer's rank 0 reports progress on its own pod, exactly as in a cluster.
@@ -182,14 +213,18 @@ def test_run_progresses_through_stages(cluster: Cluster) -> None:
 
     cluster.set_job_phase(ns, "demo-sft", "Succeeded")
     wait_for("the stage-2 PyTorchJob", lambda: cluster.job(ns, "demo-sft2"))
-    wait_for("stage 2 current", lambda: cluster.run(ns)["status"].get("currentStage") == "sft2")
+    wait_for("stage 2 current", lambda: cluster.status(ns).get("currentStage") == "sft2")
     first = cluster.stage(ns, 0)
     assert first["phase"] == "Succeeded" and first["output"] == "/workspace/demo/sft/final"
     assert cluster.job(ns, "demo-sft") is not None, "a finished job stays as the stage record"
     cluster.set_job_phase(ns, "demo-sft2", "Succeeded")
-    wait_for("phase Succeeded", lambda: cluster.run(ns)["status"]["phase"] == "Succeeded")
+    wait_for("phase Succeeded", lambda: cluster.phase(ns) == "Succeeded")
     assert cluster.condition(ns, "Succeeded")["status"] == "True"
-    reasons = wait_for("events", lambda: "RunSucceeded" in cluster.event_reasons(ns) and cluster.event_reasons(ns))
+    metrics = cluster.scrape()
+    assert 'rlhf_run_info{model="models/tiny-llama",namespace="progress",run="demo"} 1.0' in metrics
+    assert "rlhf_reconcile_duration_seconds_count" in metrics
+    wait_for("a RunSucceeded event", lambda: "RunSucceeded" in cluster.event_reasons(ns))
+    reasons = cluster.event_reasons(ns)
     assert reasons.count("StageStarted") == 1 and reasons.count("StageSucceeded") == 2
 
 
@@ -197,14 +232,16 @@ def test_failed_job_fails_the_run_with_degraded_and_a_warning(cluster: Cluster) 
     ns = "failing"
     running(cluster, ns)
     cluster.set_job_phase(ns, "demo-sft", "Failed", "OOMKilled")
-    wait_for("phase Failed", lambda: cluster.run(ns)["status"]["phase"] == "Failed")
+    wait_for("phase Failed", lambda: cluster.phase(ns) == "Failed")
     degraded = cluster.condition(ns, "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "StageFailed"
     assert "OOMKilled" in degraded["message"]
-    events = wait_for(
-        "a StageFailed event",
-        lambda: [e for e in cluster.client.items(EVENTS.format(ns=ns)) if e["reason"] == "StageFailed"],
-    )
+
+    def failed_events() -> list[Obj]:
+        events = cluster.client.items(EVENTS.format(ns=ns))
+        return [e for e in events if e["reason"] == "StageFailed"]
+
+    events = wait_for("a StageFailed event", failed_events)
     assert events[0]["type"] == "Warning" and "OOMKilled" in events[0]["message"]
     assert events[0]["involvedObject"]["kind"] == "RLHFRun"
     assert cluster.job(ns, "demo-sft2") is None
@@ -214,17 +251,24 @@ def test_suspend_and_resume(cluster: Cluster) -> None:
     ns = "suspend"
     running(cluster, ns)
     cluster.edit_spec(ns, "demo", {"suspend": True})
-    wait_for("a suspended job", lambda: cluster.job(ns, "demo-sft")["spec"]["runPolicy"]["suspend"])
-    wait_for("phase Suspended", lambda: cluster.run(ns)["status"]["phase"] == "Suspended")
+    wait_for("a suspended job", lambda: suspended(cluster.job(ns, "demo-sft")))
+    wait_for("phase Suspended", lambda: cluster.phase(ns) == "Suspended")
     assert cluster.run(ns)["status"]["observedGeneration"] == 2
     assert cluster.stage(ns, 0)["phase"] == "Suspended"
     cluster.edit_spec(ns, "demo", {"suspend": False})
-    wait_for("a resumed job", lambda: not cluster.job(ns, "demo-sft")["spec"]["runPolicy"]["suspend"])
-    wait_for("phase Running", lambda: cluster.run(ns)["status"]["phase"] == "Running")
+    wait_for("a resumed job", lambda: not suspended(cluster.job(ns, "demo-sft")))
+    wait_for("phase Running", lambda: cluster.phase(ns) == "Running")
     assert cluster.run(ns)["status"]["observedGeneration"] == 3
 
 
-def test_spec_edit_mid_run_replaces_the_job_and_bumps_observed_generation(cluster: Cluster) -> None:
+def suspended(job: Obj | None) -> bool:
+    assert job is not None
+    return backends.is_suspended(job)
+
+
+def test_spec_edit_mid_run_replaces_the_job_and_bumps_observed_generation(
+    cluster: Cluster,
+) -> None:
     ns = "edit"
     running(cluster, ns)
     old = cluster.job(ns, "demo-sft")
@@ -243,7 +287,7 @@ def test_spec_edit_mid_run_replaces_the_job_and_bumps_observed_generation(cluste
     assert "status" not in job, "a new job, not the old one patched"
     configmap = cluster.client.get(f"{CONFIGMAPS.format(ns=ns)}/demo-sft-config")
     assert configmap is not None and "5.0e-05" in configmap["data"]["sft.yaml"]
-    wait_for("observedGeneration 2", lambda: cluster.run(ns)["status"]["observedGeneration"] == 2)
+    wait_for("observedGeneration 2", lambda: cluster.status(ns).get("observedGeneration") == 2)
     assert all(c["observedGeneration"] == 2 for c in cluster.run(ns)["status"]["conditions"])
 
 
@@ -279,7 +323,7 @@ def test_restart_mid_run_creates_no_duplicates_and_continues(cluster: Cluster) -
     mark = cluster.emulator.request_count()
     cluster.start_operator()
     wait_for("the stage-2 PyTorchJob", lambda: cluster.job(ns, "demo-sft2"), timeout=30)
-    wait_for("stage 2 current", lambda: cluster.run(ns)["status"].get("currentStage") == "sft2")
+    wait_for("stage 2 current", lambda: cluster.status(ns).get("currentStage") == "sft2")
     cluster.settle()
     creates = [w for w in cluster.emulator.writes(mark) if w.startswith("POST")]
     children = [w for w in creates if "/events" not in w]
@@ -319,7 +363,121 @@ def test_trainjob_backend_runs_through_trainer_v2(cluster: Cluster) -> None:
     assert job["spec"]["trainer"]["numNodes"] == 2
     assert cluster.client.items(JOBS.format(ns=ns)) == []
     cluster.set_job_phase(ns, "demo-sft", "Running", kind="TrainJob")
-    wait_for("phase Running", lambda: cluster.run(ns)["status"]["phase"] == "Running")
+    wait_for("phase Running", lambda: cluster.phase(ns) == "Running")
     cluster.set_job_phase(ns, "demo-sft", "Succeeded", kind="TrainJob")
-    wait_for("phase Succeeded", lambda: cluster.run(ns)["status"]["phase"] == "Succeeded")
+    wait_for("phase Succeeded", lambda: cluster.phase(ns) == "Succeeded")
     assert json.dumps(cluster.stage(ns, 0)).count("Succeeded") == 1
+
+
+DEPLOYMENTS = "/apis/apps/v1/namespaces/{ns}/deployments"
+SERVICES = "/api/v1/namespaces/{ns}/services"
+
+
+def names(cluster: Cluster, path: str) -> list[str]:
+    return sorted(o["metadata"]["name"] for o in cluster.client.items(path))
+
+
+def available(cluster: Cluster, ns: str, name: str) -> None:
+    """Report a Deployment available, as the Deployment controller would."""
+    status = {
+        "availableReplicas": 1,
+        "readyReplicas": 1,
+        "conditions": [
+            {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}
+        ],
+    }
+    cluster.client.call("PATCH", f"{DEPLOYMENTS.format(ns=ns)}/{name}/status", {"status": status})
+
+
+def test_servers_live_only_while_their_stage_runs_and_drift_is_repaired(cluster: Cluster) -> None:
+    """A feedback stage's rollout and judge servers come first, the trainer once they are
+    available; a hand edit to a server is put back; when the stage ends they are deleted."""
+    ns = "servers"
+    doc = manifest()
+    doc["spec"]["judge"] = {"engine": "vllm", "model": {"path": "models/judge"}}
+    doc["spec"]["stages"] = [
+        {"name": "fb", "type": "feedback", "rollout": {"replicas": 1},
+         "dataset": {"path": "data/prompts.jsonl", "format": "prompts"}},
+    ]
+    cluster.apply_run(ns, doc)
+    deployments = wait_for("the rollout and judge servers", lambda: (
+        found if len(found := names(cluster, DEPLOYMENTS.format(ns=ns))) == 2 else None
+    ))
+    wait_for("their Services", lambda: len(names(cluster, SERVICES.format(ns=ns))) == 2)
+    assert cluster.job(ns, "demo-fb") is None, "the trainer waits for its servers"
+    service = cluster.client.items(SERVICES.format(ns=ns))[0]
+    ports = copy.deepcopy(service["spec"]["ports"])
+    cluster.client.call("PATCH", f"{SERVICES.format(ns=ns)}/{service['metadata']['name']}",
+                        {"spec": {"ports": [{**ports[0], "port": 1}]}})
+    wait_for("the Service put back", lambda: cluster.client.get(
+        f"{SERVICES.format(ns=ns)}/{service['metadata']['name']}")["spec"]["ports"] == ports)
+    deployment = f"{DEPLOYMENTS.format(ns=ns)}/{deployments[0]}"
+    replicas = cluster.client.get(deployment)["spec"]["replicas"]
+    cluster.client.call("PATCH", deployment, {"spec": {"replicas": replicas + 3}})
+    wait_for("the Deployment put back",
+             lambda: cluster.client.get(deployment)["spec"]["replicas"] == replicas)
+    for name in deployments:
+        available(cluster, ns, name)
+    wait_for("the trainer", lambda: cluster.job(ns, "demo-fb"))
+    cluster.set_job_phase(ns, "demo-fb", "Succeeded")
+    wait_for("phase Succeeded", lambda: cluster.phase(ns) == "Succeeded")
+    wait_for("servers deleted", lambda: not names(cluster, DEPLOYMENTS.format(ns=ns))
+             and not names(cluster, SERVICES.format(ns=ns)))
+
+
+def test_trainjob_edits_suspension_and_removed_stages(cluster: Cluster) -> None:
+    """TrainJobs are patched for suspension and replaced on a spec edit; a stage removed from
+    the spec loses its ConfigMap."""
+    ns = "tj-edit"
+    doc = manifest(trainer={"backend": "trainjob"})
+    cluster.apply_run(ns, doc)
+    first = wait_for("the TrainJob", lambda: cluster.job(ns, "demo-sft", kind="TrainJob"))
+    cluster.set_job_phase(ns, "demo-sft", "Running", kind="TrainJob")
+    wait_for("phase Running", lambda: cluster.phase(ns) == "Running")
+    cluster.edit_spec(ns, "demo", {**doc["spec"], "suspend": True})
+    wait_for("the TrainJob suspended", lambda: (cluster.job(ns, "demo-sft", kind="TrainJob")
+                                                or {}).get("spec", {}).get("suspend") is True)
+    edited = copy.deepcopy(doc["spec"])
+    edited["stages"] = [{**edited["stages"][0], "hyperparameters": {"seed": 9}}]
+    cluster.edit_spec(ns, "demo", edited)
+
+    def replaced() -> Obj | None:
+        job = cluster.job(ns, "demo-sft", kind="TrainJob")
+        return job if job and job["metadata"]["uid"] != first["metadata"]["uid"] else None
+
+    wait_for("the TrainJob replaced", replaced)
+    edited["stages"] = [{**edited["stages"][0], "name": "tune"}]
+    cluster.edit_spec(ns, "demo", edited)
+    wait_for("the renamed stage's objects", lambda: cluster.job(ns, "demo-tune", kind="TrainJob"))
+    wait_for("the old stage's ConfigMap and TrainJob gone", lambda: (
+        "demo-sft-config" not in names(cluster, CONFIGMAPS.format(ns=ns))
+        and cluster.job(ns, "demo-sft", kind="TrainJob") is None))
+
+
+def granted(rules: list[Obj]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_rbac_grants_exactly_the_calls_the_operator_made(cluster: Cluster) -> None:
+    """Last in the module: the emulator has seen every scenario above (stages, failure,
+    suspension, edits, restarts, TrainJobs, bad specs), so the operator's API calls are all
+    in its request log. The chart's cluster-wide ClusterRole must grant exactly those."""
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("generate", root / "manifests" / "generate.py")
+    assert spec is not None and spec.loader is not None
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    rendered = generate.render_chart({}, name="rlhf", namespace="rlhf")
+    [role] = [d for docs in rendered.values() for d in docs if d["kind"] == "ClusterRole"]
+    made = cluster.emulator.api_calls()
+    grants = granted(role["rules"])
+    assert made - grants == set(), "calls the chart does not grant"
+    unused = sorted(grants - made)
+    assert unused == [], f"grants the operator never used: {unused}"
+    assert not any("*" in part for call in grants for part in call)

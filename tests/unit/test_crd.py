@@ -116,6 +116,13 @@ def test_cel_rules_accept_a_valid_spec() -> None:
             lambda s: s["stages"][0].update({"type": "feedback"}),
             "has(self.judge) ||",
         ),
+        (
+            lambda s: (
+                s.update({"judge": {"model": {"path": "m"}}}),
+                s["stages"][0].update({"type": "feedback"}),
+            ),
+            "has(self.rollout)",
+        ),
     ],
 )
 def test_cel_rules_refuse_what_validate_refuses(mutate: Any, needle: str) -> None:

@@ -31,20 +31,16 @@ EXPECTED = {
     "dpo.yaml",
     "rrhf.yaml",
     "grpo-reward-function.yaml",
+    "ppo-tiny.yaml",
     "rlaif-self-reference.yaml",
+    "rlaif-tiny.yaml",
     "multinode-fsdp.yaml",
     "trainjob-backend.yaml",
     "kueue-queued.yaml",
 }
 
 # Examples `rlhf render` refuses today, with the message it refuses them with.
-NOT_RENDERED_YET = {
-    "dpo.yaml": "stage type 'dpo' is not supported yet",
-    "grpo-reward-function.yaml": "stage type 'grpo' is not supported yet",
-    "rlaif-self-reference.yaml": "stage type 'feedback' is not supported yet",
-    "rrhf.yaml": "stage type 'rrhf' is not supported yet",
-    "sft-reward-ppo.yaml": "stage type 'reward' is not supported yet",
-}
+NOT_RENDERED_YET: dict[str, str] = {}
 
 
 def examples() -> list[str]:
@@ -96,8 +92,8 @@ def test_pruning_check_catches_a_typo() -> None:
     crd = yaml.safe_load(CRD.read_text())
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     doc = yaml.safe_load((EXAMPLES / "dpo.yaml").read_text())
-    doc["spec"]["stages"][1]["dpo"]["betta"] = 0.2
-    assert pruned(doc, schema) == [".spec.stages[1].dpo.betta"]
+    doc["spec"]["stages"][2]["dpo"]["betta"] = 0.2
+    assert pruned(doc, schema) == [".spec.stages[2].dpo.betta"]
 
 
 def render(name: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -190,7 +186,10 @@ def test_examples_name_what_they_promise() -> None:
         return doc
 
     grpo = load("grpo-reward-function.yaml")["spec"]["stages"][-1]
-    assert grpo["type"] == "grpo" and grpo["reward"] == {"function": "animal_sound"}
+    assert grpo["type"] == "grpo" and grpo["reward"] == {"function": "animal_sounds"}
+    ppo = load("ppo-tiny.yaml")["spec"]["stages"]
+    assert [s["type"] for s in ppo] == ["sft", "reward", "ppo"]
+    assert ppo[-1]["reward"] == {"from": "rm"} and ppo[-1]["rollout"]["engine"] == "vllm"
     rlaif = load("rlaif-self-reference.yaml")["spec"]
     assert [s["type"] for s in rlaif["stages"]] == ["sft", "feedback", "reward", "ppo"]
     assert rlaif["judge"]["selfReference"] is True

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_trainer.__main__ import main
+from rlhf_trainer.__main__ import TRAINERS, main
 from rlhf_trainer.config import (
     WORKSPACE_ENV,
     DatasetSpec,
@@ -48,7 +48,10 @@ def error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
-def test_stage_without_trainer(capsys: pytest.CaptureFixture[str], workspace: Path) -> None:
+def test_stage_without_trainer(
+    capsys: pytest.CaptureFixture[str], workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delitem(TRAINERS, "reward")
     assert main(["reward", "--config", str(workspace / "any.yaml")]) == 2
     assert error_line(capsys) == "error: stage type reward has no trainer yet"
 

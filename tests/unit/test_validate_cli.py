@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_operator import cli
+from rlhf_operator import cli, planner
 
 pytestmark = pytest.mark.unit
 
@@ -79,8 +79,9 @@ def test_render_prints_configmap_and_pytorchjob(capsys: pytest.CaptureFixture[st
 
 
 def test_render_of_unsupported_stage_says_why(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(planner, "SUPPORTED_STAGE_TYPES", frozenset({"sft"}))
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     doc["spec"]["stages"][0]["type"] = "dpo"
     path = tmp_path / "dpo.yaml"

@@ -16,7 +16,17 @@ from rlhf_trainer.config import STAGE_TYPES, ConfigError, StageConfig, load_stag
 from rlhf_trainer.errors import UserError
 from rlhf_trainer.launch_env import env_rank, env_world_size
 
-TRAINERS = ("sft",)
+# Stage type -> (its check in rlhf_trainer.preflight, "module:function" of its trainer).
+TRAINERS: dict[str, tuple[str, str]] = {
+    "sft": ("check_sft", "rlhf_trainer.sft:run_sft"),
+    "reward": ("check_reward", "rlhf_trainer.reward:run_reward"),
+    "dpo": ("check_dpo", "rlhf_trainer.dpo:run_dpo"),
+    "rrhf": ("check_rrhf", "rlhf_trainer.rrhf:run_rrhf"),
+    "evaluate": ("check_evaluate", "rlhf_trainer.evaluate:run_evaluate"),
+    "feedback": ("check_feedback", "rlhf_trainer.feedback:run_feedback"),
+    "ppo": ("check_ppo", "rlhf_trainer.ppo:run_ppo"),
+    "grpo": ("check_grpo", "rlhf_trainer.grpo:run_grpo"),
+}
 EXIT_USER_ERROR = 2
 
 log = logging.getLogger("rlhf_trainer")
@@ -39,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="ranks to check the batch split for with --validate-only (default: $WORLD_SIZE)",
         )
+    from rlhf_trainer.eval_cli import add_eval_parser
+
+    add_eval_parser(sub)
     tiny = sub.add_parser("tiny-model", help="write the tiny test model and tokenizer to DIR")
     tiny.add_argument("dir", metavar="DIR")
     tiny.add_argument("--seed", type=int, default=0)
@@ -76,23 +89,25 @@ def _run_stage(command: str, config_path: str, validate_only: bool, world_size: 
     if command not in TRAINERS:
         raise UserError(f"stage type {command} has no trainer yet")
     config = _load_config(command, config_path)
-    from rlhf_trainer.preflight import check_sft
+    from rlhf_trainer import preflight
 
-    inputs = check_sft(config, world_size)
+    check_name, trainer = TRAINERS[command]
+    inputs = getattr(preflight, check_name)(config, world_size)
     if validate_only:
-        log.info(
-            "Validated %s: %d training rows, %d steps",
-            config_path,
-            len(inputs.train_rows),
-            inputs.total_steps,
-        )
+        log.info("Validated %s: %s", config_path, preflight.describe(inputs))
         return
+    if env_rank() == 0:
+        from rlhf_trainer.metrics import start_server
+
+        start_server()  # /metrics on $RLHF_METRICS_PORT (docs/METRICS.md)
     # torch is imported only now, after validation, so bad input fails fast.
+    import importlib
+
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from rlhf_trainer.sft import run_sft
-
-    record(run_sft)(inputs)  # under torchrun, a crash's traceback reaches its failure summary
+    module, function = trainer.split(":")
+    run = getattr(importlib.import_module(module), function)
+    record(run)(inputs)  # under torchrun, a crash's traceback reaches its failure summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rlhf_trainer.tiny import build_tiny_model
 
             build_tiny_model(args.dir, seed=args.seed)
+        elif args.command == "eval":
+            from rlhf_trainer.eval_cli import run_eval_command
+
+            run_eval_command(args)
         else:
             world_size = env_world_size()
             if args.validate_only and args.world_size is not None:

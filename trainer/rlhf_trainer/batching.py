@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from rlhf_trainer.data import SFTRow
+from rlhf_trainer.data import PreferenceRow, SFTRow
 from rlhf_trainer.losses import IGNORE_INDEX
 from rlhf_trainer.preflight import micro_batch_size
 
@@ -37,6 +37,26 @@ def tokenize_sft(rows: Sequence[SFTRow], tokenizer: Any, max_length: int) -> lis
         p = list(p)[len(p) - (max_length - len(r)) :] if len(p) + len(r) > max_length else list(p)
         out.append(Example(p + r, [IGNORE_INDEX] * len(p) + r))
     return out
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """A tokenized preference pair: the same prompt with the preferred and the other response."""
+
+    chosen: Example
+    rejected: Example
+    margin: float | None = None
+
+
+def tokenize_pairs(
+    rows: Sequence[PreferenceRow], tokenizer: Any, max_length: int
+) -> list[PairExample]:
+    """Each side tokenized as an SFT example (prompt + response + EOS, response labels only)."""
+    chosen = tokenize_sft([SFTRow(r.prompt, r.chosen) for r in rows], tokenizer, max_length)
+    rejected = tokenize_sft([SFTRow(r.prompt, r.rejected) for r in rows], tokenizer, max_length)
+    return [
+        PairExample(c, r, row.margin) for c, r, row in zip(chosen, rejected, rows, strict=True)
+    ]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

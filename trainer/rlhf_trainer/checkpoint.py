@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-step-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# One optimizer, or several (e.g. PPO's actor and critic, whose models sit in one ModuleDict).
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -87,7 +90,7 @@ def save_checkpoint(
     root: Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizers,
     trainer_state: dict[str, Any],
     ctx: DistContext,
     keep: int,
@@ -117,7 +120,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext
+    path: Path, model: nn.Module, optimizer: Optimizers, ctx: DistContext
 ) -> dict[str, Any]:
     """Collective: restore model, optimizer and this rank's RNG; return the trainer state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import string
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,7 +25,7 @@ from pydantic.alias_generators import to_camel
 StageType = Literal["sft", "reward", "dpo", "rrhf", "ppo", "grpo", "feedback", "evaluate"]
 STAGE_TYPES: tuple[str, ...] = typing.get_args(StageType)
 
-DatasetFormat = Literal["jsonl", "hh", "preference", "ranked", "prompts"]
+DatasetFormat = Literal["jsonl", "hh", "preference", "ranked", "prompts", "shp", "tldr"]
 
 # Environment variable that tells a trainer where the workspace volume is mounted. Relative
 # paths in a StageConfig (model.path, dataset.path, outputDir) are resolved against it.
@@ -93,8 +94,33 @@ class DatasetSpec(ApiModel):
         description=(
             "jsonl: {prompt, response} rows; hh: HH-RLHF {chosen, rejected} transcripts; "
             "preference: {prompt, chosen, rejected, margin?}; ranked: {prompt, responses, "
-            "rewards}; prompts: {prompt, answer?}."
+            "rewards} (rewards may be left out when a reward model scores them); prompts: "
+            "{prompt, answer?}; shp: Stanford SHP {history, human_ref_A, human_ref_B, labels}; "
+            "tldr: OpenAI TL;DR comparisons {info: {post, title?, subreddit?}, summaries: "
+            "[{text}, {text}], choice}."
         ),
+    )
+    fields: dict[str, str] | None = Field(
+        default=None,
+        description=(
+            "Column names for the format's fields when the data names them differently: "
+            "format field -> column, e.g. {prompt: question, chosen: good, rejected: bad}."
+        ),
+    )
+    skip_invalid: bool = Field(
+        default=False,
+        description=(
+            "Skip rows that fail validation (and count them in the log) instead of failing "
+            "the stage on the first one."
+        ),
+    )
+    eval_split: str | None = Field(
+        default=None,
+        description="Hub split held out for evaluation (e.g. test); only with `name`.",
+    )
+    eval_path: str | None = Field(
+        default=None,
+        description="JSONL file (same format) held out for evaluation; only with `path`.",
     )
     split: str = Field(default="train", description="Split to read from a hub dataset.")
     revision: str | None = Field(default=None, description="Hub dataset revision.")
@@ -109,7 +135,21 @@ class DatasetSpec(ApiModel):
     def _one_source(self) -> DatasetSpec:
         if (self.name is None) == (self.path is None):
             raise ValueError("set exactly one of `name` (a hub dataset) or `path` (a JSONL file)")
+        if self.eval_split is not None and self.name is None:
+            raise ValueError("`evalSplit` names a hub split; with a local `path` use `evalPath`")
+        if self.eval_path is not None and self.path is None:
+            raise ValueError("`evalPath` goes with a local `path`; with a hub `name` use evalSplit")
+        if self.eval_fraction > 0 and (self.eval_split or self.eval_path):
+            raise ValueError("set one of `evalFraction` or an explicit `evalSplit`/`evalPath`")
         return self
+
+    def held_out(self) -> DatasetSpec | None:
+        """The explicit evaluation split as a dataset of its own, or None."""
+        if self.eval_split is not None:
+            return self.model_copy(update={"split": self.eval_split, "eval_split": None})
+        if self.eval_path is not None:
+            return self.model_copy(update={"path": self.eval_path, "eval_path": None})
+        return None
 
 
 class Hyperparameters(ApiModel):
@@ -146,6 +186,25 @@ class Hyperparameters(ApiModel):
     )
 
 
+class LoRAOptions(ApiModel):
+    """Train low-rank adapters (PEFT LoRA) instead of every weight; on sft, reward, dpo, rrhf."""
+
+    r: int = Field(default=8, gt=0, le=1024, description="Rank of the adapters.")
+    alpha: int = Field(default=16, gt=0, description="Scale: updates are alpha / r * BA.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        default=None,
+        description="Module names to adapt, e.g. [q_proj, v_proj]; default: every linear "
+        "layer except the output head (PEFT's all-linear).",
+    )
+    merge: bool = Field(
+        default=True,
+        description="Write the merged full model to final/ (what any later stage can start "
+        "from); false writes only the adapter (adapter_config.json and weights), which "
+        "later stages of this project also load, on top of its base model.",
+    )
+
+
 class SFTOptions(ApiModel):
     """Options of the `sft` stage."""
 
@@ -156,18 +215,38 @@ class RewardModelOptions(ApiModel):
     """Options of the `reward` stage (Bradley–Terry)."""
 
     lm_loss_weight: float = Field(
-        default=0.0, ge=0, description="Weight of an LM loss on the chosen response."
+        default=0.0,
+        ge=0,
+        description="Weight of an LM loss on the chosen response (MOSS-RLHF; 1.0 in the "
+        "self-reference work). Needs a model with an LM head to start from.",
     )
-    use_margin: bool = Field(default=True, description="Use the per-pair margin in the data.")
+    use_margin: bool = Field(
+        default=True,
+        description="Use the per-pair margin in the data (a `margin` column, or the reward gap "
+        "of ranked data).",
+    )
 
 
 class DPOOptions(ApiModel):
     """Options of the `dpo` stage."""
 
     beta: float = Field(default=0.1, gt=0, description="Scale of the implicit reward.")
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(default="sigmoid")
-    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Conservative DPO.")
-    precompute_ref_logprobs: bool = Field(default=False)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        default="sigmoid",
+        description="sigmoid: DPO (Rafailov et al. 2023); ipo: IPO (Azar et al. 2023), on "
+        "per-token mean log-ratios as in TRL; hinge: SLiC-style max(0, 1 - beta * margin).",
+    )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description="Conservative DPO: the share of labels assumed flipped (sigmoid loss only).",
+    )
+    precompute_ref_logprobs: bool = Field(
+        default=False,
+        description="Score every example with the reference model once before training and "
+        "free it, instead of a reference forward per step.",
+    )
 
 
 class RRHFOptions(ApiModel):
@@ -175,8 +254,14 @@ class RRHFOptions(ApiModel):
 
     rrhf_weight: float = Field(default=1.0, ge=0, description="Weight of the ranking loss.")
     length_penalty: float = Field(default=1.0, ge=0, description="Exponent of |y| in the score.")
-    online: bool = Field(default=False, description="Sample responses from the rollout server.")
-    samples_per_prompt: int = Field(default=4, ge=2, description="k responses per query.")
+    online: bool = Field(
+        default=False,
+        description="Sample responses from the rollout server (not supported yet: offline "
+        "RRHF reads its k responses per query from the dataset).",
+    )
+    samples_per_prompt: int = Field(
+        default=4, ge=2, description="k responses per query (online sampling only)."
+    )
 
 
 class PPOOptions(ApiModel):
@@ -203,6 +288,17 @@ class PPOOptions(ApiModel):
     temperature: float = Field(default=0.8, gt=0)
     top_p: float = Field(default=0.9, gt=0, le=1)
     max_new_tokens: int = Field(default=64, gt=0)
+    ptx_dataset: DatasetSpec | None = Field(
+        default=None,
+        description="Supervised data (jsonl, hh, preference) for the ptx LM loss; needed when "
+        "ptxCoef > 0.",
+    )
+    async_: bool = Field(
+        default=False,
+        alias="async",
+        description="Generate step t+1 while step t trains (one step off-policy; the "
+        "importance ratio uses the rollout servers' behaviour logprobs).",
+    )
 
 
 class GRPOOptions(ApiModel):
@@ -216,24 +312,198 @@ class GRPOOptions(ApiModel):
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=64, gt=0)
+    async_: bool = Field(
+        default=False,
+        alias="async",
+        description="Generate step t+1 while step t trains (one step off-policy; the "
+        "importance ratio uses the rollout servers' behaviour logprobs).",
+    )
 
 
-class FeedbackOptions(ApiModel):
+class RolloutClientOptions(ApiModel):
+    """How the trainer talks to its rollout servers (OpenAI-compatible HTTP)."""
+
+    timeout_seconds: float = Field(
+        default=300.0, gt=0, description="Timeout of one HTTP request to a rollout server."
+    )
+    max_retries: int = Field(
+        default=3, ge=0, description="Retries of a failed request (connection error, 5xx)."
+    )
+    concurrency: int = Field(
+        default=64, gt=0, description="Requests in flight per replica (one per prompt)."
+    )
+    startup_timeout_seconds: float = Field(
+        default=1800.0, gt=0, description="How long the trainer waits for a server to be ready."
+    )
+    parity_threshold: float = Field(
+        default=0.1,
+        gt=0,
+        description="Mean absolute logprob gap (server vs trainer, on a fixed probe sample) "
+        "above which a weight sync is an error.",
+    )
+
+
+class RolloutTarget(RolloutClientOptions):
+    """The rollout servers of an online stage, as rendered for the trainer by the operator."""
+
+    engine: Literal["vllm", "lmdeploy"] = "vllm"
+    urls: list[str] = Field(min_length=1, description="Base URL of each server replica.")
+    served_model: str = Field(description="The model name the servers answer to.")
+    weight_sync: Literal["disk", "nccl"] = Field(default="disk")
+
+
+class JudgeRequestOptions(ApiModel):
+    """How a stage calls the judge server (OpenAI-compatible HTTP)."""
+
+    concurrency: int = Field(default=16, gt=0, description="Judge requests in flight.")
+    timeout_seconds: float = Field(default=60.0, gt=0, description="Timeout of one request.")
+    max_retries: int = Field(
+        default=2, ge=0, description="Retries of a request after a timeout, connection error, "
+        "429 or 5xx; a verdict that still fails drops its pair (counted, never fatal)."
+    )
+
+
+class FeedbackOptions(JudgeRequestOptions):
     """Options of the `feedback` (AI feedback) stage."""
 
-    responses_per_prompt: int = Field(default=2, ge=2)
+    responses_per_prompt: int = Field(
+        default=2,
+        ge=2,
+        description="Responses per prompt: sampled from the policy for a prompts-only dataset, "
+        "the first k of a ranked row. Every pair of them is judged.",
+    )
     position_swap: bool = Field(default=True, description="Judge both orders; keep agreeing pairs.")
-    concurrency: int = Field(default=16, gt=0)
-    timeout_seconds: float = Field(default=60.0, gt=0)
-    max_retries: int = Field(default=2, ge=0)
+    max_prompts: int | None = Field(default=None, gt=0, description="Judge at most N prompts.")
+    temperature: float = Field(default=1.0, gt=0, description="Policy sampling temperature.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Policy sampling top-p.")
+    max_new_tokens: int = Field(default=64, gt=0, description="Policy response length.")
+
+
+class JudgeReward(JudgeRequestOptions):
+    """Online rewards from the AI judge (ppo, grpo)."""
+
+    mode: Literal["pairwise", "pointwise"] = Field(
+        default="pairwise",
+        description="pairwise: P(response beats a reference response) in [0, 1], the reference "
+        "being the dataset's `answer`/`chosen` or else the judge's own answer; pointwise: the "
+        "expected 0-9 score of the response, divided by 9.",
+    )
+
+
+# Default judge prompts. Fields: {prompt}, {a}, {b}, {response}, {principle}.
+_PAIR_FIELDS = frozenset({"a", "b", "prompt", "principle"})
+TEMPLATE_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    # template: (required fields, allowed fields)
+    "reference": (frozenset({"prompt"}), frozenset({"prompt"})),
+    "compare": (frozenset({"a", "b"}), _PAIR_FIELDS),
+    "compare_direct": (frozenset({"a", "b", "prompt"}), _PAIR_FIELDS),
+    "verdict": (frozenset(), frozenset({"principle"})),
+    "score": (frozenset({"response"}), frozenset({"prompt", "response", "principle"})),
+}
+
+
+class JudgeTemplates(ApiModel):
+    """The judge's prompts, as Python format strings; each is one user turn of a chat."""
+
+    reference: str = Field(default="{prompt}", description="Turn 1: the judge answers itself.")
+    compare: str = Field(
+        default="Here are two responses to the same request.\n\nA: {a}\n\nB: {b}\n\n"
+        "Compare each of them with your own answer above, then critique both against this "
+        "principle: {principle}",
+        description="Turn 2 with self-reference: the pair and the principle; asks for a critique.",
+    )
+    compare_direct: str = Field(
+        default="Request: {prompt}\n\nHere are two responses to it.\n\nA: {a}\n\nB: {b}"
+        "\n\nCritique both against this principle: {principle}",
+        description="The comparison without self-reference (the baseline protocol).",
+    )
+    verdict: str = Field(
+        default="{principle} Answer with one letter, A or B.",
+        description="The last turn; its answer is constrained to A or B.",
+    )
+    score: str = Field(
+        default="Request: {prompt}\n\nResponse: {response}\n\nRate the response against "
+        "this principle: {principle} Answer with one digit from 0 (worst) to 9 (best).",
+        description="Pointwise rewards; the answer is constrained to one digit.",
+    )
+
+    @model_validator(mode="after")
+    def _fields(self) -> JudgeTemplates:
+        for name, (required, allowed) in TEMPLATE_FIELDS.items():
+            try:
+                used = {f for _, f, _, _ in string.Formatter().parse(getattr(self, name)) if f}
+            except ValueError as err:
+                raise ValueError(f"templates.{to_camel(name)}: {err}; write literal braces "
+                                 "as {{ and }}") from None
+            if used - allowed or required - used:
+                raise ValueError(
+                    f"templates.{to_camel(name)}: uses {sorted(used)}; it needs "
+                    f"{sorted(required)} and may use {sorted(allowed)}"
+                )
+        return self
+
+
+class JudgeProtocol(ApiModel):
+    """How the AI judge compares responses (Bao et al. 2024, self-reference)."""
+
+    principle: str = Field(
+        default="Which response is best for humanity?",
+        max_length=2000,
+        description="The one general principle the judge applies.",
+    )
+    self_reference: bool = Field(
+        default=True, description="The judge answers the prompt first and uses it as reference."
+    )
+    critique: bool = Field(
+        default=True, description="The judge critiques both responses before its verdict."
+    )
+    temperature: float = Field(default=0.1, ge=0, description="Sampling of answer and critique.")
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    max_new_tokens: int = Field(
+        default=512, gt=0, description="Length of the judge's own answer and of its critique."
+    )
+    templates: JudgeTemplates = Field(default_factory=JudgeTemplates)
+    chat_template: str | None = Field(
+        default=None,
+        description="Jinja chat template for the judge's prompts; default: the judge model's "
+        "own, or a plain Human/Assistant transcript when it has none.",
+    )
+
+
+class JudgeTarget(JudgeProtocol):
+    """The judge servers and protocol, as rendered for a trainer by the operator."""
+
+    engine: Literal["vllm", "lmdeploy"] = "vllm"
+    urls: list[str] = Field(min_length=1, description="Base URL of each judge server replica.")
+    served_model: str = Field(description="The model name the servers answer to.")
+    model: ModelSource = Field(description="The judge's weights (read for its chat template).")
+    requests: JudgeRequestOptions = Field(default_factory=JudgeRequestOptions)
+    startup_timeout_seconds: float = Field(
+        default=1800.0, gt=0, description="How long the trainer waits for the servers."
+    )
+    mode: Literal["pairwise", "pointwise"] | None = Field(
+        default=None, description="ppo, grpo: how the judge rewards responses."
+    )
 
 
 class EvaluateOptions(ApiModel):
     """Options of the `evaluate` stage."""
 
-    policies: list[str] = Field(default_factory=list, description="Stages to compare.")
-    reference_dataset: DatasetSpec | None = Field(default=None, description="Set for perplexity.")
-    max_new_tokens: int = Field(default=64, gt=0)
+    policies: list[str] = Field(
+        default_factory=list,
+        description="Stages whose policies to compare on the stage's prompts (`dataset`); the "
+        "KL reference is the stage's own model (`from`, else spec.model).",
+    )
+    reference_dataset: DatasetSpec | None = Field(
+        default=None, description="Supervised data (jsonl, hh, preference) for perplexity."
+    )
+    preference_dataset: DatasetSpec | None = Field(
+        default=None,
+        description="Held-out pairs on which to report the pairwise accuracy of the reward "
+        "model (`reward.from`).",
+    )
+    max_new_tokens: int = Field(default=64, gt=0, description="Greedy tokens per response.")
+    batch_size: int = Field(default=16, gt=0, description="Prompts per generation batch.")
 
 
 class StageConfig(ApiModel):
@@ -257,6 +527,26 @@ class StageConfig(ApiModel):
     grpo: GRPOOptions | None = None
     feedback: FeedbackOptions | None = None
     evaluate: EvaluateOptions | None = None
+    lora: LoRAOptions | None = None
+    reward_model_path: str | None = Field(
+        default=None,
+        description="Reward model that scores responses: the final/ folder of the stage named "
+        "by `reward.from`, filled in by the operator.",
+    )
+    reward_function: str | None = Field(
+        default=None, description="Registered reward function (`reward.function`)."
+    )
+    rollout: RolloutTarget | None = Field(
+        default=None, description="ppo, grpo: the rollout servers, filled in by the operator."
+    )
+    judge: JudgeTarget | None = Field(
+        default=None,
+        description="feedback, and reward: {judge}: the judge servers, filled in by the operator.",
+    )
+    policies: dict[str, str] | None = Field(
+        default=None,
+        description="evaluate: policy name -> model folder, from `evaluate.policies`.",
+    )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.dump(), sort_keys=False)

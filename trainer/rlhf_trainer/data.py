@@ -6,17 +6,27 @@ Formats (`DatasetSpec.format`):
   The prompt is everything up to and including the last "\\n\\nAssistant:"; the rest is the
   response.
 - `preference`: `{prompt, chosen, rejected, margin?}`.
-- `ranked`: `{prompt, responses: [...], rewards: [...]}`, k responses with a reward each.
+- `ranked`: `{prompt, responses: [...], rewards: [...]}`, k responses with a reward each. For
+  pairwise stages it expands into every ordered pair (r_i > r_j, margin r_i - r_j); `rewards` may
+  be left out where a reward model or function scores the responses.
 - `prompts`: `{prompt, answer?}`, for on-policy stages.
+- `shp`: Stanford SHP `{history, human_ref_A, human_ref_B, labels}` (labels 1: A is preferred);
+  the prompt is the history, the responses " " + the reference comment.
+- `tldr`: OpenAI summarize-from-feedback comparisons `{info: {post, title, subreddit}, summaries:
+  [{text}, {text}], choice}`; the prompt is "SUBREDDIT: r/..\n\nTITLE: ..\n\nPOST: ..\n\nTL;DR:".
 
+`dataset.fields` renames columns (format field -> column in the data) before a row is parsed.
 Every row is checked when read, and a bad one raises `DataError` naming the file, the line and the
-field. Torch-free, so a whole dataset is validated before any trainer starts.
+field, or, with `dataset.skipInvalid`, is skipped and counted. Torch-free, so a whole dataset is
+validated before any trainer starts.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable, Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,6 +34,8 @@ from rlhf_trainer.config import DatasetSpec, resolve_path
 from rlhf_trainer.errors import DataError
 
 HH_ASSISTANT = "\n\nAssistant:"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,7 +56,7 @@ class PreferenceRow:
 class RankedRow:
     prompt: str
     responses: tuple[str, ...]
-    rewards: tuple[float, ...]
+    rewards: tuple[float, ...] | None  # None: to be scored by a reward model or function
 
 
 @dataclass(frozen=True)
@@ -56,22 +68,54 @@ class PromptRow:
 Record = dict[str, Any]
 Row = TypeVar("Row")
 
+
+class Rows(list[Row]):
+    """Parsed rows, plus how many invalid ones `dataset.skipInvalid` skipped."""
+
+    skipped: int = 0
+
+
+class Mapped(dict[str, Any]):
+    """A record whose columns `dataset.fields` renamed; `names` maps field -> column."""
+
+    names: Mapping[str, str] = {}
+
+
 NEEDS: dict[str, str] = {
     "jsonl": 'each row needs {"prompt", "response"}',
     "hh": 'each row needs {"chosen", "rejected"} HH-RLHF transcripts',
     "preference": 'each row needs {"prompt", "chosen", "rejected"} and an optional number "margin"',
     "ranked": 'each row needs {"prompt", "responses": [strings], "rewards": [numbers]}',
     "prompts": 'each row needs {"prompt"} and an optional string "answer"',
+    "shp": 'each row needs {"history", "human_ref_A", "human_ref_B", "labels": 0 or 1}',
+    "tldr": 'each row needs {"info": {"post", "title"?, "subreddit"?}, "summaries": '
+    '[{"text"}, {"text"}], "choice": 0 or 1}',
 }
+KNOWN_FIELDS: dict[str, tuple[str, ...]] = {
+    "jsonl": ("prompt", "response"),
+    "hh": ("chosen", "rejected"),
+    "preference": ("prompt", "chosen", "rejected", "margin"),
+    "ranked": ("prompt", "responses", "rewards"),
+    "prompts": ("prompt", "answer"),
+    "shp": ("history", "human_ref_A", "human_ref_B", "labels"),
+    "tldr": ("info", "summaries", "choice"),
+}
+
+
+def _name(rec: Record, field: str) -> str:
+    """How a message names a field: its column, and the mapping that renamed it."""
+    column = rec.names.get(field) if isinstance(rec, Mapped) else None
+    return f'"{column}" (dataset.fields.{field})' if column else f'"{field}"'
 
 
 def _string(rec: Record, field: str, where: str, fmt: str) -> str:
     if field not in rec:
-        raise DataError(f'{where}: missing field "{field}"; {NEEDS[fmt]}')
+        raise DataError(f"{where}: missing field {_name(rec, field)}; {NEEDS[fmt]}")
     value = rec[field]
     if not isinstance(value, str):
         raise DataError(
-            f'{where}: field "{field}" must be a string, got {type(value).__name__}; {NEEDS[fmt]}'
+            f"{where}: field {_name(rec, field)} must be a string, got {type(value).__name__}; "
+            f"{NEEDS[fmt]}"
         )
     return value
 
@@ -102,7 +146,9 @@ def parse_hh(rec: Record, where: str) -> PreferenceRow:
 def parse_preference(rec: Record, where: str) -> PreferenceRow:
     margin = rec.get("margin")
     if margin is not None and not _number(margin):
-        raise DataError(f'{where}: field "margin" must be a number; {NEEDS["preference"]}')
+        raise DataError(
+            f"{where}: field {_name(rec, 'margin')} must be a number; {NEEDS['preference']}"
+        )
     return PreferenceRow(
         _string(rec, "prompt", where, "preference"),
         _string(rec, "chosen", where, "preference"),
@@ -111,9 +157,14 @@ def parse_preference(rec: Record, where: str) -> PreferenceRow:
     )
 
 
-def parse_ranked(rec: Record, where: str) -> RankedRow:
+def parse_ranked(rec: Record, where: str, need_rewards: bool = True) -> RankedRow:
     prompt = _string(rec, "prompt", where, "ranked")
     responses, rewards = rec.get("responses"), rec.get("rewards")
+    if rewards is None and not need_rewards:
+        rewards = [0.0] * len(responses) if isinstance(responses, list) else None
+        scored = False
+    else:
+        scored = True
     for field, value, ok in (
         ("responses", responses, lambda v: isinstance(v, str)),
         ("rewards", rewards, _number),
@@ -121,7 +172,8 @@ def parse_ranked(rec: Record, where: str) -> RankedRow:
         if not isinstance(value, list) or not value or not all(ok(v) for v in value):
             kind = "strings" if field == "responses" else "numbers"
             raise DataError(
-                f'{where}: field "{field}" must be a non-empty list of {kind}; {NEEDS["ranked"]}'
+                f"{where}: field {_name(rec, field)} must be a non-empty list of {kind}; "
+                f"{NEEDS['ranked']}"
             )
     assert isinstance(responses, list) and isinstance(rewards, list)
     if len(responses) != len(rewards) or len(responses) < 2:
@@ -129,17 +181,74 @@ def parse_ranked(rec: Record, where: str) -> RankedRow:
             f'{where}: fields "responses" and "rewards" need the same length, at least 2 '
             f"(got {len(responses)} and {len(rewards)}); {NEEDS['ranked']}"
         )
-    return RankedRow(prompt, tuple(responses), tuple(float(r) for r in rewards))
+    return RankedRow(prompt, tuple(responses), tuple(float(r) for r in rewards) if scored else None)
+
+
+def _choice(rec: Record, field: str, where: str, fmt: str) -> int:
+    value = rec.get(field)
+    if value not in (0, 1) or isinstance(value, bool | float):
+        raise DataError(f"{where}: field {_name(rec, field)} must be 0 or 1; {NEEDS[fmt]}")
+    return int(value)
+
+
+def parse_shp(rec: Record, where: str) -> PreferenceRow:
+    history = _string(rec, "history", where, "shp")
+    a = _string(rec, "human_ref_A", where, "shp")
+    b = _string(rec, "human_ref_B", where, "shp")
+    if _choice(rec, "labels", where, "shp") == 1:
+        return PreferenceRow(history, f" {a}", f" {b}")
+    return PreferenceRow(history, f" {b}", f" {a}")
+
+
+def parse_tldr(rec: Record, where: str) -> PreferenceRow:
+    info, summaries = rec.get("info"), rec.get("summaries")
+    post = info.get("post") or info.get("article") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or not isinstance(post, str):
+        raise DataError(
+            f'{where}: field {_name(rec, "info")} needs a string "post"; {NEEDS["tldr"]}'
+        )
+    items = summaries if isinstance(summaries, list) else []
+    texts = [s["text"] for s in items if isinstance(s, dict) and isinstance(s.get("text"), str)]
+    if len(items) != 2 or len(texts) != 2:
+        raise DataError(
+            f'{where}: field {_name(rec, "summaries")} must hold two {{"text": string}}; '
+            f"{NEEDS['tldr']}"
+        )
+    choice = _choice(rec, "choice", where, "tldr")
+    head = f"SUBREDDIT: r/{info.get('subreddit') or ''}\n\nTITLE: {info.get('title') or ''}"
+    prompt = f"{head}\n\nPOST: {post}\n\nTL;DR:"
+    return PreferenceRow(prompt, f" {texts[choice].strip()}", f" {texts[1 - choice].strip()}")
+
+
+PAIR_PARSERS: dict[str, Callable[[Record, str], PreferenceRow]] = {
+    "hh": parse_hh,
+    "preference": parse_preference,
+    "shp": parse_shp,
+    "tldr": parse_tldr,
+}
+
+
+def expand_pairs(row: RankedRow) -> list[PreferenceRow]:
+    """Every ordered pair of a ranked row: (i, j) with r_i > r_j, margin r_i - r_j."""
+    assert row.rewards is not None
+    scored = list(zip(row.responses, row.rewards, strict=True))
+    return [
+        PreferenceRow(row.prompt, a, b, ra - rb) for a, ra in scored for b, rb in scored if ra > rb
+    ]
 
 
 def parse_prompts(rec: Record, where: str) -> PromptRow:
     answer = rec.get("answer")
     if answer is not None and not isinstance(answer, str):
-        raise DataError(f'{where}: field "answer" must be a string; {NEEDS["prompts"]}')
+        raise DataError(
+            f"{where}: field {_name(rec, 'answer')} must be a string; {NEEDS['prompts']}"
+        )
     return PromptRow(_string(rec, "prompt", where, "prompts"), answer)
 
 
-def _file_records(spec: DatasetSpec) -> Iterator[tuple[str, Record]]:
+def _file_records(spec: DatasetSpec) -> Iterator[tuple[str, Record | DataError]]:
+    """(where, record) per line; a line that is no JSON object comes as its DataError, so that
+    `skipInvalid` can skip it like any other bad row."""
     assert spec.path is not None
     path = resolve_path(spec.path)
     try:
@@ -158,17 +267,16 @@ def _file_records(spec: DatasetSpec) -> Iterator[tuple[str, Record]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(
+            rec = DataError(
                 f"{where}: not valid JSON ({err.msg}); each line must be one JSON object"
-            ) from None
-        if not isinstance(rec, dict):
-            raise DataError(
-                f"{where}: expected a JSON object, got {type(rec).__name__}; {NEEDS[spec.format]}"
             )
+        if not isinstance(rec, dict | DataError):
+            kind = type(rec).__name__
+            rec = DataError(f"{where}: expected a JSON object, got {kind}; {NEEDS[spec.format]}")
         yield where, rec
 
 
-def _hub_records(spec: DatasetSpec) -> Iterator[tuple[str, Record]]:
+def _hub_records(spec: DatasetSpec) -> Iterator[tuple[str, Record | DataError]]:
     import datasets  # heavy; only hub datasets need it
 
     assert spec.name is not None
@@ -184,13 +292,52 @@ def _hub_records(spec: DatasetSpec) -> Iterator[tuple[str, Record]]:
         yield f"dataset {spec.name} ({spec.split}) row {index}", dict(rec)
 
 
-def read_records(spec: DatasetSpec) -> Iterator[tuple[str, Record]]:
+def read_records(spec: DatasetSpec) -> Iterator[tuple[str, Record | DataError]]:
     """(where, record) pairs, `where` naming the file and line (or hub row) for messages."""
     return _file_records(spec) if spec.path is not None else _hub_records(spec)
 
 
-def _read(spec: DatasetSpec, parse: Callable[[Record, str], Row]) -> list[Row]:
-    rows = [parse(rec, where) for where, rec in read_records(spec)]
+def _mapped(rec: Record, fields: Mapping[str, str]) -> Record:
+    """The record with `dataset.fields` applied: each field takes its column's value."""
+    out = Mapped(rec)
+    for field, column in fields.items():
+        out.pop(field, None)
+        if column in rec:
+            out[field] = rec[column]
+    out.names = fields
+    return out
+
+
+def _check_fields(spec: DatasetSpec) -> None:
+    unknown = sorted(set(spec.fields or {}) - set(KNOWN_FIELDS[spec.format]))
+    if unknown:
+        raise DataError(
+            f"dataset.fields: {', '.join(unknown)} is not a field of format {spec.format!r}; "
+            f"map some of {', '.join(KNOWN_FIELDS[spec.format])} to your column names"
+        )
+
+
+def _read(spec: DatasetSpec, parse: Callable[[Record, str], Row]) -> Rows[Row]:
+    _check_fields(spec)
+    rows: Rows[Row] = Rows()
+    first: DataError | None = None
+    for where, rec in read_records(spec):
+        try:
+            if isinstance(rec, DataError):
+                raise rec
+            rows.append(parse(_mapped(rec, spec.fields) if spec.fields else rec, where))
+        except DataError as err:
+            if not spec.skip_invalid:
+                raise
+            rows.skipped += 1
+            first = first or err
+    if first is not None:
+        log.warning(
+            "Skipped %d invalid rows of %s (dataset.skipInvalid); the first: %s",
+            rows.skipped,
+            spec.path or spec.name,
+            first,
+        )
     if not rows:
         raise DataError(f"{spec.path or spec.name}: the dataset has no rows; {NEEDS[spec.format]}")
     return rows
@@ -203,41 +350,57 @@ def _unsupported(spec: DatasetSpec, stage: str, allowed: Sequence[str]) -> DataE
     )
 
 
-def load_sft_rows(spec: DatasetSpec) -> list[SFTRow]:
-    """Supervised rows: jsonl as is; hh and preference train on the chosen response."""
+def _derived(rows: Rows[Any], new: list[Row]) -> Rows[Row]:
+    out: Rows[Row] = Rows(new)
+    out.skipped = rows.skipped
+    return out
+
+
+def load_sft_rows(spec: DatasetSpec) -> Rows[SFTRow]:
+    """Supervised rows: jsonl as is; pairwise formats train on the chosen response."""
     if spec.format == "jsonl":
         return _read(spec, parse_jsonl)
-    if spec.format in ("hh", "preference"):
-        parse = parse_hh if spec.format == "hh" else parse_preference
-        return [SFTRow(r.prompt, r.chosen) for r in _read(spec, parse)]
-    raise _unsupported(spec, "sft", ("jsonl", "hh", "preference"))
+    if spec.format in PAIR_PARSERS:
+        pairs = _read(spec, PAIR_PARSERS[spec.format])
+        return _derived(pairs, [SFTRow(r.prompt, r.chosen) for r in pairs])
+    raise _unsupported(spec, "sft", ("jsonl", *PAIR_PARSERS))
 
 
-def load_preference_rows(spec: DatasetSpec) -> list[PreferenceRow]:
-    """Pairs for reward models and DPO, from preference or hh data."""
-    if spec.format in ("hh", "preference"):
-        return _read(spec, parse_hh if spec.format == "hh" else parse_preference)
-    raise _unsupported(spec, "preference", ("preference", "hh"))
-
-
-def load_ranked_rows(spec: DatasetSpec) -> list[RankedRow]:
-    """k responses per prompt with rewards (RRHF)."""
+def load_preference_rows(spec: DatasetSpec) -> Rows[PreferenceRow]:
+    """Pairs for reward models and DPO; ranked rows expand into all their ordered pairs."""
+    if spec.format in PAIR_PARSERS:
+        return _read(spec, PAIR_PARSERS[spec.format])
     if spec.format == "ranked":
-        return _read(spec, parse_ranked)
-    raise _unsupported(spec, "ranked", ("ranked",))
+        ranked = _read(spec, parse_ranked)
+        return _derived(ranked, [pair for row in ranked for pair in expand_pairs(row)])
+    raise _unsupported(spec, "preference", (*PAIR_PARSERS, "ranked"))
 
 
-def load_prompt_rows(spec: DatasetSpec) -> list[PromptRow]:
-    """Prompts for on-policy stages; any format with a prompt will do."""
+def load_ranked_rows(spec: DatasetSpec, need_rewards: bool = True) -> Rows[RankedRow]:
+    """k responses per prompt (RRHF). A pair becomes k = 2 with rewards (1, 0). Without
+    `need_rewards`, ranked rows may leave out `rewards` (None) for a scorer to fill in."""
+    if spec.format == "ranked":
+        return _read(spec, functools.partial(parse_ranked, need_rewards=need_rewards))
+    if spec.format in PAIR_PARSERS:
+        pairs = _read(spec, PAIR_PARSERS[spec.format])
+        ranked = [RankedRow(r.prompt, (r.chosen, r.rejected), (1.0, 0.0)) for r in pairs]
+        return _derived(pairs, ranked)
+    raise _unsupported(spec, "ranked", ("ranked", *PAIR_PARSERS))
+
+
+def load_prompt_rows(spec: DatasetSpec) -> Rows[PromptRow]:
+    """Prompts for on-policy stages and evaluation; any format with a prompt will do."""
     if spec.format == "prompts":
         return _read(spec, parse_prompts)
-    if spec.format == "hh":
-        return [PromptRow(r.prompt) for r in _read(spec, parse_hh)]
+    parse: Callable[[Record, str], SFTRow | PreferenceRow | RankedRow]
     if spec.format == "jsonl":
-        return [PromptRow(r.prompt) for r in _read(spec, parse_jsonl)]
-    if spec.format == "preference":
-        return [PromptRow(r.prompt) for r in _read(spec, parse_preference)]
-    return [PromptRow(r.prompt) for r in _read(spec, parse_ranked)]
+        parse = parse_jsonl
+    elif spec.format == "ranked":
+        parse = functools.partial(parse_ranked, need_rewards=False)
+    else:
+        parse = PAIR_PARSERS[spec.format]
+    rows: Rows[SFTRow | PreferenceRow | RankedRow] = _read(spec, parse)
+    return _derived(rows, [PromptRow(r.prompt) for r in rows])
 
 
 def split_eval(rows: list[Row], fraction: float) -> tuple[list[Row], list[Row]]:

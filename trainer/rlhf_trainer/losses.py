@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -32,3 +34,261 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def count_targets(labels: torch.Tensor) -> int:
     """Number of positions `sft_loss_sum` scores: labels (B, T), first position never a target."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum().item())
+
+
+def sequence_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each sequence's response tokens, and their count.
+
+    logp[b] = sum_{t : y[b, t + 1] != -100} log softmax(logits[b, t])[y[b, t + 1]],  y = labels
+    n[b]    = #{t : y[b, t + 1] != -100}
+
+    logits: (B, T, V), any float dtype (computed in float32). labels: (B, T) int64, IGNORE_INDEX
+    on prompt and padding. Returns (logp (B,) float32, n (B,) float32). The sequence score of
+    DPO (Rafailov et al. 2023, "Direct Preference Optimization") and RRHF (Yuan et al. 2023).
+    Gathers before normalising (logit - logsumexp), so no (B, T, V) log-softmax is kept.
+    """
+    shifted = logits[:, :-1, :].float()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked = shifted.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    per_token = (picked - torch.logsumexp(shifted, dim=-1)) * mask
+    return per_token.sum(-1), mask.sum(-1).float()
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Pairwise reward-model loss, per pair: L = -log sigmoid(r_c - r_r - m).
+
+    chosen, rejected: (B,) scalar rewards of the preferred and the other response; margin: (B,)
+    or None (0), a preference strength from the data. Returns (B,) float32.
+
+    Bradley and Terry (1952); InstructGPT (Ouyang et al. 2022) for reward models; the margin as in
+    Llama 2 (Touvron et al. 2023). MOSS-RLHF's optional LM term is added by the trainer.
+    """
+    diff = chosen.float() - rejected.float()
+    if margin is not None:
+        diff = diff - margin.float()
+    return -F.logsigmoid(diff)
+
+
+def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 where chosen > rejected, 0.5 on a tie, 0 otherwise. (B,), (B,) -> (B,).
+
+    Ties count half so that a model that cannot tell the two apart (e.g. a DPO policy equal to its
+    reference, whose implicit rewards are all 0) scores 50%, the chance level, rather than 0%.
+    """
+    c, r = chosen.float(), rejected.float()
+    return (c > r).float() + 0.5 * (c == r).float()
+
+
+class DPOLoss(NamedTuple):
+    losses: torch.Tensor  # (B,) per-pair loss
+    chosen_rewards: torch.Tensor  # (B,) beta * (logp_c - ref_logp_c), detached
+    rejected_rewards: torch.Tensor  # (B,) beta * (logp_r - ref_logp_r), detached
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> DPOLoss:
+    """DPO and its IPO and hinge variants, per pair.
+
+    With log-ratios h_c = logp(y_c) - logp_ref(y_c), h_r likewise, and z = beta * (h_c - h_r):
+      sigmoid: L = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)   (DPO, Rafailov et al. 2023;
+               eps = label_smoothing > 0 is conservative DPO, Mitchell 2023)
+      hinge:   L = max(0, 1 - z)                                     (SLiC, Zhao et al. 2023)
+      ipo:     L = (h_c / |y_c| - h_r / |y_r| - 1 / (2 beta))^2      (IPO, Azar et al. 2023, eq. 17;
+               per-token mean log-ratios as TRL's DPOTrainer does, so it needs the lengths)
+
+    All inputs (B,): sequence log-probs summed over completion tokens (`sequence_logprobs`) and
+    completion token counts. Returns per-pair losses and the implicit rewards beta * h, float32.
+    """
+    h_c = chosen_logps.float() - ref_chosen_logps.float()
+    h_r = rejected_logps.float() - ref_rejected_logps.float()
+    z = beta * (h_c - h_r)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - z)
+    elif loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("the ipo loss needs chosen_lengths and rejected_lengths")
+        mean_c = h_c / chosen_lengths.float().clamp(min=1)
+        mean_r = h_r / rejected_lengths.float().clamp(min=1)
+        losses = (mean_c - mean_r - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; use sigmoid, hinge or ipo")
+    return DPOLoss(losses, (beta * h_c).detach(), (beta * h_r).detach())
+
+
+class RRHFLoss(NamedTuple):
+    rank: torch.Tensor  # (N,) ranking loss per query
+    sft: torch.Tensor  # (N,) mean NLL per token of the best-rewarded response
+
+
+def rrhf_loss(
+    logps: torch.Tensor,
+    lengths: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    length_penalty: float = 1.0,
+    valid: torch.Tensor | None = None,
+) -> RRHFLoss:
+    """RRHF (Yuan et al. 2023, "RRHF: Rank Responses to Align Language Models with Human
+    Feedback"; GanjinZero/RRHF train.py), per query with k responses:
+
+      p_i    = logp_i / |y_i|^lengthPenalty
+      L_rank = sum_{i, j : r_i < r_j} max(0, p_i - p_j)
+      L_sft  = -logp_b / |y_b|,  b = argmax_i r_i   (the first best on a tie)
+
+    The trainer's total is rrhfWeight * L_rank + L_sft.
+
+    logps: (N, K) summed response log-probs; lengths: (N, K) response token counts; rewards:
+    (N, K); valid: (N, K) bool, False on padding slots of queries with fewer than K responses.
+    Returns (rank (N,), sft (N,)), float32.
+    """
+    logps, rewards = logps.float(), rewards.float()
+    lengths = lengths.float().clamp(min=1)
+    if valid is None:
+        valid = torch.ones_like(logps, dtype=torch.bool)
+    scores = logps / lengths**length_penalty
+    worse = rewards.unsqueeze(2) < rewards.unsqueeze(1)  # [n, i, j]: r_i < r_j
+    pair = worse & valid.unsqueeze(2) & valid.unsqueeze(1)
+    diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # [n, i, j]: p_i - p_j
+    rank = (torch.relu(diff) * pair).sum(dim=(1, 2))
+    best = rewards.masked_fill(~valid, float("-inf")).argmax(dim=1, keepdim=True)
+    sft = -(logps.gather(1, best) / lengths.gather(1, best)).squeeze(1)
+    return RRHFLoss(rank, sft)
+
+
+# -- online RL: PPO and GRPO ---------------------------------------------------------------------
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens], position by position (the caller aligns them: logits at t
+    predict tokens at t).
+
+    logits: (B, R, V), any float dtype (computed in float32); tokens: (B, R) int64 (pad positions
+    may hold any id; mask them afterwards). Returns (B, R) float32. Gathers before normalising,
+    so no (B, R, V) log-softmax is materialised (TRL's `selective_log_softmax`).
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical at each position: H = logsumexp(z) - sum softmax(z) z.
+
+    logits: (B, R, V) -> (B, R) float32.
+    """
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """The k1 estimator of KL(π || π_ref) per token: log π - log π_ref (Schulman, "Approximating
+    KL divergence", 2020); unbiased, can be negative. The PPO reward penalty (Ziegler et al.
+    2019; MOSS-RLHF). Shapes (B, R) -> (B, R)."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """The k3 estimator of KL(π || π_ref) per token: exp(d) - d - 1 with d = log π_ref - log π;
+    unbiased and never negative. GRPO's KL term (Shao et al. 2024, "DeepSeekMath"). Shapes
+    (B, R) -> (B, R)."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate, summed over the tokens in `mask` (Schulman et al. 2017):
+
+    L = sum_t m_t * -min(ρ_t A_t, clip(ρ_t, 1 - ε, 1 + ε) A_t),  ρ_t = exp(log π - log π_old)
+
+    logprobs, old_logprobs, advantages, mask: (B, R) (advantages may be (B, 1) for GRPO).
+    Returns (loss sum, number of tokens whose ratio lies outside [1 - ε, 1 + ε]), both 0-d
+    float32; the caller divides by the token count of the whole batch.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    outside = ((ratio - 1.0).abs() > clip).float()
+    return (loss * mask).sum(), (outside * mask).sum()
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None,
+) -> torch.Tensor:
+    """The critic's loss, summed over the tokens in `mask`:
+
+    L = sum_t m_t * 0.5 * max((V_t - R_t)², (clip(V_t, V_old ± ε_v) - R_t)²)
+
+    or the plain 0.5 (V - R)² when `clip` is None. The clipped form is PPO-max's `valueClip`
+    (Zheng et al. 2023, MOSS-RLHF `ppo_trainer.py`). All inputs (B, R); returns a 0-d tensor.
+    """
+    loss = (values - returns) ** 2
+    if clip is not None:
+        bounded = old_values + torch.clamp(values - old_values, -clip, clip)
+        loss = torch.maximum(loss, (bounded - returns) ** 2)
+    return 0.5 * (loss * mask).sum()
+
+
+def approx_kl(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Summed k3 estimate of KL(π_old || π) over masked tokens: (ρ - 1) - log ρ, the
+    "approx_kl" diagnostic of PPO implementations. (B, R) inputs; 0-d output."""
+    log_ratio = logprobs - old_logprobs
+    return (((torch.exp(log_ratio) - 1.0) - log_ratio) * mask).sum()
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's per-token objective, summed over masked tokens (Shao et al. 2024):
+
+    L = sum_t m_t * (-min(ρ_t A, clip(ρ_t, 1 ± ε) A) + β (exp(d_t) - d_t - 1)),
+    d_t = log π_ref - log π
+
+    logprobs, old_logprobs, ref_logprobs, mask: (B, R); advantages: (B,), the group-relative
+    advantage of each completion, the same for all its tokens. `ref_logprobs` may be None when
+    β = 0. Returns (loss sum, clipped-token count); normalise by the active tokens of the whole
+    batch (TRL's `loss_type="dapo"` normalisation, which ALGORITHMS.md prescribes).
+    """
+    loss, clipped = clipped_surrogate(
+        logprobs, old_logprobs, advantages.unsqueeze(-1), mask, clip
+    )
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("grpo_loss: beta > 0 needs ref_logprobs")
+        loss = loss + beta * (kl_k3(logprobs, ref_logprobs) * mask).sum()
+    return loss, clipped

@@ -6,13 +6,38 @@ second with one `error:` line, before a process group forms or `output_dir` is c
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic
 
-from rlhf_trainer.config import ModelSource, StageConfig, resolve_path
-from rlhf_trainer.data import SFTRow, load_sft_rows, split_eval
+from rlhf_trainer import lora, tasks
+from rlhf_trainer.config import (
+    DatasetSpec,
+    GRPOOptions,
+    ModelSource,
+    PPOOptions,
+    StageConfig,
+    resolve_path,
+)
+from rlhf_trainer.data import (
+    PreferenceRow,
+    PromptRow,
+    RankedRow,
+    Row,
+    SFTRow,
+    load_preference_rows,
+    load_prompt_rows,
+    load_ranked_rows,
+    load_sft_rows,
+    split_eval,
+)
 from rlhf_trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from rlhf_trainer.feedback import FeedbackInputs
 
 FINAL_DIR = "final"
 
@@ -40,7 +65,7 @@ def check_model_source(source: ModelSource) -> str:
             "folder (relative paths hang off the workspace), or build a test model with "
             "`rlhf tiny-model DIR`"
         )
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not lora.is_adapter_dir(path):
         raise UserError(
             f"model.path: {path} has no config.json; point model.path at a folder written by "
             "save_pretrained"
@@ -49,19 +74,24 @@ def check_model_source(source: ModelSource) -> str:
 
 
 @dataclass(frozen=True)
-class SFTInputs:
-    """Everything the SFT trainer needs, validated."""
+class StageInputs(Generic[Row]):
+    """Everything a trainer needs, validated."""
 
     config: StageConfig
     model_ref: str
-    train_rows: list[SFTRow]
-    eval_rows: list[SFTRow]
+    train_rows: list[Row]
+    eval_rows: list[Row]
     micro_batch: int
     total_steps: int
+    reward_model_ref: str | None = None  # scores rrhf responses that come without rewards
+    skipped_rows: int = 0  # invalid rows left out (dataset.skipInvalid)
 
     @property
     def output_dir(self) -> Path:
         return resolve_path(self.config.output_dir)
+
+
+SFTInputs = StageInputs[SFTRow]
 
 
 def total_steps(max_steps: int | None, epochs: float, n_rows: int, batch_size: int) -> int:
@@ -72,19 +102,228 @@ def total_steps(max_steps: int | None, epochs: float, n_rows: int, batch_size: i
     return max(1, math.ceil(round(epochs * n_rows / batch_size, 9)))
 
 
-def check_sft(config: StageConfig, world_size: int) -> SFTInputs:
-    """Validate an sft stage for `world_size` ranks; raise UserError naming the problem."""
+def _stage_inputs(
+    config: StageConfig, world_size: int, load: Callable[[DatasetSpec], list[Row]]
+) -> StageInputs[Row]:
+    """Batch split, model source, every row (train and held out), step count."""
     hp = config.hyperparameters
     if config.dataset is None:
         raise UserError(
-            "dataset: the sft stage needs a dataset; set dataset.path (a JSONL file) or "
-            "dataset.name (a hub dataset)"
+            f"dataset: the {config.type} stage needs a dataset; set dataset.path (a JSONL file) "
+            "or dataset.name (a hub dataset)"
         )
-    if config.sft is not None and config.sft.packing:
-        raise UserError("sft.packing: packing is not implemented yet; set it to false")
     micro = micro_batch_size(hp.batch_size, world_size, hp.gradient_accumulation)
     model_ref = check_model_source(config.model)
-    rows = load_sft_rows(config.dataset)
-    train, held_out = split_eval(rows, config.dataset.eval_fraction)
+    rows = load(config.dataset)
+    explicit = config.dataset.held_out()
+    if explicit is not None:
+        train, held_out = rows, load(explicit)
+    else:
+        train, held_out = split_eval(rows, config.dataset.eval_fraction)
     steps = total_steps(hp.max_steps, hp.epochs, len(train), hp.batch_size)
-    return SFTInputs(config, model_ref, train, held_out, micro, steps)
+    skipped = getattr(rows, "skipped", 0) + getattr(held_out, "skipped", 0)
+    return StageInputs(config, model_ref, train, held_out, micro, steps, skipped_rows=skipped)
+
+
+def check_sft(config: StageConfig, world_size: int) -> StageInputs[SFTRow]:
+    """Validate an sft stage for `world_size` ranks; raise UserError naming the problem."""
+    if config.sft is not None and config.sft.packing:
+        raise UserError("sft.packing: packing is not implemented yet; set it to false")
+    return _stage_inputs(config, world_size, load_sft_rows)
+
+
+def check_reward(config: StageConfig, world_size: int) -> StageInputs[PreferenceRow]:
+    """A reward stage: pairs (ranked data expands into every ordered pair)."""
+    if config.lora is not None and not config.lora.merge:
+        raise UserError(
+            "lora.merge: a reward stage always writes its merged model (a sequence classifier "
+            "with its score head); set lora.merge to true"
+        )
+    return _stage_inputs(config, world_size, load_preference_rows)
+
+
+def check_dpo(config: StageConfig, world_size: int) -> StageInputs[PreferenceRow]:
+    options = config.dpo
+    if options is not None and options.label_smoothing > 0 and options.loss_type != "sigmoid":
+        raise UserError(
+            f"dpo.labelSmoothing: conservative DPO applies to the sigmoid loss, not "
+            f"{options.loss_type}; set labelSmoothing to 0 or lossType to sigmoid"
+        )
+    return _stage_inputs(config, world_size, load_preference_rows)
+
+
+def _scored(rows: list[RankedRow], name: str) -> list[RankedRow]:
+    score = tasks.REWARD_FUNCTIONS[name]
+    return [
+        dataclasses.replace(r, rewards=tuple(score(r.prompt, y) for y in r.responses)) for r in rows
+    ]
+
+
+def check_rrhf(config: StageConfig, world_size: int) -> StageInputs[RankedRow]:
+    """An offline rrhf stage: k responses per prompt, with rewards from the data, or scored by
+    the reward model of `reward.from` (in the trainer) or a reward function (here)."""
+    if config.rrhf is not None and config.rrhf.online:
+        raise UserError(
+            "rrhf.online: sampling responses from a rollout server is not supported yet; set "
+            "online to false and give k responses per prompt in the dataset"
+        )
+    scorer = config.reward_model_path or config.reward_function
+    function = config.reward_function
+    if function is not None and function not in tasks.REWARD_FUNCTIONS:
+        raise UserError(
+            f"reward.function: unknown reward function {function!r}; registered: "
+            f"{', '.join(sorted(tasks.REWARD_FUNCTIONS))}"
+        )
+    inputs = _stage_inputs(
+        config, world_size, lambda spec: load_ranked_rows(spec, need_rewards=scorer is None)
+    )
+    if function is not None:
+        train, held_out = _scored(inputs.train_rows, function), _scored(inputs.eval_rows, function)
+        inputs = dataclasses.replace(inputs, train_rows=train, eval_rows=held_out)
+    if config.reward_model_path is not None:
+        ref = check_model_source(ModelSource(path=config.reward_model_path))
+        inputs = dataclasses.replace(inputs, reward_model_ref=ref)
+    return inputs
+
+
+def _check_online(
+    config: StageConfig, world_size: int, prompts_per_step: int, per_prompt: int, max_new: int
+) -> StageInputs[PromptRow]:
+    """An online stage (ppo, grpo): rollout servers, one reward source, batch shapes, prompts."""
+    hp = config.hyperparameters
+    if config.rollout is None:
+        raise UserError(
+            "rollout: the stage config names no rollout servers; the operator fills them in, "
+            "so run the stage through `rlhf run` or the operator"
+        )
+    if config.lora is not None:
+        raise UserError(
+            f"lora: LoRA is not supported for {config.type} stages yet (the servers would need "
+            "runtime adapter loading); remove the lora block"
+        )
+    if (config.reward_model_path is None) == (config.reward_function is None):
+        raise UserError(
+            "reward: set exactly one of reward.from (a reward stage) or reward.function"
+        )
+    if config.reward_function is not None:
+        from rlhf_trainer.reward_functions import resolve_reward_function
+
+        resolve_reward_function(config.reward_function)
+    if max_new >= hp.max_length:
+        raise UserError(
+            f"hyperparameters.maxLength: {hp.max_length} leaves no room for prompts after "
+            f"{config.type}.maxNewTokens {max_new}; raise maxLength"
+        )
+    samples = prompts_per_step * per_prompt
+    if samples % hp.batch_size:
+        raise UserError(
+            f"hyperparameters.batchSize: {hp.batch_size} samples per optimizer step do not "
+            f"divide the {samples} samples of a rollout step ({prompts_per_step} prompts x "
+            f"{per_prompt}); pick a divisor of {samples}"
+        )
+    inputs = _stage_inputs(config, world_size, load_prompt_rows)
+    steps = total_steps(hp.max_steps, hp.epochs, len(inputs.train_rows), prompts_per_step)
+    inputs = dataclasses.replace(inputs, total_steps=steps)
+    if config.reward_model_path is not None:
+        ref = check_model_source(ModelSource(path=config.reward_model_path))
+        inputs = dataclasses.replace(inputs, reward_model_ref=ref)
+    return inputs
+
+
+def check_ppo(config: StageConfig, world_size: int) -> StageInputs[PromptRow]:
+    """A ppo stage: one sample per prompt; ptx data checked when ptxCoef > 0."""
+    options = config.ppo or PPOOptions()
+    if options.ptx_coef > 0:
+        if options.ptx_dataset is None:
+            raise UserError(
+                "ppo.ptxDataset: ppo.ptxCoef > 0 mixes in an LM loss on supervised data; set "
+                "ppo.ptxDataset, or ptxCoef to 0"
+            )
+        load_sft_rows(options.ptx_dataset)
+    if options.kl_controller == "adaptive" and options.kl_target is None:
+        raise UserError("ppo.klTarget: the adaptive KL controller needs a target KL; set klTarget")
+    return _check_online(
+        config, world_size, options.rollout_batch_size, 1, options.max_new_tokens
+    )
+
+
+def check_grpo(config: StageConfig, world_size: int) -> StageInputs[PromptRow]:
+    """A grpo stage: G samples per prompt."""
+    options = config.grpo or GRPOOptions()
+    return _check_online(
+        config,
+        world_size,
+        options.rollout_batch_size,
+        options.num_generations,
+        options.max_new_tokens,
+    )
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """An evaluation: policies to compare on prompts, and what to measure them with."""
+
+    policies: dict[str, str]  # name -> model folder or hub id
+    prompts: list[PromptRow]
+    reference_model: str | None = None  # KL reference policy
+    reward_model: str | None = None
+    reward_function: str | None = None
+    reference_rows: list[SFTRow] = field(default_factory=list)  # perplexity set
+    pairs: list[PreferenceRow] = field(default_factory=list)  # reward-model accuracy
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    max_length: int = 512
+    output_dir: Path | None = None  # evaluate stage: writes final/eval.json there
+
+
+def check_evaluate(config: StageConfig, world_size: int) -> EvalInputs:
+    """An evaluate stage: its `dataset` holds the prompts, `model` is the KL reference."""
+    del world_size  # every rank evaluates its share of the prompts
+    options = config.evaluate
+    if config.dataset is None or options is None or not config.policies:
+        raise UserError(
+            "evaluate.policies: an evaluate stage needs `dataset` (prompts) and "
+            "evaluate.policies (the stages to compare)"
+        )
+    if config.reward_function and config.reward_function not in tasks.REWARD_FUNCTIONS:
+        raise UserError(f"reward.function: unknown reward function {config.reward_function!r}")
+    rm = config.reward_model_path
+    return EvalInputs(
+        policies={
+            name: check_model_source(ModelSource(path=path))
+            for name, path in config.policies.items()
+        },
+        prompts=load_prompt_rows(config.dataset),
+        reference_model=check_model_source(config.model),
+        reward_model=check_model_source(ModelSource(path=rm)) if rm else None,
+        reward_function=config.reward_function,
+        reference_rows=load_sft_rows(options.reference_dataset)
+        if options.reference_dataset
+        else [],
+        pairs=load_preference_rows(options.preference_dataset)
+        if options.preference_dataset
+        else [],
+        max_new_tokens=options.max_new_tokens,
+        batch_size=options.batch_size,
+        max_length=config.hyperparameters.max_length,
+        output_dir=resolve_path(config.output_dir),
+    )
+
+
+def check_feedback(config: StageConfig, world_size: int) -> FeedbackInputs:
+    """Validate a feedback stage (it runs on rank 0 alone, so `world_size` does not matter)."""
+    from rlhf_trainer.feedback import check_feedback as check
+
+    return check(config)
+
+
+def describe(inputs: StageInputs[Any] | EvalInputs | FeedbackInputs) -> str:
+    """One line on what validated inputs hold, for --validate-only."""
+    from rlhf_trainer.feedback import FeedbackInputs
+
+    if isinstance(inputs, FeedbackInputs):
+        return inputs.describe()
+    if isinstance(inputs, EvalInputs):
+        return f"{len(inputs.prompts)} prompts, {len(inputs.policies)} policies"
+    skipped = f", {inputs.skipped_rows} invalid rows skipped" if inputs.skipped_rows else ""
+    return f"{len(inputs.train_rows)} training rows, {inputs.total_steps} steps{skipped}"

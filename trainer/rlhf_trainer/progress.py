@@ -9,6 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlhf_trainer import kube_progress
+from rlhf_trainer import metrics as prom
+
 PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.jsonl"
 
@@ -46,6 +49,8 @@ class ProgressReporter:
         self.metrics_path = output_dir / METRICS_FILE
         self.total_steps = total_steps
         self.enabled = enabled
+        if enabled:
+            prom.METRICS.set_total_steps(total_steps)
 
     def truncate_after(self, step: int) -> None:
         """On resume from `step`: drop lines of steps that will run again, so none repeats."""
@@ -60,8 +65,10 @@ class ProgressReporter:
         """Append a metrics line (snake_case keys) and rewrite progress.json (camelCase)."""
         if not self.enabled:
             return
+        record = {"step": step, "epoch": round(epoch, 6), **metrics}
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps({"step": step, "epoch": round(epoch, 6), **metrics}) + "\n")
+            f.write(json.dumps(record) + "\n")
+        prom.METRICS.observe_step(record)  # the same values to /metrics (rank 0 serves it)
         self.write_progress(step, epoch, metrics)
 
     def write_progress(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
@@ -71,6 +78,9 @@ class ProgressReporter:
             "loss": metrics.get("loss"),
             "learningRate": metrics.get("learning_rate"),
             "tokensPerSecond": metrics.get("tokens_per_s"),
+            "reward": metrics.get("reward_mean"),
+            "kl": metrics.get("kl"),
+            "agreementRate": metrics.get("agreement_rate"),  # feedback stages
         }
         write_json_atomic(
             self.progress_path,
@@ -82,3 +92,5 @@ class ProgressReporter:
                 "updatedAt": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             },
         )
+        # In a pod, the same document reaches the operator as an annotation on this pod.
+        kube_progress.publish_file(self.progress_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from rlhf_trainer import tasks
 
@@ -85,7 +86,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    # Typed as Any: whether its __init__ is annotated differs between transformers releases.
+    llama: Any = LlamaForCausalLM
+    model = llama(config)
     out.mkdir(parents=True, exist_ok=True)
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     model.save_pretrained(out, safe_serialization=True)

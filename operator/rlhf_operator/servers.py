@@ -1,0 +1,292 @@
+"""Pure builders of the inference servers: vLLM or lmdeploy `Deployment`s and their `Service`s.
+
+An online stage (ppo, grpo) gets one Deployment and one Service per rollout replica, named
+`<run>-<stage>-rollout-<i>`, so the trainer can reach every replica by name (it generates
+on all of them and syncs the weights of each). The servers start from the stage's initial
+policy; the trainer replaces their weights as it learns (`rollout.weightSync`).
+
+The container port is named `http`; the startup probe waits on `/v1/models` (the weights are
+loaded), readiness and liveness use `/health`. The workspace volume is mounted at /workspace
+as in trainer pods, because the disk weight sync hands servers a folder on it, and /dev/shm
+is a memory emptyDir (tensor-parallel workers share memory through it). vLLM runs with
+`VLLM_SERVER_DEV_MODE=1`, which enables the weight-reload routes (/pause, /collective_rpc,
+/reset_prefix_cache, /resume).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf_operator import api, builders
+from rlhf_trainer.config import ModelSource
+
+Obj = dict[str, Any]
+
+COMPONENT_ROLLOUT = "rollout"
+LABEL_REPLICA = "rlhf.dev/replica"
+SERVER_CONTAINER = "server"
+VLLM_DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"
+
+
+def model_argument(model: ModelSource) -> str:
+    """What a server loads: a hub id, or the folder under the workspace mount."""
+    if model.name is not None:
+        return model.name
+    assert model.path is not None
+    if model.path.startswith("/"):
+        return model.path
+    return f"{builders.WORKSPACE_MOUNT}/{model.path}"
+
+
+def vllm_command(model: ModelSource, rollout: api.Rollout) -> list[str]:
+    """`vllm serve MODEL ...`, the entry point of the vllm/vllm-openai image."""
+    argv = ["vllm", "serve", model_argument(model)]
+    if model.revision is not None:
+        argv += ["--revision", model.revision]
+    argv += [
+        "--served-model-name",
+        builders.SERVED_MODEL,
+        "--port",
+        str(builders.SERVER_PORT),
+        "--tensor-parallel-size",
+        str(rollout.tensor_parallel_size),
+        "--dtype",
+        rollout.dtype,
+        "--gpu-memory-utilization",
+        str(rollout.gpu_memory_utilization),
+    ]
+    if rollout.max_model_len is not None:
+        argv += ["--max-model-len", str(rollout.max_model_len)]
+    if rollout.weight_sync == "nccl":
+        argv += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+    return argv
+
+
+def lmdeploy_command(model: ModelSource, rollout: api.Rollout) -> list[str]:
+    """`lmdeploy serve api_server MODEL ...`, the entry point of the openmmlab/lmdeploy image."""
+    argv = ["lmdeploy", "serve", "api_server", model_argument(model)]
+    if model.revision is not None:
+        argv += ["--revision", model.revision]
+    argv += [
+        "--model-name",
+        builders.SERVED_MODEL,
+        "--server-port",
+        str(builders.SERVER_PORT),
+        "--tp",
+        str(rollout.tensor_parallel_size),
+        "--cache-max-entry-count",
+        str(rollout.gpu_memory_utilization),
+    ]
+    if rollout.dtype in ("bfloat16", "float16"):
+        argv += ["--dtype", rollout.dtype]
+    if rollout.max_model_len is not None:
+        argv += ["--session-len", str(rollout.max_model_len)]
+    return argv
+
+
+def _probe(path: str, period: int, failures: int) -> Obj:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 5,
+    }
+
+
+def _server_env(run: api.RLHFRun, engine: str) -> list[Obj]:
+    env: list[Obj] = [
+        {"name": "HF_HOME", "value": f"{builders.WORKSPACE_MOUNT}/.cache/huggingface"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if engine == "vllm":
+        env.append({"name": VLLM_DEV_MODE_ENV, "value": "1"})
+    token = run.spec.model.token_secret_ref
+    if token is not None:
+        ref = {"secretKeyRef": {"name": token.name, "key": token.key}}
+        env.append({"name": "HF_TOKEN", "valueFrom": ref})
+    return env
+
+
+def _volumes(run: api.RLHFRun) -> list[Obj]:
+    claim = run.spec.workspace.claim_name
+    workspace: Obj = (
+        {"name": "workspace", "persistentVolumeClaim": {"claimName": claim}}
+        if claim
+        else {"name": "workspace", "emptyDir": {}}
+    )
+    return [workspace, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+
+
+def server_container(run: api.RLHFRun, rollout: api.Rollout, command: list[str]) -> Obj:
+    image = rollout.image or (
+        api.DEFAULT_VLLM_IMAGE if rollout.engine == "vllm" else api.DEFAULT_LMDEPLOY_IMAGE
+    )
+    container: Obj = {
+        "name": SERVER_CONTAINER,
+        "image": image,
+        "command": command,
+        "env": _server_env(run, rollout.engine),
+        "ports": [{"name": "http", "containerPort": builders.SERVER_PORT, "protocol": "TCP"}],
+        # Weights load (and may download) before /v1/models answers: allow startupTimeout.
+        "startupProbe": _probe(
+            "/v1/models", 10, max(1, int(rollout.startup_timeout_seconds // 10))
+        ),
+        "readinessProbe": _probe("/health", 5, 3),
+        "livenessProbe": _probe("/health", 10, 6),
+        "volumeMounts": [
+            {"name": "workspace", "mountPath": builders.WORKSPACE_MOUNT},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    resources = builders.gpu_resources(rollout.resources, rollout.tensor_parallel_size)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def build_server_deployment(
+    run: api.RLHFRun, stage: str, name: str, replica: int, container: Obj, startup_s: float
+) -> Obj:
+    """A one-pod Deployment; `Recreate`, so a changed spec never holds two pods' GPUs."""
+    meta = builders.metadata(run, name, stage, COMPONENT_ROLLOUT)
+    selector = {**builders.labels(run, stage, COMPONENT_ROLLOUT), LABEL_REPLICA: str(replica)}
+    selector.pop(builders.KUEUE_QUEUE_LABEL, None)
+    meta["labels"][LABEL_REPLICA] = str(replica)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            # spec.suspend scales servers to zero: a paused run holds no GPUs.
+            "replicas": 0 if run.spec.suspend else 1,
+            "strategy": {"type": "Recreate"},
+            "progressDeadlineSeconds": int(startup_s),
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": dict(meta["labels"])},
+                "spec": {"containers": [container], "volumes": _volumes(run)},
+            },
+        },
+    }
+
+
+def build_server_service(run: api.RLHFRun, stage: str, name: str, replica: int) -> Obj:
+    meta = builders.metadata(run, name, stage, COMPONENT_ROLLOUT)
+    meta["labels"][LABEL_REPLICA] = str(replica)
+    selector = {**builders.labels(run, stage, COMPONENT_ROLLOUT), LABEL_REPLICA: str(replica)}
+    selector.pop(builders.KUEUE_QUEUE_LABEL, None)
+    port = {"name": "http", "port": builders.SERVER_PORT, "targetPort": "http", "protocol": "TCP"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {"selector": selector, "ports": [port]},
+    }
+
+
+def rollout_children(run: api.RLHFRun, stage: api.Stage) -> list[Obj]:
+    """Every rollout server of an online stage, Deployment then Service per replica; [] for
+    other stage types."""
+    if not builders.uses_rollout(stage):
+        return []
+    rollout = stage.rollout or api.Rollout()
+    model = builders.stage_model(run, stage)
+    command = (
+        vllm_command(model, rollout)
+        if rollout.engine == "vllm"
+        else lmdeploy_command(model, rollout)
+    )
+    out: list[Obj] = []
+    for replica in range(rollout.replicas):
+        name = builders.rollout_name(run, stage.name, replica)
+        container = server_container(run, rollout, command)
+        out.append(
+            build_server_deployment(
+                run, stage.name, name, replica, container, rollout.startup_timeout_seconds
+            )
+        )
+        out.append(build_server_service(run, stage.name, name, replica))
+    return out
+
+
+def deployment_available(obj: Obj) -> bool:
+    """Whether a Deployment reports its pod available (condition Available=True and an
+    available replica)."""
+    status = obj.get("status") or {}
+    conditions = status.get("conditions") or []
+    available = any(
+        c.get("type") == "Available" and c.get("status") == "True" for c in conditions
+    )
+    return available and int(status.get("availableReplicas") or 0) >= 1
+
+
+def deployment_failure(obj: Obj) -> str | None:
+    """Why a Deployment will not become available (its progress deadline passed), or None."""
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if (
+            c.get("type") == "Progressing"
+            and c.get("status") == "False"
+            and c.get("reason") == "ProgressDeadlineExceeded"
+        ):
+            name = obj.get("metadata", {}).get("name", "?")
+            detail = c.get("message") or "it did not become available in time"
+            return f"rollout server {name} failed: {detail}"
+    return None
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether an online stage's servers are all available; else why it waits or failed."""
+
+    ready: bool
+    waiting: str | None = None
+    failure: str | None = None
+
+
+def readiness(rollout: list[Obj], observed: list[Obj]) -> Readiness:
+    """Read the observed Deployments of a stage's rollout servers (`rollout_children`)."""
+    wanted = [o["metadata"]["name"] for o in rollout if o["kind"] == "Deployment"]
+    if not wanted:
+        return Readiness(ready=True)
+    found = {
+        o["metadata"]["name"]: o
+        for o in observed
+        if o.get("kind") == "Deployment" and o.get("metadata", {}).get("name") in wanted
+    }
+    for name in wanted:
+        failure = deployment_failure(found.get(name, {"metadata": {"name": name}}))
+        if failure is not None:
+            return Readiness(ready=False, failure=failure)
+    up = sum(1 for name in wanted if name in found and deployment_available(found[name]))
+    if up == len(wanted):
+        return Readiness(ready=True)
+    return Readiness(
+        ready=False, waiting=f"Waiting for rollout servers: {up}/{len(wanted)} available"
+    )
+
+
+def online_stage_problem(run: api.RLHFRun, index: int, stage: api.Stage) -> str | None:
+    """What an online stage asks for that cannot run yet, naming the field, or None."""
+    if stage.type not in builders.ONLINE_STAGE_TYPES:
+        return None
+    where = f"spec.stages[{index}]"
+    rollout = stage.rollout or api.Rollout()
+    if rollout.engine != "vllm":
+        return (
+            f"{where}.rollout.engine: {rollout.engine!r} cannot serve rollouts yet (it has no "
+            "weight-reload API this project drives); use vllm"
+        )
+    if rollout.weight_sync == "nccl" and run.spec.trainer.gpus_per_node == 0:
+        return (
+            f"{where}.rollout.weightSync: nccl moves weights GPU to GPU, but "
+            "spec.trainer.gpusPerNode is 0; use weightSync disk, or give the trainer GPUs"
+        )
+    if stage.reward is not None and stage.reward.judge is not None:
+        return (
+            f"{where}.reward.judge: online rewards from the AI judge are not supported yet; "
+            "use reward.from (a reward stage) or reward.function"
+        )
+    return None

@@ -1,0 +1,93 @@
+"""What `python -m rlhf_trainer ppo|grpo --validate-only` checks before any process group
+forms: the rollout servers, exactly one reward source, reward functions and their allow-list,
+batch shapes and the step count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlhf_trainer import preflight, reward_functions
+from rlhf_trainer.config import WORKSPACE_ENV, StageConfig
+from rlhf_trainer.errors import UserError
+
+pytestmark = pytest.mark.unit
+
+
+def config(stage_type: str = "grpo", **changes: Any) -> StageConfig:
+    base: dict[str, Any] = {
+        "run": "r",
+        "stage": stage_type,
+        "type": stage_type,
+        "model": {"path": "model"},
+        "dataset": {"path": "prompts.jsonl", "format": "prompts"},
+        "outputDir": f"r/{stage_type}",
+        "hyperparameters": {"batchSize": 16, "maxLength": 64, "epochs": 2},
+        "rewardFunction": "animal_sounds",
+        "rollout": {"urls": ["http://server:8000"], "servedModel": "policy"},
+        stage_type: {"rolloutBatchSize": 8, "maxNewTokens": 8}
+        | ({"numGenerations": 4} if stage_type == "grpo" else {}),
+    }
+    return StageConfig.model_validate(base | changes)
+
+
+@pytest.fixture(autouse=True)
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixtures_dir: Path) -> Path:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "prompts.jsonl").write_text((fixtures_dir / "prompts.jsonl").read_text())
+    monkeypatch.setenv(WORKSPACE_ENV, str(tmp_path))
+    return tmp_path
+
+
+def test_grpo_steps_count_prompts_not_samples() -> None:
+    inputs = preflight.check_grpo(config(), world_size=2)
+    assert len(inputs.train_rows) == 100 and inputs.micro_batch == 8
+    assert inputs.total_steps == 25  # 2 epochs x 100 prompts / 8 prompts per step
+
+
+def test_ppo_with_a_reward_model(workspace: Path) -> None:
+    (workspace / "rm").mkdir()
+    (workspace / "rm" / "config.json").write_text("{}")
+    changes = {"rewardFunction": None, "rewardModelPath": "rm", "ppo": {"rolloutBatchSize": 32, "maxNewTokens": 8}}
+    inputs = preflight.check_ppo(config("ppo", **changes), world_size=2)
+    assert inputs.reward_model_ref == str(workspace / "rm")
+
+
+@pytest.mark.parametrize(
+    ("stage_type", "changes", "message"),
+    [
+        ("grpo", {"rollout": None}, "rollout: the stage config names no rollout servers"),
+        ("grpo", {"rewardFunction": None}, "reward: set exactly one of"),
+        ("grpo", {"rewardModelPath": "rm"}, "reward: set exactly one of"),
+        ("grpo", {"rewardFunction": "nope"}, "reward.function: unknown reward function 'nope'"),
+        ("grpo", {"hyperparameters": {"batchSize": 24}}, "batchSize: 24 samples per optimizer"),
+        ("grpo", {"hyperparameters": {"maxLength": 8}}, "maxLength: 8 leaves no room"),
+        ("ppo", {"ppo": {"ptxCoef": 0.5}}, "ppo.ptxDataset"),
+        ("ppo", {"ppo": {"klController": "adaptive"}}, "ppo.klTarget"),
+        ("grpo", {"lora": {"r": 4}}, "lora: LoRA is not supported for grpo"),
+    ],
+)
+def test_bad_online_configs_are_refused(stage_type: str, changes: Any, message: str) -> None:
+    check = preflight.check_grpo if stage_type == "grpo" else preflight.check_ppo
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        check(config(stage_type, **changes), world_size=2)
+
+
+def test_module_reward_functions_need_the_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "rlhf_trainer.tasks:check"
+    monkeypatch.delenv(reward_functions.ALLOW_ENV, raising=False)
+    with pytest.raises(UserError, match="not on the trainer's allow-list"):
+        reward_functions.resolve_reward_function(name)
+    monkeypatch.setenv(reward_functions.ALLOW_ENV, "rlhf_trainer_extras, rlhf_trainer")
+    function = reward_functions.resolve_reward_function(name)
+    assert function("What does the cow say?", " moo.") == 1.0
+    # A prefix matches whole package names only.
+    monkeypatch.setenv(reward_functions.ALLOW_ENV, "rlhf")
+    with pytest.raises(UserError, match="allow-list"):
+        reward_functions.resolve_reward_function(name)
+    monkeypatch.setenv(reward_functions.ALLOW_ENV, "rlhf_trainer")
+    with pytest.raises(UserError, match="has no callable 'missing'"):
+        reward_functions.resolve_reward_function("rlhf_trainer.tasks:missing")

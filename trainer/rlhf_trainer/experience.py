@@ -1,0 +1,168 @@
+"""From rollouts to optimisation: the `Experience` of one step, and the forward passes that
+fill it (policy and reference logprobs, critic values, reward-model scores).
+
+Layout: prompts left-padded to P, responses right-padded to R, so every response starts at
+column P and response tensors are (B, R) with column t the t-th response token. Position ids
+come from the attention mask, so padding never shifts a token's position (the logprobs match
+the rollout server's, which sees no padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf_trainer.losses import entropy_from_logits, token_logprobs
+from rlhf_trainer.rollout import Sample
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A rank's samples as tensors (what the server returned, nothing computed yet)."""
+
+    sequences: torch.Tensor  # (B, P + R) int64: left-padded prompt, right-padded response
+    attention_mask: torch.Tensor  # (B, P + R) int64: 1 on real tokens
+    response_mask: torch.Tensor  # (B, R) float32: 1 on real response tokens
+    behaviour_logprobs: torch.Tensor  # (B, R) float32: the server's logprobs of the tokens
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.sequences.size(1) - self.response_mask.size(1))
+
+    @property
+    def responses(self) -> torch.Tensor:  # (B, R) int64
+        return self.sequences[:, self.prompt_len :]
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One rank's share of a step's rollouts, ready for optimisation (OpenRLHF's
+    `Experience`). B samples; R the longest response."""
+
+    batch: Batch
+    old_logprobs: torch.Tensor  # (B, R): log π_old, the policy the ratio is taken against
+    advantages: torch.Tensor  # (B, R) PPO (GAE, whitened); (B,) GRPO (group-relative)
+    scores: torch.Tensor  # (B,) float32: raw rewards of the samples
+    ref_logprobs: torch.Tensor | None = None  # (B, R): log π_ref (None when no KL is used)
+    values: torch.Tensor | None = None  # (B, R): critic values at sampling time (PPO)
+    returns: torch.Tensor | None = None  # (B, R): GAE returns A + V (PPO)
+
+    def select(self, index: Sequence[int]) -> Experience:
+        """The rows `index` of every tensor."""
+        rows = torch.tensor(list(index), dtype=torch.long)
+
+        def pick(t: Any) -> Any:
+            return None if t is None else t.index_select(0, rows.to(t.device))
+
+        batch = Batch(**{f.name: pick(getattr(self.batch, f.name)) for f in fields(Batch)})
+        tensors = {f.name: pick(getattr(self, f.name)) for f in fields(self) if f.name != "batch"}
+        return replace(self, batch=batch, **tensors)
+
+
+def collate_samples(samples: Sequence[Sample], pad_id: int, device: torch.device) -> Batch:
+    """Samples -> a Batch (prompts left-padded, responses right-padded)."""
+    width_p = max(len(s.prompt_ids) for s in samples)
+    width_r = max(max(len(s.response_ids) for s in samples), 1)
+    n = len(samples)
+    sequences = torch.full((n, width_p + width_r), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width_p + width_r), dtype=torch.long)
+    response_mask = torch.zeros((n, width_r), dtype=torch.float32)
+    behaviour = torch.zeros((n, width_r), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        sequences[i, width_p - p : width_p] = torch.tensor(s.prompt_ids)
+        attention[i, width_p - p : width_p + r] = 1
+        if r:
+            sequences[i, width_p : width_p + r] = torch.tensor(s.response_ids)
+            response_mask[i, :r] = 1.0
+            behaviour[i, :r] = torch.tensor(s.logprobs)
+    return Batch(
+        sequences.to(device),
+        attention.to(device),
+        response_mask.to(device),
+        torch.nan_to_num(behaviour).to(device),
+    )
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over the real tokens of each row, whatever padding precedes them."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def response_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """(B, R, V): the logits that predict each response token (positions P-1 .. P+R-2)."""
+    out = model(
+        input_ids=batch.sequences,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids(batch.attention_mask),
+    )
+    p, r = batch.prompt_len, batch.response_mask.size(1)
+    logits: torch.Tensor = out.logits[:, p - 1 : p - 1 + r]
+    return logits
+
+
+def policy_logprobs(
+    model: nn.Module, batch: Batch, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(response tokens) (B, R) float32, and their entropies when asked; 0 on padding."""
+    logits = response_logits(model, batch)
+    logprobs = token_logprobs(logits, batch.responses) * batch.response_mask
+    entropy = entropy_from_logits(logits) * batch.response_mask if with_entropy else None
+    return logprobs, entropy
+
+
+def critic_values(critic: nn.Module, batch: Batch) -> torch.Tensor:
+    """V(s_t) for each response token (B, R) float32: the critic's value at the position
+    before the token (the state it is sampled in), as for the logits."""
+    values = critic(
+        input_ids=batch.sequences,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids(batch.attention_mask),
+    )
+    p, r = batch.prompt_len, batch.response_mask.size(1)
+    out: torch.Tensor = values[:, p - 1 : p - 1 + r].float() * batch.response_mask
+    return out
+
+
+def scored_sequences(
+    samples: Sequence[Sample], eos_id: int | None, pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt + response (+ EOS when the response lacks it: reward models learn to read the
+    end-of-sequence token, as `batching.tokenize_sft` trains them), right-padded; (ids, mask)."""
+    rows = []
+    for s in samples:
+        ids = list(s.prompt_ids) + list(s.response_ids)
+        if eos_id is not None and (not s.response_ids or s.response_ids[-1] != eos_id):
+            ids.append(eos_id)
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids_t[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids_t.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def in_chunks(
+    n: int, size: int, compute: Callable[[slice], torch.Tensor]
+) -> torch.Tensor:
+    """`compute` over rows [0, n) in chunks of `size` (bounded memory), concatenated."""
+    parts = [compute(slice(i, min(i + size, n))) for i in range(0, n, size)]
+    return torch.cat(parts, dim=0)
+
+
+def slice_batch(batch: Batch, rows: slice) -> Batch:
+    """Rows of a Batch, trimmed to the columns those rows use (less padding per chunk is not
+    attempted: the layout must stay aligned with the step's other tensors)."""
+    return Batch(
+        batch.sequences[rows],
+        batch.attention_mask[rows],
+        batch.response_mask[rows],
+        batch.behaviour_logprobs[rows],
+    )

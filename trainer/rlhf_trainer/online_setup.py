@@ -1,0 +1,143 @@
+"""Everything an online stage builds before its first step: tokenizer, the sharded policy, the
+reward source, the rollout client (rank 0) and the weight sync with its parity probe."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import torch
+from torch import nn
+
+from rlhf_trainer.config import RolloutTarget
+from rlhf_trainer.data import PromptRow
+from rlhf_trainer.distributed import DistContext, broadcast_object, shard_model
+from rlhf_trainer.errors import UserError
+from rlhf_trainer.experience import in_chunks, scored_sequences
+from rlhf_trainer.feed import prompt_token_ids
+from rlhf_trainer.model import load_causal_lm, load_tokenizer
+from rlhf_trainer.online_models import ValueModel, load_value_model
+from rlhf_trainer.parity import Syncer
+from rlhf_trainer.preflight import StageInputs
+from rlhf_trainer.reward_functions import RewardFunction, resolve_reward_function
+from rlhf_trainer.reward_model import last_token_values
+from rlhf_trainer.rollout import RolloutClient, Sample
+from rlhf_trainer.weight_sync import DiskWeightSync, NcclWeightSync, WeightSync, free_port
+
+log = logging.getLogger(__name__)
+
+SCORE_CHUNK = 16  # samples per reward-model forward
+
+
+class RewardSource(Protocol):
+    def score(self, samples: Sequence[Sample], prompts: Sequence[str]) -> torch.Tensor:
+        """(B,) float32 rewards of `samples` (prompts[s.prompt_index] is each one's prompt).
+        Collective for a reward model: every rank calls it with as many samples."""
+        ...
+
+
+class FunctionReward:
+    """A Python reward function of (prompt, decoded response)."""
+
+    def __init__(self, function: RewardFunction, tokenizer: Any) -> None:
+        self.function, self.tokenizer = function, tokenizer
+
+    def score(self, samples: Sequence[Sample], prompts: Sequence[str]) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(
+            [list(s.response_ids) for s in samples], skip_special_tokens=True
+        )
+        values = [
+            float(self.function(prompts[s.prompt_index], text))
+            for s, text in zip(samples, texts, strict=True)
+        ]
+        return torch.tensor(values, dtype=torch.float32)
+
+
+class ModelReward:
+    """A reward model (a `reward` stage's output), sharded, read at the last token."""
+
+    def __init__(self, model: ValueModel, tokenizer: Any, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.eos, self.pad = tokenizer.eos_token_id, int(tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def score(self, samples: Sequence[Sample], prompts: Sequence[str]) -> torch.Tensor:
+        del prompts
+        ids, mask = scored_sequences(samples, self.eos, self.pad, self.device)
+
+        def chunk(rows: slice) -> torch.Tensor:
+            values = self.model(input_ids=ids[rows], attention_mask=mask[rows])
+            return last_token_values(values, mask[rows])
+
+        return in_chunks(len(samples), SCORE_CHUNK, chunk).float().cpu()
+
+
+@dataclass
+class OnlineSetup:
+    inputs: StageInputs[PromptRow]
+    ctx: DistContext
+    tokenizer: Any
+    actor: nn.Module  # the policy, FSDP-sharded, in train mode
+    dtype: torch.dtype  # the dtype of its checkpoint: final/ and weight snapshots use it
+    reward: RewardSource
+    client: RolloutClient | None  # rank 0 only
+    syncer: Syncer
+    max_prompt: int  # prompt tokens kept (maxLength - maxNewTokens)
+    async_: bool
+    backend: WeightSync
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _options(inputs: StageInputs[PromptRow]) -> tuple[int, bool]:
+    config = inputs.config
+    options = config.ppo if config.type == "ppo" else config.grpo
+    if options is None:
+        raise UserError(f"{config.type}: options missing")
+    return options.max_new_tokens, options.async_
+
+
+def _reward(inputs: StageInputs[PromptRow], tokenizer: Any, ctx: DistContext) -> RewardSource:
+    config = inputs.config
+    if inputs.reward_model_ref is not None:
+        model = load_value_model(inputs.reward_model_ref, trainable=False, bf16=ctx.bf16)
+        return ModelReward(model, tokenizer, ctx.device)
+    assert config.reward_function is not None  # preflight: exactly one source
+    return FunctionReward(resolve_reward_function(config.reward_function), tokenizer)
+
+
+def _backend(
+    target: RolloutTarget, inputs: StageInputs[PromptRow], ctx: DistContext, dtype: torch.dtype
+) -> WeightSync:
+    if target.weight_sync == "disk":
+        return DiskWeightSync(target, inputs.output_dir / "weights", ctx, dtype)
+    port = cast(int, broadcast_object(free_port() if ctx.is_main else 0))
+    return NcclWeightSync(target, ctx, dtype, port)
+
+
+def prepare(inputs: StageInputs[PromptRow], ctx: DistContext) -> OnlineSetup:
+    """Load and shard the policy, set up rewards, reach the servers. Collective."""
+    config = inputs.config
+    target = config.rollout
+    assert target is not None  # preflight
+    max_new, async_ = _options(inputs)
+    tokenizer = load_tokenizer(config.model, inputs.model_ref)
+    actor, dtype = load_causal_lm(config.model, inputs.model_ref)
+    actor.train()
+    shard_model(actor, ctx.bf16)
+    reward = _reward(inputs, tokenizer, ctx)
+    client = RolloutClient(target) if ctx.is_main else None
+    if client is not None:
+        log.info("Waiting for %d rollout server(s): %s", len(target.urls), ", ".join(target.urls))
+        client.wait_ready()
+    backend = _backend(target, inputs, ctx, dtype)
+    max_prompt = config.hyperparameters.max_length - max_new
+    probe = prompt_token_ids(tokenizer, [inputs.train_rows[0].prompt], max_prompt)[0]
+    pad = int(tokenizer.pad_token_id)
+    syncer = Syncer(backend, client, probe, target.parity_threshold, ctx, pad)
+    return OnlineSetup(
+        inputs, ctx, tokenizer, actor, dtype, reward, client, syncer, max_prompt, async_, backend
+    )

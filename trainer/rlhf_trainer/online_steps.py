@@ -1,0 +1,102 @@
+"""Optimisation over one step's experience, shared by PPO (actor and critic) and GRPO.
+
+Each rank holds its share of the step's samples. A minibatch is `batchSize` samples over all
+ranks (`batchSize / worldSize` from each), run as `gradientAccumulation` micro-batches; its
+loss is summed over tokens and divided by the active tokens of the whole minibatch (all
+ranks), so the update does not depend on how many ranks share the work (`loop.py`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from rlhf_trainer.distributed import DistContext, all_reduce_sum
+from rlhf_trainer.experience import Batch, Experience, in_chunks, slice_batch
+from rlhf_trainer.loop import backward_rank_micro_batches, grad_norm_and_clip
+
+if TYPE_CHECKING:
+    from rlhf_trainer.online_setup import OnlineSetup
+
+# A micro-batch's (summed loss to backpropagate, summed diagnostics).
+LossFn = Callable[[Experience], tuple[torch.Tensor, dict[str, float]]]
+
+
+def forward_in_chunks(
+    setup: OnlineSetup, batch: Batch, fn: Callable[[Batch], torch.Tensor]
+) -> torch.Tensor:
+    """`fn` (a no-grad forward) over the batch in micro-batch-sized chunks, concatenated."""
+    return in_chunks(
+        batch.sequences.size(0),
+        setup.inputs.micro_batch,
+        lambda rows: fn(slice_batch(batch, rows)).detach(),
+    )
+
+
+def rank_rows(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """This rank's contiguous block of rows of a tensor over all of a step's samples."""
+    per = x.size(0) // ctx.world_size
+    return x[ctx.rank * per : (ctx.rank + 1) * per]
+
+
+def rename(metrics: dict[str, float]) -> dict[str, float]:
+    """Diagnostic sums to their metrics.jsonl names (docs/METRICS.md)."""
+    names = {"clipped": "clip_fraction"}
+    return {names.get(k, k): v for k, v in metrics.items()}
+
+
+class MinibatchTrainer:
+    """Optimizer steps of one model over a step's experience."""
+
+    def __init__(
+        self,
+        setup: OnlineSetup,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: LambdaLR,
+    ) -> None:
+        self.setup, self.model = setup, model
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    def run(
+        self, exp: Experience, loss_fn: LossFn, rng: random.Random, epochs: int = 1
+    ) -> dict[str, float]:
+        """`epochs` passes over `exp` in shuffled minibatches; per-token means of the loss and
+        of every diagnostic `loss_fn` sums, averaged over the optimizer steps."""
+        setup = self.setup
+        ctx, hp = setup.ctx, setup.inputs.config.hyperparameters
+        local = exp.batch.sequences.size(0)
+        per_minibatch = hp.batch_size // ctx.world_size
+        micro = setup.inputs.micro_batch
+        totals: dict[str, float] = {}
+        steps = 0
+        for _ in range(epochs):
+            order = list(range(local))
+            rng.shuffle(order)
+            for start in range(0, local, per_minibatch):
+                sub = exp.select(order[start : start + per_minibatch])
+                tokens = all_reduce_sum([float(sub.batch.response_mask.sum())], ctx.device)[0]
+                chunks = [list(range(i, i + micro)) for i in range(0, per_minibatch, micro)]
+                sums = backward_rank_micro_batches(
+                    self.model,
+                    chunks,
+                    ctx,
+                    lambda rows, sub=sub: loss_fn(sub.select(rows)),  # type: ignore[misc]
+                    1.0 / max(tokens, 1.0),
+                )
+                learning_rate = float(self.scheduler.get_last_lr()[0])
+                norm = grad_norm_and_clip(self.model, hp.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                means = {k: v / max(tokens, 1.0) for k, v in sums.items()}
+                means |= {"grad_norm": norm, "learning_rate": learning_rate}
+                for key, value in means.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                steps += 1
+        return {k: v / max(steps, 1) for k, v in totals.items()}

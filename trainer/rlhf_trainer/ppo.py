@@ -1,0 +1,256 @@
+"""PPO with the PPO-max switches (Zheng et al. 2023, "Secrets of RLHF in Large Language Models
+Part I: PPO"; defaults from OpenLMLab/MOSS-RLHF).
+
+Models: the actor (the policy, from the `from` stage), the critic (from the reward model of
+`reward.from`; from the policy with a new value head when rewards come from a function), the
+frozen reference (a copy of the initial policy; loaded when β > 0 or the KL controller is
+adaptive) and the reward source. Per step, one sample per prompt:
+
+1. rewards: the raw score, then `rewardScaling` (÷ running std) or `rewardNormalization`
+   (standardise with the running moments), then `rewardClip`; the per-token k1 KL penalty
+   -β (log π_old - log π_ref) on every token, the shaped score on the last one;
+2. GAE (γ, λ) over response tokens, returns = A + V; `advantageWhitening` with global stats;
+3. `ppoEpochs` passes in minibatches of `batchSize`: the critic on the clipped value loss
+   (`valueClip`), and, after `criticWarmupSteps`, the actor on the clipped surrogate
+   (`policyClip`), minus `entropyCoef` × entropy, plus `ptxCoef` × an LM loss on `ptxDataset`;
+   gradients clipped to `gradClip`;
+4. the KL controller (fixed, or adaptive toward `klTarget`) sees the step's KL.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf_trainer.advantages import gae, masked_sums, whiten
+from rlhf_trainer.batching import DataStream, collate, tokenize_sft
+from rlhf_trainer.config import PPOOptions
+from rlhf_trainer.data import PromptRow, load_sft_rows
+from rlhf_trainer.distributed import all_reduce_sum
+from rlhf_trainer.experience import Experience, collate_samples, critic_values, policy_logprobs
+from rlhf_trainer.feed import StepRollouts
+from rlhf_trainer.loop import build_optimizer
+from rlhf_trainer.losses import approx_kl, clipped_surrogate, clipped_value_loss, sft_loss_sum
+from rlhf_trainer.online import run_online, shard
+from rlhf_trainer.online_models import load_reference, load_value_model
+from rlhf_trainer.online_setup import OnlineSetup
+from rlhf_trainer.online_steps import MinibatchTrainer, forward_in_chunks, rename
+from rlhf_trainer.preflight import StageInputs
+from rlhf_trainer.rewards import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    clip_rewards,
+    kl_penalized_rewards,
+    normalize,
+    scale_by_std,
+)
+from rlhf_trainer.rollout import Sampling
+
+
+def global_mean_std(x: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """Mean and std (Bessel) of a 1-D tensor split over ranks. Collective."""
+    x64 = x.double()
+    total, squares, n = all_reduce_sum(
+        [float(x64.sum()), float((x64 * x64).sum()), float(x64.numel())], device
+    )
+    mean = total / max(n, 1.0)
+    var = (squares - n * mean * mean) / max(n - 1.0, 1.0)
+    return mean, max(var, 0.0) ** 0.5
+
+
+class PPO:
+    def __init__(self, setup: OnlineSetup) -> None:
+        inputs, ctx = setup.inputs, setup.ctx
+        self.setup, self.opts = setup, inputs.config.ppo or PPOOptions()
+        opts, hp = self.opts, inputs.config.hyperparameters
+        self.sampling = Sampling(
+            n=1, max_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p
+        )
+        self.prompts_per_step = opts.rollout_batch_size
+        self.reference: nn.Module | None = None
+        if opts.kl_coef > 0 or opts.kl_controller == "adaptive":
+            self.reference = load_reference(inputs.config.model, inputs.model_ref, ctx.bf16)
+        self.critic = load_value_model(
+            inputs.reward_model_ref or inputs.model_ref, trainable=True, bf16=ctx.bf16
+        )
+        per_step = (opts.rollout_batch_size // hp.batch_size) * opts.ppo_epochs
+        actor_steps = max(inputs.total_steps - opts.critic_warmup_steps, 1) * per_step
+        self.actor_opt, self.actor_sched = build_optimizer(setup.actor, hp, actor_steps)
+        critic_hp = hp.model_copy(update={"learning_rate": opts.critic_learning_rate})
+        self.critic_opt, self.critic_sched = build_optimizer(
+            self.critic, critic_hp, inputs.total_steps * per_step
+        )
+        self.actor_steps = MinibatchTrainer(setup, setup.actor, self.actor_opt, self.actor_sched)
+        self.critic_steps = MinibatchTrainer(setup, self.critic, self.critic_opt, self.critic_sched)
+        self.moments = RunningMoments()
+        self.kl_ctl: FixedKLController = (
+            AdaptiveKLController(opts.kl_coef, opts.kl_target or 1.0, opts.kl_horizon)
+            if opts.kl_controller == "adaptive"
+            else FixedKLController(opts.kl_coef)
+        )
+        self.ptx = PtxSource(setup, opts) if opts.ptx_coef > 0 else None
+
+    def modules(self) -> nn.Module:
+        return nn.ModuleDict({"actor": self.setup.actor, "critic": self.critic})
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.actor_opt, self.critic_opt]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "actor_scheduler": self.actor_sched.state_dict(),
+            "critic_scheduler": self.critic_sched.state_dict(),
+            "reward_moments": self.moments.state_dict(),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "ptx": self.ptx.position() if self.ptx is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.actor_sched.load_state_dict(state["actor_scheduler"])
+        self.critic_sched.load_state_dict(state["critic_scheduler"])
+        self.moments.load_state_dict(state["reward_moments"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        if self.ptx is not None and state.get("ptx") is not None:
+            self.ptx.seek(*state["ptx"])
+
+    def shape(self, scores: torch.Tensor) -> torch.Tensor:
+        """The PPO-max reward switches, in order: moments update, scale or normalise, clip."""
+        opts = self.opts
+        self.moments.update(scores)  # collective
+        shaped = scores
+        if opts.reward_normalization:
+            shaped = normalize(shaped, self.moments)
+        elif opts.reward_scaling:
+            shaped = scale_by_std(shaped, self.moments)
+        if opts.reward_clip is not None:
+            shaped = clip_rewards(shaped, opts.reward_clip)
+        return shaped
+
+    def experience(self, rollouts: StepRollouts) -> tuple[Experience, dict[str, float]]:
+        setup, opts, device = self.setup, self.opts, self.setup.ctx.device
+        mine = shard(rollouts.samples, setup.ctx)
+        scores = setup.reward.score(mine, rollouts.prompts).to(device)
+        batch = collate_samples(mine, int(setup.tokenizer.pad_token_id), device)
+        mask = batch.response_mask
+        old = batch.behaviour_logprobs
+        if not setup.async_:
+            old = forward_in_chunks(setup, batch, lambda b: policy_logprobs(setup.actor, b)[0])
+        ref = old
+        if self.reference is not None:
+            reference = self.reference
+            ref = forward_in_chunks(setup, batch, lambda b: policy_logprobs(reference, b)[0])
+        values = forward_in_chunks(setup, batch, lambda b: critic_values(self.critic, b))
+        shaped = self.shape(scores)
+        rewards = kl_penalized_rewards(shaped, old, ref, mask, self.kl_ctl.beta)
+        advantages, returns = gae(rewards, values, mask, opts.gamma, opts.lam)
+        if opts.advantage_whitening:
+            sums = masked_sums(advantages, mask).to(device)
+            total = torch.tensor(all_reduce_sum(sums.tolist(), device), dtype=torch.float64)
+            advantages = whiten(advantages, mask, total)
+        exp = Experience(batch, old, advantages, scores, ref, values, returns)
+        return exp, self._stats(exp, shaped)
+
+    def _stats(self, exp: Experience, shaped: torch.Tensor) -> dict[str, float]:
+        device, mask = self.setup.ctx.device, exp.batch.response_mask
+        assert exp.ref_logprobs is not None and exp.values is not None
+        assert exp.returns is not None
+        seq_kl = ((exp.old_logprobs - exp.ref_logprobs) * mask).sum(dim=1)
+        kl, _ = global_mean_std(seq_kl, device)
+        raw_mean, raw_std = global_mean_std(exp.scores, device)
+        scaled_mean, scaled_std = global_mean_std(shaped, device)
+        error = (exp.returns - exp.values) * mask
+        stats = [masked_sums(exp.returns, mask), masked_sums(error, mask)]
+        sums = all_reduce_sum(torch.cat(stats).tolist(), device)
+        var_returns = sums[1] / max(sums[2], 1) - (sums[0] / max(sums[2], 1)) ** 2
+        var_error = sums[4] / max(sums[5], 1) - (sums[3] / max(sums[5], 1)) ** 2
+        explained = 1.0 - var_error / var_returns if var_returns > 1e-12 else 0.0
+        return {
+            "reward_mean": raw_mean,
+            "reward_std": raw_std,
+            "reward_scaled_mean": scaled_mean,
+            "reward_scaled_std": scaled_std,
+            "kl": kl,
+            "kl_coef": self.kl_ctl.beta,
+            "explained_variance": explained,
+        }
+
+    def train(self, step: int, rollouts: StepRollouts) -> tuple[dict[str, float], bool]:
+        exp, metrics = self.experience(rollouts)
+        self.kl_ctl.update(metrics["kl"], len(rollouts.samples))
+        seed = self.setup.inputs.config.hyperparameters.seed + step
+        epochs = self.opts.ppo_epochs
+        critic = self.critic_steps.run(exp, self._value_loss, random.Random(seed), epochs)
+        metrics |= {"value_loss": critic["value_loss"], "critic_grad_norm": critic["grad_norm"]}
+        moved = step >= self.opts.critic_warmup_steps
+        if moved:
+            rng = random.Random(~seed)
+            metrics |= rename(self.actor_steps.run(exp, self._policy_loss, rng, epochs))
+        metrics["loss"] = metrics.get("policy_loss", 0.0) + metrics["value_loss"]
+        return metrics, moved
+
+    def _value_loss(self, exp: Experience) -> tuple[torch.Tensor, dict[str, float]]:
+        assert exp.values is not None and exp.returns is not None
+        mask = exp.batch.response_mask
+        values = critic_values(self.critic, exp.batch)
+        loss = clipped_value_loss(values, exp.values, exp.returns, mask, self.opts.value_clip)
+        return loss, {"value_loss": float(loss.detach())}
+
+    def _policy_loss(self, exp: Experience) -> tuple[torch.Tensor, dict[str, float]]:
+        opts, mask = self.opts, exp.batch.response_mask
+        logprobs, entropy = policy_logprobs(self.setup.actor, exp.batch, with_entropy=True)
+        assert entropy is not None
+        loss, clipped = clipped_surrogate(
+            logprobs, exp.old_logprobs, exp.advantages, mask, opts.policy_clip
+        )
+        sums = {
+            "policy_loss": float(loss.detach()),
+            "clipped": float(clipped),
+            "approx_kl": float(approx_kl(logprobs.detach(), exp.old_logprobs, mask)),
+            "entropy": float(entropy.detach().sum()),
+        }
+        if opts.entropy_coef > 0:
+            loss = loss - opts.entropy_coef * entropy.sum()
+        if self.ptx is not None:
+            ptx_sum, ptx_tokens = self.ptx.loss(self.setup.actor, exp.batch.sequences.size(0))
+            # Scaled so that, once divided by the response tokens, it is ptxCoef x the LM loss
+            # averaged over this micro-batch's supervised tokens.
+            tokens = float(mask.sum())
+            loss = loss + opts.ptx_coef * ptx_sum * (tokens / max(ptx_tokens, 1.0))
+            sums["ptx_loss"] = float(ptx_sum.detach()) * tokens / max(ptx_tokens, 1.0)
+        return loss, sums
+
+
+class PtxSource:
+    """Supervised examples for PPO-ptx: an endless, seeded stream over `ppo.ptxDataset`."""
+
+    def __init__(self, setup: OnlineSetup, opts: PPOOptions) -> None:
+        assert opts.ptx_dataset is not None  # preflight
+        hp = setup.inputs.config.hyperparameters
+        rows = load_sft_rows(opts.ptx_dataset)
+        self.examples = tokenize_sft(rows, setup.tokenizer, hp.max_length)
+        self.stream = DataStream(len(self.examples), hp.seed + 1)
+        self.pad, self.device = int(setup.tokenizer.pad_token_id), setup.ctx.device
+
+    def position(self) -> tuple[int, int]:
+        return self.stream.epoch, self.stream.index
+
+    def seek(self, epoch: int, index: int) -> None:
+        self.stream = DataStream(self.stream.n, self.stream.seed, epoch, index)
+
+    def loss(self, model: nn.Module, n: int) -> tuple[torch.Tensor, float]:
+        """Summed LM loss of the next `n` examples, and their target-token count."""
+        batch = collate([self.examples[i] for i in self.stream.next_batch(n)], self.pad)
+        tensors = {k: v.to(self.device) for k, v in batch.items()}
+        logits = model(
+            input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
+        ).logits
+        labels = tensors["labels"]
+        return sft_loss_sum(logits, labels), float((labels[:, 1:] != -100).sum())
+
+
+def run_ppo(inputs: StageInputs[PromptRow]) -> None:
+    run_online(inputs, PPO, 1)

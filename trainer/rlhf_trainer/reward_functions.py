@@ -1,0 +1,59 @@
+"""Python reward functions for online stages (`reward: {function: NAME}`): verifiable rewards.
+
+NAME is either a function registered in `tasks.REWARD_FUNCTIONS` (e.g. `animal_sounds`), or
+`module:callable`. A module is imported only when it is on the trainer's allow-list, the
+comma-separated module prefixes in `$RLHF_REWARD_FUNCTION_MODULES` (empty by default). The
+allow-list belongs to whoever builds the trainer image or starts the trainer, not to the
+RLHFRun spec, so a spec alone cannot make a trainer import arbitrary code.
+
+A reward function takes (prompt, response) strings and returns a float. Torch-free.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping
+
+from rlhf_trainer import tasks
+from rlhf_trainer.errors import UserError
+
+RewardFunction = Callable[[str, str], float]
+ALLOW_ENV = "RLHF_REWARD_FUNCTION_MODULES"
+
+
+def allowed_modules(env: Mapping[str, str] | None = None) -> list[str]:
+    raw = (os.environ if env is None else env).get(ALLOW_ENV, "")
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _allowed(module: str, prefixes: list[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def resolve_reward_function(name: str, env: Mapping[str, str] | None = None) -> RewardFunction:
+    """The function `name` refers to; UserError naming the field and the fix otherwise."""
+    registered = tasks.REWARD_FUNCTIONS.get(name)
+    if registered is not None:
+        return registered
+    if ":" not in name:
+        raise UserError(
+            f"reward.function: unknown reward function {name!r}; use a registered one "
+            f"({', '.join(sorted(tasks.REWARD_FUNCTIONS))}) or `module:callable`"
+        )
+    module_name, _, attr = name.partition(":")
+    prefixes = allowed_modules(env)
+    if not _allowed(module_name, prefixes):
+        raise UserError(
+            f"reward.function: module {module_name!r} is not on the trainer's allow-list "
+            f"(${ALLOW_ENV}={','.join(prefixes) or '<empty>'}); add its package to "
+            f"{ALLOW_ENV} in the trainer's environment, or use a registered function"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"reward.function: cannot import {module_name!r}: {err}") from None
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise UserError(f"reward.function: {module_name!r} has no callable {attr!r}")
+    return function  # type: ignore[no-any-return]
