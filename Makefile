@@ -81,5 +81,14 @@ manifests: venv
 docs: venv
 	$(RLHF) docs -o docs/API.md
 
+# Benchmarks (not part of `make test`); each rewrites its section of docs/BENCHMARKS.md.
+# Benchmarks against TRL and the physical limits, measured in one run; they rewrite the
+# tables in docs/BENCHMARKS.md. Not part of `make test`.
+bench: venv
+	$(PY) bench/trainers.py --repeats 3
+	$(PY) bench/fsdp_memory.py --repeats 3
+	$(PY) bench/weight_sync.py --repeats 3
+	$(PY) bench/rollout.py --repeats 3
+
 clean:
 	rm -rf $(VENV) $(WORKDIR) .mypy_cache .ruff_cache .pytest_cache

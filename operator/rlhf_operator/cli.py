@@ -117,7 +117,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         status = executor.execute()
     run_dir = workdir / run.metadata.name
-    plots = write_plots(run_dir, [stage.name for stage in run.spec.stages])
+    try:
+        plots = write_plots(run_dir, [stage.name for stage in run.spec.stages])
+    except (OSError, ValueError) as err:  # the run's result stands; only the pictures are lost
+        print(f"Failed to write plots under {run_dir / 'plots'}: {err}", file=sys.stderr)
+        plots = []
     display.summary(status, run_dir / "status.json", plots)
     return 0 if status.phase == "Succeeded" else 1
 

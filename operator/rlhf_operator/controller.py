@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -95,14 +96,56 @@ def configure(settings: kopf.OperatorSettings) -> None:
         settings.watching.label_selectors[group, version, resource.plural] = builders.LABEL_RUN
 
 
+WEBHOOK_ID = "validate-rlhfrun"  # the path the chart's ValidatingWebhookConfiguration calls
+
+
+def admission_problems(body: Mapping[str, Any]) -> list[str]:
+    """What the validating webhook refuses: every problem `rlhf validate` finds, by field."""
+    try:
+        api.parse_run({k: v for k, v in body.items() if k != "status"}, "RLHFRun")
+    except api.SpecError as err:
+        return err.problems
+    return []
+
+
+def webhook_server(env: Mapping[str, str]) -> kopf.WebhookServer | None:
+    """The admission server when the chart enables the webhook (RLHF_WEBHOOK_PORT), serving
+    the certificate from RLHF_WEBHOOK_CERT_DIR (cert-manager or a provided secret)."""
+    port = env.get("RLHF_WEBHOOK_PORT")
+    if not port:
+        return None
+    cert_dir = env.get("RLHF_WEBHOOK_CERT_DIR", "/etc/rlhf/webhook-tls")
+    return kopf.WebhookServer(
+        addr="0.0.0.0",
+        port=int(port),
+        certfile=f"{cert_dir}/tls.crt",
+        pkeyfile=f"{cert_dir}/tls.key",
+    )
+
+
 def build_registry(
-    controller: Controller, resync_seconds: float = DEFAULT_RESYNC_SECONDS
+    controller: Controller,
+    resync_seconds: float = DEFAULT_RESYNC_SECONDS,
+    webhook: kopf.WebhookServer | None = None,
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
+        # The chart owns the webhook configuration; kopf only serves it.
+        settings.admission.server = webhook
+        settings.admission.managed = None
+
+    if webhook is not None:  # kopf refuses admission handlers with no server to serve them
+
+        @kopf.on.validate(
+            *RUN, registry=registry, id=WEBHOOK_ID, operations=["CREATE", "UPDATE"]
+        )
+        def validate(body: Mapping[str, Any], **_: Any) -> None:
+            problems = admission_problems(body)
+            if problems:
+                raise kopf.AdmissionError("\n".join(problems), code=422)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -160,7 +203,7 @@ def run_operator(
     logger.info("Serving operator metrics on port %d", server.server_port)
     controller = Controller(Reconciler(kube.ApiKube.from_environment(), metrics=metrics))
     kopf.run(
-        registry=build_registry(controller, resync_seconds),
+        registry=build_registry(controller, resync_seconds, webhook_server(os.environ)),
         standalone=True,  # one replica (Recreate); no peering objects needed
         clusterwide=all_namespaces,
         namespaces=list(namespaces),

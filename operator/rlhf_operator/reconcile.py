@@ -9,6 +9,7 @@ write call at all.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import uuid
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from rlhf_operator import api, builders, sync
+from rlhf_operator.defaults import with_install_defaults
 from rlhf_operator.kube import BY_KIND, CHILDREN, PODS, RUNS, Kube, KubeError
 from rlhf_operator.metrics import RunMetrics
 from rlhf_operator.planner import CONDITION_TYPES, Event, Observed, plan
@@ -42,6 +44,7 @@ def parse_body(body: Obj) -> api.RLHFRun:
     """The typed run from an API object; SpecError for a bad spec. Status is read leniently:
     a status the operator cannot read is recomputed, never an error."""
     run = api.parse_run({k: v for k, v in body.items() if k != "status"}, "RLHFRun")
+    run = with_install_defaults(run, os.environ)
     return run.model_copy(update={"status": stored_status(body)})
 
 

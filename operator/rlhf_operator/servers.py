@@ -40,8 +40,17 @@ def model_argument(model: ModelSource) -> str:
     return f"{builders.WORKSPACE_MOUNT}/{model.path}"
 
 
-def vllm_command(model: ModelSource, rollout: api.Rollout) -> list[str]:
-    """`vllm serve MODEL ...`, the entry point of the vllm/vllm-openai image."""
+# vLLM accepts these LoRA ranks only (`--max-lora-rank`).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+def vllm_command(
+    model: ModelSource, rollout: api.Rollout, lora_rank: int | None = None
+) -> list[str]:
+    """`vllm serve MODEL ...`, the entry point of the vllm/vllm-openai image. With `lora_rank`
+    the server takes one runtime-loaded LoRA adapter of up to that rank (LoRA stages sync only
+    their adapters)."""
     argv = ["vllm", "serve", model_argument(model)]
     if model.revision is not None:
         argv += ["--revision", model.revision]
@@ -61,6 +70,9 @@ def vllm_command(model: ModelSource, rollout: api.Rollout) -> list[str]:
         argv += ["--max-model-len", str(rollout.max_model_len)]
     if rollout.weight_sync == "nccl":
         argv += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+    if lora_rank is not None:
+        rank = next((r for r in VLLM_LORA_RANKS if r >= lora_rank), VLLM_LORA_RANKS[-1])
+        argv += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", "1"]
     return argv
 
 
@@ -194,8 +206,9 @@ def rollout_children(run: api.RLHFRun, stage: api.Stage) -> list[Obj]:
         return []
     rollout = stage.rollout or api.Rollout()
     model = builders.stage_model(run, stage)
+    lora_rank = stage.lora.r if stage.lora is not None else None
     command = (
-        vllm_command(model, rollout)
+        vllm_command(model, rollout, lora_rank)
         if rollout.engine == "vllm"
         else lmdeploy_command(model, rollout)
     )
@@ -203,6 +216,8 @@ def rollout_children(run: api.RLHFRun, stage: api.Stage) -> list[Obj]:
     for replica in range(rollout.replicas):
         name = builders.rollout_name(run, stage.name, replica)
         container = server_container(run, rollout, command)
+        if lora_rank is not None:
+            container["env"].append({"name": VLLM_RUNTIME_LORA_ENV, "value": "True"})
         out.append(
             build_server_deployment(
                 run, stage.name, name, replica, container, rollout.startup_timeout_seconds
@@ -283,6 +298,11 @@ def online_stage_problem(run: api.RLHFRun, index: int, stage: api.Stage) -> str 
         return (
             f"{where}.rollout.weightSync: nccl moves weights GPU to GPU, but "
             "spec.trainer.gpusPerNode is 0; use weightSync disk, or give the trainer GPUs"
+        )
+    if stage.lora is not None and rollout.weight_sync == "nccl":
+        return (
+            f"{where}.rollout.weightSync: a LoRA stage syncs only its adapters, which the "
+            "servers load from the workspace; set weightSync to disk"
         )
     if stage.reward is not None and stage.reward.judge is not None:
         return (

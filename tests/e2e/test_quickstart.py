@@ -15,7 +15,6 @@ from typing import get_args
 import pytest
 import yaml
 
-from rlhf_operator.api import NEEDS_REWARD
 from rlhf_operator.planner import SUPPORTED_STAGE_TYPES
 from rlhf_trainer.config import StageType
 
@@ -100,19 +99,22 @@ def test_bad_dataset_row_fails_the_stage_with_a_clear_error(
 
 
 def test_unsupported_stage_is_refused_locally(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # Every stage type runs now; what is still refused up front is, e.g., rollouts on lmdeploy.
+    assert set(get_args(StageType)) == SUPPORTED_STAGE_TYPES
     workdir = workspace(tmp_path, tiny_model_dir)
-    unsupported = sorted(set(get_args(StageType)) - SUPPORTED_STAGE_TYPES)
-    assert unsupported, "every stage type runs now: test another refusal"
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     stage = doc["spec"]["stages"][0]
-    stage["type"] = unsupported[0]
-    if stage["type"] in NEEDS_REWARD:
-        stage["reward"] = {"function": "length"}
+    stage.update(
+        type="grpo",
+        reward={"function": "animal_sounds"},
+        rollout={"engine": "lmdeploy"},
+        dataset={"path": "data/prompts.jsonl", "format": "prompts"},
+    )
     spec = tmp_path / "unsupported.yaml"
     spec.write_text(yaml.safe_dump(doc))
     result = rlhf_run(spec, workdir)
     assert result.returncode == 1
     status = json.loads((workdir / "quickstart" / "status.json").read_text())
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
-    assert degraded["status"] == "True" and "not supported yet" in degraded["message"]
-    assert "spec.stages[0].type" in degraded["message"]
+    assert degraded["status"] == "True" and "cannot serve rollouts yet" in degraded["message"]
+    assert "spec.stages[0].rollout.engine" in degraded["message"]

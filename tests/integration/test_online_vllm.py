@@ -11,7 +11,9 @@ the server whatever it held before. Checked here:
   skipped sync is caught by the parity probe;
 - GRPO (reward function) and PPO (reward function; the critic starts from the policy) raise the
   mean reward of greedy answers to held-out prompts by a clear margin with bounded KL;
-- `async: true` runs (one step off-policy).
+- `async: true` runs (one step off-policy);
+- with LoRA only the adapters go to the server (runtime-loaded, `load_inplace`), and every
+  probe passes on top of the base weights the server holds.
 """
 
 from __future__ import annotations
@@ -107,10 +109,12 @@ def stack(
         training = subprocess.Popen(
             torchrun("sft", sft), env=env_for(workspace), stdout=out, stderr=subprocess.STDOUT
         )
-    extra = ("--dtype", "float32", "--max-model-len", "256", "--no-enable-chunked-prefill")
+    extra = ("--dtype", "float32", "--max-model-len", "256", "--no-enable-chunked-prefill",
+             "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1")  # fmt: skip
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("VLLM_SERVER_DEV_MODE", "1")  # the weight-reload routes
+            patch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")  # and the adapter ones
             server = vllm_server(tiny_model_dir, workspace / "vllm.log", *extra)
             url = server.__enter__()
         try:
@@ -252,3 +256,69 @@ def test_async_grpo_overlaps_generation_with_training(stack: Stack) -> None:
     metrics = run_stage(stack, config)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["logprob_mismatch"] < 1e-3 for m in metrics)
+
+
+def test_lora_grpo_syncs_only_its_adapters(stack: Stack) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_trainer.distributed import close_distributed, init_distributed
+    from rlhf_trainer.weight_sync import DiskWeightSync
+
+    # Earlier tests left their final policies on the server; LoRA syncs no base weights, so
+    # put the stage's base back first (the parity probe would fail the run otherwise).
+    target = RolloutTarget.model_validate(rollout(stack.url))
+    model: Any = AutoModelForCausalLM.from_pretrained(stack.policy, dtype=torch.float32)
+    ctx = init_distributed(bf16=False)
+    try:
+        DiskWeightSync(target, stack.workspace / "base", ctx, torch.float32).sync(model, step=0)
+    finally:
+        close_distributed()
+    options = {"numGenerations": 8, "rolloutBatchSize": 16, "maxNewTokens": 8, "klCoef": 0.04}
+    config = online_config(stack, "grpo-lora", options, maxSteps=6, batchSize=32,
+                           learningRate=5e-3, saveEvery=3)  # fmt: skip
+    config["lora"] = {"r": 8, "alpha": 16}
+    config["rollout"] = rollout(stack.url, loraAdapter="policy-lora")
+    metrics = run_stage(stack, config)
+    before, after = held_out_gain(metrics)
+    print(f"grpo+lora: held-out greedy reward {before:.3f} -> {after:.3f}")
+    assert after > before
+    assert all(m["logprob_mismatch"] < 1e-3 for m in metrics if m["step"] > 0)
+    [snapshot] = (stack.workspace / "it" / "grpo-lora" / "weights").iterdir()
+    assert sorted(f.name for f in snapshot.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"
+    ]  # fmt: skip
+
+
+def test_ppo_with_every_switch_on_runs_and_resumes(stack: Stack) -> None:
+    """Not the defaults: normalisation, clipping, adaptive KL, entropy bonus, ptx, critic
+    warm-up, two epochs, async generation; then a resume from the step-2 checkpoint."""
+    options = {
+        "rolloutBatchSize": 16, "maxNewTokens": 8, "temperature": 1.0, "topP": 0.9,
+        "rewardNormalization": True, "rewardClip": 2.0, "klController": "adaptive",
+        "klTarget": 0.1, "klHorizon": 100, "entropyCoef": 0.01, "ptxCoef": 0.5,
+        "ptxDataset": {"path": "data/sft.jsonl"}, "criticWarmupSteps": 1, "ppoEpochs": 2,
+        "valueClip": 0.5, "async": True,
+    }  # fmt: skip
+    config = online_config(stack, "ppo-switches", options, maxSteps=3, batchSize=8, saveEvery=2)
+    config["dataset"] = {**config["dataset"], "evalFraction": 0.0}
+    metrics = run_stage(stack, config)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert "policy_loss" not in metrics[0]  # the critic warms up alone
+    assert "weight_sync_s" not in metrics[0]  # so the servers keep the policy they have
+    assert all("ptx_loss" in m and "policy_loss" in m for m in metrics[1:])
+    assert metrics[2]["kl_coef"] != metrics[0]["kl_coef"]  # the adaptive controller moved
+    state = json.loads(
+        (stack.workspace / "it" / "ppo-switches" / "checkpoints" / "step-2" / "trainer_state.json")
+        .read_text()
+    )
+    assert state["algorithm"]["reward_moments"]["count"] == 32  # 2 steps x 16 samples
+    # kl_coef is the β a step used; the checkpoint after step 2 holds the β step 3 used.
+    assert state["algorithm"]["kl_controller"]["beta"] == pytest.approx(metrics[2]["kl_coef"])
+    out = stack.workspace / "it" / "ppo-switches"
+    import shutil
+
+    shutil.rmtree(out / "final")
+    again = run_stage(stack, {**config, "hyperparameters": {**config["hyperparameters"],
+                                                            "maxSteps": 4}})  # fmt: skip
+    assert [m["step"] for m in again] == [1, 2, 3, 4]  # resumed after step 2, reran 3, added 4

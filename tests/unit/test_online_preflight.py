@@ -51,7 +51,8 @@ def test_grpo_steps_count_prompts_not_samples() -> None:
 def test_ppo_with_a_reward_model(workspace: Path) -> None:
     (workspace / "rm").mkdir()
     (workspace / "rm" / "config.json").write_text("{}")
-    changes = {"rewardFunction": None, "rewardModelPath": "rm", "ppo": {"rolloutBatchSize": 32, "maxNewTokens": 8}}
+    options = {"rolloutBatchSize": 32, "maxNewTokens": 8}
+    changes = {"rewardFunction": None, "rewardModelPath": "rm", "ppo": options}
     inputs = preflight.check_ppo(config("ppo", **changes), world_size=2)
     assert inputs.reward_model_ref == str(workspace / "rm")
 
@@ -67,7 +68,7 @@ def test_ppo_with_a_reward_model(workspace: Path) -> None:
         ("grpo", {"hyperparameters": {"maxLength": 8}}, "maxLength: 8 leaves no room"),
         ("ppo", {"ppo": {"ptxCoef": 0.5}}, "ppo.ptxDataset"),
         ("ppo", {"ppo": {"klController": "adaptive"}}, "ppo.klTarget"),
-        ("grpo", {"lora": {"r": 4}}, "lora: LoRA is not supported for grpo"),
+        ("grpo", {"lora": {"r": 4}}, "rollout.loraAdapter: a LoRA stage syncs its adapters"),
     ],
 )
 def test_bad_online_configs_are_refused(stage_type: str, changes: Any, message: str) -> None:

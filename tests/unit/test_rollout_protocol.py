@@ -19,8 +19,9 @@ from torch import nn
 from fake_rollout_server import FakeServer, fake_server
 from rlhf_trainer.config import RolloutTarget
 from rlhf_trainer.distributed import DistContext, close_distributed, init_distributed
+from rlhf_trainer.nccl_sync import NcclWeightSync
 from rlhf_trainer.rollout import RolloutClient, RolloutError, Sampling
-from rlhf_trainer.weight_sync import DiskWeightSync, NcclWeightSync, WeightSyncError
+from rlhf_trainer.weight_sync import DiskWeightSync, LoraWeightSync, WeightSyncError
 
 pytestmark = pytest.mark.unit
 
@@ -118,6 +119,32 @@ def test_disk_sync_names_the_missing_dev_mode(ctx: DistContext, tmp_path: Path) 
         sync = DiskWeightSync(target(a.url), tmp_path / "w", ctx, torch.float32)
         with pytest.raises(WeightSyncError, match="VLLM_SERVER_DEV_MODE=1"):
             sync.sync(TinyLM(), step=1)
+
+
+def test_lora_sync_sends_only_the_adapters(ctx: DistContext, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules="all-linear"))
+    with fake_server() as a:
+        sync = LoraWeightSync(
+            target(a.url, lora_adapter="policy-lora"), tmp_path / "w", ctx, torch.float32
+        )
+        sync.sync(model, step=2)
+    assert a.paths() == ["/pause", "/v1/load_lora_adapter", "/reset_prefix_cache", "/resume"]
+    body = a.requests[1].body
+    folder = tmp_path / "w" / "step-2"
+    assert body == {"lora_name": "policy-lora", "lora_path": str(folder.resolve()),
+                    "load_inplace": True}  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"
+    ]  # fmt: skip
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    assert weights and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in weights)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in weights
 
 
 class RecordingChannel:

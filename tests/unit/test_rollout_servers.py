@@ -212,6 +212,20 @@ def test_online_stages_that_cannot_run_are_refused(change: Obj, message: str) ->
     assert degraded.message.startswith("spec.stages[2]") and p.children == []
 
 
+def test_lora_stages_serve_a_runtime_loaded_adapter() -> None:
+    run = run_with({**PPO, "lora": {"r": 12}})
+    deployment = servers.rollout_children(run, run.spec.stages[2])[0]
+    c = container(deployment)
+    assert c["command"][-5:] == ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "1"]
+    assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in c["env"]
+    target = builders.rollout_target(run, run.spec.stages[2])
+    assert target is not None and target.lora_adapter == "policy-lora"
+    nccl = run_with({**PPO, "lora": {"r": 8}, "rollout": {"weightSync": "nccl"}},
+                    trainer={"gpusPerNode": 8})  # fmt: skip
+    problem = servers.online_stage_problem(nccl, 2, nccl.spec.stages[2])
+    assert problem is not None and "syncs only its adapters" in problem
+
+
 def test_nccl_runs_with_gpus() -> None:
     run = run_with({**PPO, "rollout": {"weightSync": "nccl"}}, trainer={"gpusPerNode": 8})
     assert servers.online_stage_problem(run, 2, run.spec.stages[2]) is None

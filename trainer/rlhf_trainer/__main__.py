@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="write the tiny test model and tokenizer to DIR")
     tiny.add_argument("dir", metavar="DIR")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--preset", choices=["tiny", "20m"], default="tiny", help="model size (default: tiny)"
+    )
     return parser
 
 
@@ -117,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "tiny-model":
             from rlhf_trainer.tiny import build_tiny_model
 
-            build_tiny_model(args.dir, seed=args.seed)
+            build_tiny_model(args.dir, seed=args.seed, preset=args.preset)
         elif args.command == "eval":
             from rlhf_trainer.eval_cli import run_eval_command
 
@@ -135,4 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "RANK" in os.environ:
+        # Under torchrun, everything is written and the process group closed by now. Skip the
+        # interpreter's teardown: native threads (gloo's) have aborted finished ranks in static
+        # destructors (SIGABRT, "terminate called without an active exception"), turning a
+        # successful stage into a failed one.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -187,7 +187,8 @@ class Hyperparameters(ApiModel):
 
 
 class LoRAOptions(ApiModel):
-    """Train low-rank adapters (PEFT LoRA) instead of every weight; on sft, reward, dpo, rrhf."""
+    """Train low-rank adapters (PEFT LoRA) instead of every weight; on sft, reward, dpo, rrhf,
+    and on the policy of ppo and grpo (whose rollout servers then load only the adapters)."""
 
     r: int = Field(default=8, gt=0, le=1024, description="Rank of the adapters.")
     alpha: int = Field(default=16, gt=0, description="Scale: updates are alpha / r * BA.")
@@ -350,6 +351,11 @@ class RolloutTarget(RolloutClientOptions):
     urls: list[str] = Field(min_length=1, description="Base URL of each server replica.")
     served_model: str = Field(description="The model name the servers answer to.")
     weight_sync: Literal["disk", "nccl"] = Field(default="disk")
+    lora_adapter: str | None = Field(
+        default=None,
+        description="LoRA stages: the name the policy's adapter is loaded under on the servers "
+        "(requests ask for it; weight syncs replace it).",
+    )
 
 
 class JudgeRequestOptions(ApiModel):

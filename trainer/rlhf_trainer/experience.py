@@ -158,8 +158,8 @@ def in_chunks(
 
 
 def slice_batch(batch: Batch, rows: slice) -> Batch:
-    """Rows of a Batch, trimmed to the columns those rows use (less padding per chunk is not
-    attempted: the layout must stay aligned with the step's other tensors)."""
+    """Some rows of a Batch. The columns stay as they are, so what is computed on a slice lines
+    up with the step's other (B, R) tensors."""
     return Batch(
         batch.sequences[rows],
         batch.attention_mask[rows],

@@ -41,6 +41,9 @@ from rlhf_trainer.schedule import lr_factor
 
 log = logging.getLogger(__name__)
 
+# Devices with torch's fused AdamW kernel that the trainer runs on.
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class StepResult:
@@ -163,13 +166,20 @@ def evaluate_rounds(
 def build_optimizer(
     model: nn.Module, hp: Hyperparameters, total: int
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW with weight decay on matrices only (not norms or biases), and the LR schedule."""
+    """AdamW with weight decay on matrices only (not norms or biases), and the LR schedule.
+
+    The fused AdamW kernel where torch has one for the parameters' device: on CPU, torch's
+    default is a Python loop over the parameters, whose step took 5.8x as long (median) on the 20m
+    preset (docs/BENCHMARKS.md); the result is the same to float32 rounding."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=hp.adam_betas)
+    fused = all(p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in params)
+    optimizer = torch.optim.AdamW(
+        groups, lr=hp.learning_rate, betas=hp.adam_betas, fused=fused or None
+    )
     factor = functools.partial(
         lr_factor, warmup_steps=hp.warmup_steps, total_steps=total, kind=hp.lr_scheduler
     )
@@ -297,6 +307,14 @@ def train_loop(inputs: StageInputs[Any], ctx: DistContext, trainable: Trainable)
         reporter.write_progress(total, stream.epochs_done, last[0])
 
 
+def finished(output_dir: Path) -> bool:
+    """Whether the stage already wrote final/; rerunning a finished stage does nothing."""
+    done = (output_dir / FINAL_DIR).is_dir()
+    if done and env_rank() == 0:
+        log.info("Found %s; the stage is complete, so nothing ran", output_dir / FINAL_DIR)
+    return done
+
+
 def run_stage(
     inputs: StageInputs[Any], prepare: Callable[[DistContext], Trainable], what: str
 ) -> None:
@@ -306,9 +324,7 @@ def run_stage(
     a failure there leaves nothing half-written.
     """
     hp, out = inputs.config.hyperparameters, inputs.output_dir
-    if (out / FINAL_DIR).is_dir():
-        if env_rank() == 0:
-            log.info("Found %s; the stage is complete, so nothing ran", out / FINAL_DIR)
+    if finished(out):
         return
     torch.manual_seed(hp.seed)  # the same initial weights (e.g. a new head) on every rank
     ctx = init_distributed(hp.bf16)

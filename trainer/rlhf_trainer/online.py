@@ -25,10 +25,14 @@ from torch import nn
 from rlhf_trainer import checkpoint
 from rlhf_trainer.batching import DataStream
 from rlhf_trainer.data import PromptRow
-from rlhf_trainer.distributed import DistContext, broadcast_object, close_distributed
-from rlhf_trainer.distributed import init_distributed as init_dist
+from rlhf_trainer.distributed import (
+    DistContext,
+    broadcast_object,
+    close_distributed,
+    init_distributed,
+)
 from rlhf_trainer.feed import RolloutFeed, StepRollouts, prompt_token_ids
-from rlhf_trainer.launch_env import env_rank
+from rlhf_trainer.loop import finished
 from rlhf_trainer.model import save_final
 from rlhf_trainer.online_setup import OnlineSetup, prepare
 from rlhf_trainer.preflight import FINAL_DIR, StageInputs
@@ -155,6 +159,8 @@ def online_loop(setup: OnlineSetup, algo: Algorithm) -> None:
             started = time.perf_counter()
             metrics, moved = algo.train(step, rollouts)
             metrics["train_s"] = time.perf_counter() - started
+            tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in rollouts.samples)
+            metrics["train_tokens_per_s"] = tokens / max(metrics["train_s"], 1e-9)
             step += 1
             feed.settle()  # no generation may be in flight while weights change
             if moved:
@@ -179,12 +185,10 @@ def run_online(
 ) -> None:
     """Train, then write `<output_dir>/final` (the policy). Collective: run on every rank."""
     hp, out = inputs.config.hyperparameters, inputs.output_dir
-    if (out / FINAL_DIR).is_dir():
-        if env_rank() == 0:
-            log.info("Found %s; the stage is complete, so nothing ran", out / FINAL_DIR)
+    if finished(out):
         return
     torch.manual_seed(hp.seed)
-    ctx = init_dist(hp.bf16)
+    ctx = init_distributed(hp.bf16)
     setup: OnlineSetup | None = None
     try:
         setup = prepare(inputs, ctx)
@@ -200,7 +204,9 @@ def run_online(
             samples_per_prompt,
         )
         online_loop(setup, algo)
-        save_final(setup.actor, setup.tokenizer, out, ctx, setup.dtype, FINAL_DIR)
+        save_final(
+            setup.actor, setup.tokenizer, out, ctx, setup.dtype, FINAL_DIR, setup.export
+        )
     finally:
         if setup is not None:
             setup.close()

@@ -11,20 +11,20 @@ from typing import Any, Protocol, cast
 import torch
 from torch import nn
 
-from rlhf_trainer.config import RolloutTarget
+from rlhf_trainer.config import GRPOOptions, PPOOptions, RolloutTarget
 from rlhf_trainer.data import PromptRow
-from rlhf_trainer.distributed import DistContext, broadcast_object, shard_model
-from rlhf_trainer.errors import UserError
+from rlhf_trainer.distributed import DistContext, broadcast_object
 from rlhf_trainer.experience import in_chunks, scored_sequences
 from rlhf_trainer.feed import prompt_token_ids
-from rlhf_trainer.model import load_causal_lm, load_tokenizer
+from rlhf_trainer.model import Exporter, load_tokenizer, load_trainable_lm
+from rlhf_trainer.nccl_sync import NcclWeightSync, free_port
 from rlhf_trainer.online_models import ValueModel, load_value_model
 from rlhf_trainer.parity import Syncer
 from rlhf_trainer.preflight import StageInputs
 from rlhf_trainer.reward_functions import RewardFunction, resolve_reward_function
 from rlhf_trainer.reward_model import last_token_values
 from rlhf_trainer.rollout import RolloutClient, Sample
-from rlhf_trainer.weight_sync import DiskWeightSync, NcclWeightSync, WeightSync, free_port
+from rlhf_trainer.weight_sync import DiskWeightSync, LoraWeightSync, WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,18 @@ class OnlineSetup:
     max_prompt: int  # prompt tokens kept (maxLength - maxNewTokens)
     async_: bool
     backend: WeightSync
+    export: Exporter  # how final/ is written (merged, or the adapter alone, with LoRA)
 
     def close(self) -> None:
         self.backend.close()
 
 
 def _options(inputs: StageInputs[PromptRow]) -> tuple[int, bool]:
+    """(maxNewTokens, async) of the stage's options block, defaults when it has none."""
     config = inputs.config
-    options = config.ppo if config.type == "ppo" else config.grpo
-    if options is None:
-        raise UserError(f"{config.type}: options missing")
+    options = (
+        (config.ppo or PPOOptions()) if config.type == "ppo" else (config.grpo or GRPOOptions())
+    )
     return options.max_new_tokens, options.async_
 
 
@@ -112,8 +114,11 @@ def _reward(inputs: StageInputs[PromptRow], tokenizer: Any, ctx: DistContext) ->
 def _backend(
     target: RolloutTarget, inputs: StageInputs[PromptRow], ctx: DistContext, dtype: torch.dtype
 ) -> WeightSync:
+    snapshots = inputs.output_dir / "weights"
+    if target.lora_adapter is not None:
+        return LoraWeightSync(target, snapshots, ctx, dtype)
     if target.weight_sync == "disk":
-        return DiskWeightSync(target, inputs.output_dir / "weights", ctx, dtype)
+        return DiskWeightSync(target, snapshots, ctx, dtype)
     port = cast(int, broadcast_object(free_port() if ctx.is_main else 0))
     return NcclWeightSync(target, ctx, dtype, port)
 
@@ -125,11 +130,12 @@ def prepare(inputs: StageInputs[PromptRow], ctx: DistContext) -> OnlineSetup:
     assert target is not None  # preflight
     max_new, async_ = _options(inputs)
     tokenizer = load_tokenizer(config.model, inputs.model_ref)
-    actor, dtype = load_causal_lm(config.model, inputs.model_ref)
-    actor.train()
-    shard_model(actor, ctx.bf16)
+    actor, dtype, export = load_trainable_lm(config, inputs.model_ref, ctx)
     reward = _reward(inputs, tokenizer, ctx)
-    client = RolloutClient(target) if ctx.is_main else None
+    # With LoRA, requests ask for the policy's adapter on top of the servers' base weights.
+    served = target.lora_adapter or target.served_model
+    requests = target.model_copy(update={"served_model": served})
+    client = RolloutClient(requests) if ctx.is_main else None
     if client is not None:
         log.info("Waiting for %d rollout server(s): %s", len(target.urls), ", ".join(target.urls))
         client.wait_ready()
@@ -139,5 +145,16 @@ def prepare(inputs: StageInputs[PromptRow], ctx: DistContext) -> OnlineSetup:
     pad = int(tokenizer.pad_token_id)
     syncer = Syncer(backend, client, probe, target.parity_threshold, ctx, pad)
     return OnlineSetup(
-        inputs, ctx, tokenizer, actor, dtype, reward, client, syncer, max_prompt, async_, backend
+        inputs,
+        ctx,
+        tokenizer,
+        actor,
+        dtype,
+        reward,
+        client,
+        syncer,
+        max_prompt,
+        async_,
+        backend,
+        export,
     )

@@ -65,7 +65,7 @@ class Syncer:
         self.backend.sync(model, step)
         seconds = time.perf_counter() - started
         if self.ctx.is_main:
-            prom.observe_weight_sync(self.backend.backend, seconds)  # type: ignore[arg-type]
+            prom.observe_weight_sync(self.backend.backend, seconds)
         parity = self.check(model)
         log.info(
             "Synced weights of step %d to the rollout servers (%s, %.2fs); logprob gap "

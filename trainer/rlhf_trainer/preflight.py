@@ -196,10 +196,10 @@ def _check_online(
             "rollout: the stage config names no rollout servers; the operator fills them in, "
             "so run the stage through `rlhf run` or the operator"
         )
-    if config.lora is not None:
+    if config.lora is not None and config.rollout.lora_adapter is None:
         raise UserError(
-            f"lora: LoRA is not supported for {config.type} stages yet (the servers would need "
-            "runtime adapter loading); remove the lora block"
+            "rollout.loraAdapter: a LoRA stage syncs its adapters under a name the servers "
+            "load them as; the operator fills it in, so render the stage with it"
         )
     if (config.reward_model_path is None) == (config.reward_function is None):
         raise UserError(

@@ -5,16 +5,11 @@
   `POST /pause`, `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path":
   ...}}`, `POST /reset_prefix_cache`, `POST /resume` (vLLM's dev routes:
   VLLM_SERVER_DEV_MODE=1). Only the newest snapshot is kept.
-- `nccl` (GPU clusters): vLLM's weight-transfer engine (`--weight-transfer-config
-  '{"backend": "nccl"}'`). Once: `POST /init_weight_transfer_engine` on every replica while
-  rank 0 opens the rendezvous as NCCL rank 0 (replica i's workers take the ranks after the
-  replicas before it). Per sync: `/pause`, `/start_weight_update`, then `/update_weights` with
-  the names, dtypes and shapes while rank 0 broadcasts the tensors, `/finish_weight_update`,
-  `/reset_prefix_cache`, `/resume`. The data plane is vLLM's own (`nccl_common`,
-  `packed_tensor`), imported only here, so the trainer image needs vLLM for this backend.
+- `nccl` (GPU clusters): vLLM's weight-transfer engine, in `nccl_sync.py`.
+- LoRA stages (`LoraWeightSync`, on disk): only the adapters, which servers load at runtime.
 
 Every sync is collective (each rank takes part in gathering the FSDP-sharded weights); only
-rank 0 talks to the servers. After each sync, `parity_probe` (in `parity.py`) checks that
+rank 0 talks to the servers. After each sync, the parity probe (`parity.Syncer`) checks that
 the servers really serve the new weights.
 """
 
@@ -23,9 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from rlhf_trainer.config import RolloutTarget
 from rlhf_trainer.distributed import DistContext, barrier
+from rlhf_trainer.metrics import SyncBackend
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +66,20 @@ class ServerControl:
                 continue
             if response.status_code != 200:
                 missing = response.status_code == 404
-                hint = "; the server needs VLLM_SERVER_DEV_MODE=1" if missing else ""
+                hint = (
+                    "; the server needs VLLM_SERVER_DEV_MODE=1 (LoRA routes also "
+                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) and a vLLM that has the route "
+                    "(0.32 is what this project tests)"
+                    if missing
+                    else ""
+                )
                 raise WeightSyncError(
                     f"{url}{route}: HTTP {response.status_code}: {response.text[:300]}{hint}"
                 )
-            return response.json() if response.content else None
+            try:
+                return response.json() if response.content else None
+            except ValueError:  # some routes answer plain text ("Success: ...")
+                return response.text
         raise WeightSyncError(f"{url}{route}: failed after {self.retries} retries: {last}")
 
     def get(self, url: str, route: str) -> Any:
@@ -92,7 +96,7 @@ class ServerControl:
 
 
 class WeightSync(Protocol):
-    backend: str
+    backend: SyncBackend
 
     def sync(self, model: nn.Module, step: int) -> None:
         """Push the model's current weights to every replica. Collective."""
@@ -115,7 +119,7 @@ def full_state_on_rank0(model: nn.Module, dtype: torch.dtype) -> dict[str, torch
 class DiskWeightSync:
     """`disk`: a safetensors snapshot on the shared workspace, reloaded by every replica."""
 
-    backend = "disk"
+    backend: SyncBackend = "disk"
 
     def __init__(
         self,
@@ -141,203 +145,102 @@ class DiskWeightSync:
         os.rename(tmp, final)
         return final
 
-    def reload(self, path: Path) -> None:
-        """Rank 0: every replica pauses, reloads from `path`, drops its prefix cache, resumes."""
+    def swap(self, route: str, body: dict[str, Any]) -> None:
+        """Rank 0, on every replica at once: pause, `POST route` with `body` (the new weights),
+        drop the prefix cache (its KV came from the old weights), resume."""
         control = self.control
         assert control is not None
 
         def one(url: str) -> None:
             control.post(url, "/pause")
-            body = {"method": "reload_weights", "kwargs": {"weights_path": str(path.resolve())}}
-            control.post(url, "/collective_rpc", body)
+            control.post(url, route, body)
             control.post(url, "/reset_prefix_cache")
             control.post(url, "/resume")
 
         control.each(one)
+
+    def reload(self, path: Path) -> None:
+        """Rank 0: every replica reloads its weights from the snapshot folder `path`."""
+        body = {"method": "reload_weights", "kwargs": {"weights_path": str(path.resolve())}}
+        self.swap("/collective_rpc", body)
 
     def sync(self, model: nn.Module, step: int) -> None:
         state = full_state_on_rank0(model, self.dtype)
         if self.ctx.is_main:
             path = self.write_snapshot(state, step)
             self.reload(path)
-            for old in self.root.iterdir():
-                if old != path and old.name.startswith("step-"):
-                    shutil.rmtree(old, ignore_errors=True)
+            self.prune(path)
         barrier()
+
+    def prune(self, keep: Path) -> None:
+        for old in self.root.iterdir():
+            if old != keep and old.name.startswith("step-"):
+                shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
         if self.control is not None:
             self.control.close()
 
 
-class WeightChannel(Protocol):
-    """The NCCL data plane as rank 0 sees it: an open group to broadcast tensors into."""
-
-    def send(self, tensors: Iterator[tuple[str, torch.Tensor]]) -> None: ...
-
-    def close(self) -> None: ...
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
-class ChannelFactory(Protocol):
-    def wire_params(self) -> dict[str, Any]:
-        """Settings both ends must share, sent in every replica's init info (packing)."""
-        ...
-
-    def open(self, address: str, port: int, world_size: int) -> WeightChannel:
-        """Join the group as rank 0; blocks until every server rank has joined."""
-        ...
-
-
-class VllmNccl:
-    """vLLM's own NCCL data plane: `nccl_common.trainer_init` and the packed broadcast."""
-
-    def wire_params(self) -> dict[str, Any]:
-        from vllm.distributed.weight_transfer import packed_tensor
-
-        return {
-            "packed": True,
-            "packed_buffer_size_bytes": packed_tensor.DEFAULT_PACKED_BUFFER_SIZE_BYTES,
-            "packed_num_buffers": packed_tensor.DEFAULT_PACKED_NUM_BUFFERS,
-        }
-
-    def open(self, address: str, port: int, world_size: int) -> WeightChannel:
-        return VllmNcclChannel(address, port, world_size)
+def adapter_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Collective: the LoRA adapters (the trainable parameters of a PEFT model) in full, keyed
+    as PEFT saves them (`...q_proj.lora_A.weight`, the adapter name left out)."""
+    out = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        out[name.replace(".default.", ".")] = full.detach().to("cpu", dtype).contiguous()
+    return out
 
 
-class VllmNcclChannel:
-    def __init__(self, address: str, port: int, world_size: int) -> None:
-        from vllm.distributed.weight_transfer import packed_tensor
-        from vllm.distributed.weight_transfer.nccl_common import trainer_init
-
-        self.packed = packed_tensor
-        rendezvous = {"master_address": address, "master_port": port, "world_size": world_size}
-        self.group: Any = trainer_init(rendezvous)
-
-    def send(self, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-        self.packed.packed_nccl_broadcast_producer(
-            iterator=tensors,
-            group=self.group,
-            src=0,
-            post_iter_func=lambda item: item[1],
-            buffer_size_bytes=self.packed.DEFAULT_PACKED_BUFFER_SIZE_BYTES,
-            num_buffers=self.packed.DEFAULT_PACKED_NUM_BUFFERS,
-        )
-
-    def close(self) -> None:
-        self.group.destroy()
-
-
-def free_port() -> int:
-    """A free TCP port on this host (for the NCCL rendezvous rank 0 hosts)."""
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
-def rendezvous_address() -> str:
-    """Where servers reach rank 0: its pod IP (downward API), else this host."""
-    return os.environ.get("POD_IP") or "127.0.0.1"
-
-
-class NcclWeightSync:
-    """`nccl`: vLLM's weight-transfer engine over NCCL, rank 0 broadcasting to every replica."""
-
-    backend = "nccl"
+class LoraWeightSync(DiskWeightSync):
+    """LoRA stages: only the adapters go to the servers, as a PEFT adapter folder on the
+    workspace that every replica loads at runtime, replacing the one it had: `POST /pause`,
+    `POST /v1/load_lora_adapter` (`load_inplace`), `POST /reset_prefix_cache`, `POST /resume`.
+    Servers keep the base weights they started with (`--enable-lora`,
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), and requests ask for the adapter by name."""
 
     def __init__(
         self,
         target: RolloutTarget,
+        snapshot_root: Path,
         ctx: DistContext,
         dtype: torch.dtype,
-        port: int,
-        channel: ChannelFactory | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.ctx, self.dtype = ctx, dtype
-        self.control = ServerControl(target, transport) if ctx.is_main else None
-        self.channel: WeightChannel | None = None
-        if self.control is not None:
-            self.channel = self._init(self.control, port, channel or VllmNccl())
+        super().__init__(target, snapshot_root, ctx, dtype, transport)
+        if target.lora_adapter is None:
+            raise ValueError("LoraWeightSync needs rollout.loraAdapter")
+        self.adapter = target.lora_adapter
 
-    def _init(self, control: ServerControl, port: int, factory: ChannelFactory) -> WeightChannel:
-        sizes = [self._server_world_size(control, url) for url in control.urls]
-        world, address = 1 + sum(sizes), rendezvous_address()
-        infos = [
-            {
-                "master_address": address,
-                "master_port": port,
-                "rank_offset": 1 + sum(sizes[:i]),  # replica i's workers follow the ones before
-                "world_size": world,
-                **factory.wire_params(),
-            }
-            for i in range(len(sizes))
-        ]
-        # Each server blocks in /init_weight_transfer_engine until every rank has joined the
-        # group that rank 0 opens here, so the calls and the opening run at once.
-        with ThreadPoolExecutor(max_workers=len(infos)) as pool:
-            futures = [
-                pool.submit(control.post, url, "/init_weight_transfer_engine", {"init_info": info})
-                for url, info in zip(control.urls, infos, strict=True)
-            ]
-            channel = factory.open(address, port, world)
-            for future in futures:
-                future.result()
-        log.info("Joined the NCCL weight-transfer group of %d ranks at %s:%d", world, address, port)
-        return channel
+    def write_adapter(self, model: nn.Module, tensors: dict[str, torch.Tensor], step: int) -> Path:
+        """Rank 0: `weights/step-N/` with adapter_config.json and the adapter weights."""
+        from safetensors.torch import save_file
 
-    @staticmethod
-    def _server_world_size(control: ServerControl, url: str) -> int:
-        answer = control.get(url, "/get_world_size?include_dp=true")
-        size = answer.get("world_size") if isinstance(answer, dict) else None
-        return int(size) if isinstance(size, int) and size > 0 else 1
+        final, tmp = self.root / f"step-{step}", self.root / f".tmp-step-{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.peft_config["default"].save_pretrained(str(tmp))  # type: ignore[union-attr,index]
+        save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        return final
 
-    def _tensors(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every weight in full, one at a time (a collective gather on every rank)."""
-        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-        for name, value in model.state_dict().items():
-            if tied and name == "lm_head.weight":
-                continue
-            full = value.full_tensor() if hasattr(value, "full_tensor") else value
-            yield name, full.to(self.dtype).contiguous()
-
-    def metadata(self, model: nn.Module) -> dict[str, list[Any]]:
-        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-        names, shapes = [], []
-        for name, value in model.state_dict().items():
-            if tied and name == "lm_head.weight":
-                continue
-            names.append(name)
-            shapes.append(list(value.shape))
-        dtype = str(self.dtype).removeprefix("torch.")
-        return {"names": names, "dtype_names": [dtype] * len(names), "shapes": shapes}
+    def load(self, path: Path) -> None:
+        """Rank 0: every replica replaces its adapter with the one in `path`."""
+        body = {"lora_name": self.adapter, "lora_path": str(path.resolve()), "load_inplace": True}
+        self.swap("/v1/load_lora_adapter", body)
 
     def sync(self, model: nn.Module, step: int) -> None:
-        if self.control is None or self.channel is None:
-            for _ in self._tensors(model):  # the other ranks take part in every gather
-                pass
-            barrier()
-            return
-        control, channel = self.control, self.channel
-        update_info = self.metadata(model)
-        control.each(lambda url: control.post(url, "/pause"))
-        control.each(lambda url: control.post(url, "/start_weight_update"))
-        with ThreadPoolExecutor(max_workers=len(control.urls)) as pool:
-            # The servers receive inside /update_weights, concurrently with the broadcast.
-            futures = [
-                pool.submit(control.post, url, "/update_weights", {"update_info": update_info})
-                for url in control.urls
-            ]
-            channel.send(self._tensors(model))
-            for future in futures:
-                future.result()
-        version = {"weight_version": str(step)}
-        control.each(lambda url: control.post(url, "/finish_weight_update", version))
-        control.each(lambda url: control.post(url, "/reset_prefix_cache"))
-        control.each(lambda url: control.post(url, "/resume"))
+        tensors = adapter_state(model, self.dtype)
+        if self.ctx.is_main:
+            path = self.write_adapter(model, tensors, step)
+            self.load(path)
+            self.prune(path)
         barrier()
-
-    def close(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-        if self.control is not None:
-            self.control.close()
