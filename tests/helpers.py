@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from rlhf_operator import api
@@ -41,3 +44,13 @@ def job_with(job: dict[str, Any], *conditions: str, message: str = "") -> dict[s
         ]
     }
     return out
+
+
+def load_generate() -> ModuleType:
+    """manifests/generate.py (a script, not a package module): renders the Helm chart."""
+    path = Path(__file__).resolve().parents[1] / "manifests" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -8,7 +8,6 @@ namespace, so they share one emulator and one operator process.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from helpers import manifest
+from helpers import load_generate, manifest
 from kube_emulator import Client, Emulator, operator_process, stop, wait_for
 from rlhf_operator import backends
 from rlhf_operator.api import Phase
@@ -468,12 +467,7 @@ def test_rbac_grants_exactly_the_calls_the_operator_made(cluster: Cluster) -> No
     """Last in the module: the emulator has seen every scenario above (stages, failure,
     suspension, edits, restarts, TrainJobs, bad specs), so the operator's API calls are all
     in its request log. The chart's cluster-wide ClusterRole must grant exactly those."""
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("generate", root / "manifests" / "generate.py")
-    assert spec is not None and spec.loader is not None
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
-    rendered = generate.render_chart({}, name="rlhf", namespace="rlhf")
+    rendered = load_generate().render_chart({}, name="rlhf", namespace="rlhf")
     [role] = [d for docs in rendered.values() for d in docs if d["kind"] == "ClusterRole"]
     made = cluster.emulator.api_calls()
     grants = granted(role["rules"])

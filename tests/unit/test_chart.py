@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import base64
 import copy
-import importlib.util
 import json
 import re
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import helm_python
@@ -23,6 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from helpers import load_generate
 from rlhf_operator import api
 
 pytestmark = pytest.mark.unit
@@ -34,15 +33,7 @@ NAMESPACE = "rlhf-system"
 Obj = dict[str, Any]
 
 
-def _load_generate() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("generate", ROOT / "manifests" / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate = _load_generate()
+generate = load_generate()
 
 CA = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").decode()
 SCENARIOS: dict[str, Obj] = {

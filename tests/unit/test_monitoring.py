@@ -7,17 +7,17 @@ tests fail, never skip.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+
+from helpers import load_generate
 
 pytestmark = pytest.mark.unit
 
@@ -38,15 +38,7 @@ ALERTS = {
 Obj = dict[str, Any]
 
 
-def _load_generate() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("generate", ROOT / "manifests" / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate = _load_generate()
+generate = load_generate()
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from helpers import manifest
+from helpers import load_generate, manifest
 from rlhf_operator import controller
 from rlhf_operator.reconcile import Reconciler
 
@@ -29,10 +28,7 @@ def test_bad_runs_are_refused_naming_the_field() -> None:
 
 
 def test_webhook_id_matches_the_chart_path() -> None:
-    spec = importlib.util.spec_from_file_location("generate", ROOT / "manifests" / "generate.py")
-    assert spec is not None and spec.loader is not None
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
+    generate = load_generate()
     values = {"webhook": {"enabled": True, "certManager": {"enabled": True}}}
     rendered = generate.render_chart(values, name="rlhf", namespace="rlhf")
     [config] = [d for docs in rendered.values() for d in docs
