@@ -1,14 +1,18 @@
 """A local HTTP server that plays a vLLM rollout server's side of the protocol and records every
 request: the control routes of the weight sync (disk and nccl), `/get_world_size`, and
 `/v1/completions` (each choice samples token ids 7, 8, 9, ... with logprob -1). It lets tests
-check what the trainer's client sends, in which order and how concurrently, with no vLLM."""
+check what the trainer's client sends, in which order and how concurrently, with no vLLM.
+
+`reply` replaces the completions answer (fuzz tests): given the request body it returns
+(status, body bytes), ("drop", b"") to close the connection without a reply, or
+("truncate", body) to send a Content-Length longer than the body and close."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +38,7 @@ class FakeServer:
     # path -> event the reply waits for (5 s, then HTTP 500), like vLLM's init, which returns
     # only once the trainer has joined the NCCL group
     gates: dict[str, threading.Event] = field(default_factory=dict)
+    reply: Callable[[Any], tuple[int | str, bytes]] | None = None
     in_flight: int = 0
     max_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -84,11 +89,28 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
                 self._reply(500, {"detail": "the trainer never joined"})
             elif route in state.fail_status:
                 self._reply(state.fail_status[route], {"detail": "injected failure"})
+            elif route == "/v1/completions" and state.reply is not None:
+                self._scripted(*state.reply(rec.body))
             elif route == "/v1/completions":
                 self._complete(rec.body)
             else:
                 self._reply(200, {"status": "ok"})
             rec.finished = time.monotonic()
+
+        def _scripted(self, status: int | str, data: bytes) -> None:
+            if status == "drop":
+                self.close_connection = True
+                return
+            self.send_response(200 if status == "truncate" else int(status))
+            self.send_header("Content-Type", "application/json")
+            extra = 10 if status == "truncate" else 0
+            self.send_header("Content-Length", str(len(data) + extra))
+            self.close_connection = True
+            try:
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up first (a timeout under test)
 
         def _complete(self, body: dict[str, Any]) -> None:
             with state.lock:
@@ -121,7 +143,7 @@ def fake_server(**settings: Any) -> Iterator[FakeServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     server.daemon_threads = True
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield state

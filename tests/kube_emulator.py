@@ -2,9 +2,10 @@
 background thread, a kubeconfig pointing at it, a small JSON client, and `rlhf operator` as a
 subprocess.
 
-The emulator stores objects and streams watch events, but it has no schema validation, merge
-strategies beyond JSON merge patch, label selectors, generation bumps or garbage collection:
-tests set `metadata.generation` themselves and cover the rest with pure-function tests.
+The emulator stores objects, streams watch events and filters lists and watches by label
+selector (equality and existence), but it has no schema validation, merge strategies beyond
+JSON merge patch, generation bumps or garbage collection: tests set `metadata.generation`
+themselves and cover the rest with pure-function tests.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -53,10 +54,72 @@ RESOURCES: dict[str, tuple[str, bool, set[str]]] = {
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
 
-class VersionedEmulator(kmock.KubernetesEmulator):
-    """The emulator plus what every API server does on a write: a new resourceVersion (kopf
+def _sees(view: Any, request: Any, root: Any) -> bool:
+    """`request in view` for the request being served, asking each filter of the chain about
+    that one request. kmock's own `in` replays the whole request log through the filters."""
+    if view is root:
+        return True  # the root records every request before serving it
+    if type(view) is kmock.Filter:
+        return bool(view.criteria(request)) and _sees(view._source, request, root)
+    if type(view) is kmock.Priority:
+        return _sees(view._source, request, root)
+    return request in view  # slices, groups, exclusions: kmock's own way
+
+
+class ConstantTimeDispatch(kmock.RawHandler):
+    """kmock's dispatch of a request to the first matching reaction, at a cost that does not
+    grow with the requests served before. kmock checks each reaction's filters against every
+    request it has logged, so a request cost 30 ms after a hundred and 400 ms after five
+    hundred: a scale test would measure the emulator, not the operator."""
+
+    async def _handle(self, request: Any) -> Any:
+        width = max((len(p.priorities) for p in self._payloads), default=0)
+        payloads = sorted(  # as kmock orders them: padded, higher priority first, stable
+            self._payloads,
+            key=lambda p: tuple(-x for x in p.priorities) + (0,) * (width - len(p.priorities)),
+        )
+        for payload in payloads:
+            if payload._disabled.is_set() or not _sees(payload._source, request, self):
+                continue
+            try:
+                return await payload(request)
+            except kmock.ReactionMismatchError:  # a mismatch or a depleted reaction
+                payload._disabled.set()
+            except NotImplementedError:  # matched, but nothing to respond with
+                pass
+        raise NotImplementedError("Undefined server behaviour: no reaction matches the request")
+
+
+def label_matcher(selector: str | None) -> Callable[[Obj], bool]:
+    """What an API server's `labelSelector` keeps: `k=v`, `k==v`, `k!=v`, `k`, `!k`, joined
+    by commas. Set-based terms (`in`, `notin`) are refused: nothing here sends them."""
+    terms: list[Callable[[dict[str, str]], bool]] = []
+    for term in filter(None, (t.strip() for t in (selector or "").split(","))):
+        if " in " in term or " notin " in term or "(" in term:
+            raise kmock.KubernetesError(status=400, reason="BadRequest",
+                                        message=f"set-based selector not emulated: {term}")
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            terms.append(lambda labels, k=key, v=value: labels.get(k) != v)
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            terms.append(lambda labels, k=key, v=value: labels.get(k) == v)
+        elif term.startswith("!"):
+            terms.append(lambda labels, k=term[1:]: k not in labels)
+        else:
+            terms.append(lambda labels, k=term: k in labels)
+
+    def matches(obj: Obj) -> bool:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return all(term(labels) for term in terms)
+
+    return matches
+
+
+class VersionedEmulator(kmock.KubernetesEmulator, ConstantTimeDispatch):
+    """The emulator plus what every API server does: a new resourceVersion on a write (kopf
     relies on it to tell its own patches from older events), a uid and creationTimestamp on
-    create, and 422 when a JSON patch's `test` op fails."""
+    create, 422 when a JSON patch's `test` op fails, and label-selected lists and watches."""
 
     _versions: ClassVar[Iterator[int]] = itertools.count(1)
 
@@ -78,6 +141,21 @@ class VersionedEmulator(kmock.KubernetesEmulator):
             # What the API server answers when a patch's `test` op fails; kopf expects it.
             raise kmock.KubernetesError(status=422, reason="Invalid", message=str(err)) from err
 
+    def _get_resources(self) -> list[Any]:
+        # The declared resources (RESOURCES) only: kmock also derives them from every stored
+        # object, on every request.
+        return list(super(kmock.KubernetesEmulator, self)._get_resources())
+
+    async def _serve_list(self, request: Any) -> Any:
+        listing = await super()._serve_list(request)
+        matches = label_matcher(request.params.get("labelSelector"))
+        return {**listing, "items": [obj for obj in listing["items"] if matches(obj)]}
+
+    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
+        matches = label_matcher(request.params.get("labelSelector"))
+        async for event in super()._serve_watch(request):
+            if not isinstance(event, dict) or matches(event.get("object") or {}):
+                yield event
 
     async def __call__(self, raw_request: Any) -> Any:
         # kmock 0.8 cannot parse the cluster-scoped namespaces list. Answer as an API server
@@ -212,10 +290,12 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 15.0) ->
 
 @contextmanager
 def operator_process(
-    kubeconfig: Path, log: Path, *args: str, resync_seconds: float = 1.0
+    kubeconfig: Path, log: Path, *args: str, resync_seconds: float = 1.0,
+    env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`rlhf operator ARGS` against the emulator; stopped with SIGTERM (SIGKILL if stuck)."""
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+    """`rlhf operator ARGS` against the emulator, with `env` added to the environment;
+    stopped with SIGTERM (SIGKILL if stuck)."""
+    env = {**os.environ, **(env or {}), "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "rlhf_operator.cli", "operator", *args,
             "--resync-seconds", str(resync_seconds)]
     with log.open("ab") as out:

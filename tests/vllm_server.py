@@ -3,6 +3,10 @@
 `python -m vllm.entrypoints.openai.api_server` with the CPU settings the local executor uses
 (`--enforce-eager`, the model runner in-process); the `vllm` console script does not start on
 this CPU build. Starting takes tens of seconds, so tests share one server per module.
+
+A fault test that kills a server uses the pieces: `start_vllm` on a port of its choosing (the
+server, its EngineCore and worker share a new session, so `kill_tree.kill_tree` ends them
+all), `wait_until_ready`, and `start_vllm` again on the same port, as a restarted pod.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 START_TIMEOUT_S = 600
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -36,11 +40,9 @@ def _ready(url: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def vllm_server(model: Path, log: Path, *extra: str) -> Iterator[str]:
-    """Serve `model`; yields the base URL (http://127.0.0.1:PORT). The served model name is
-    `served` unless `extra` says otherwise."""
-    port = _free_port()
+def start_vllm(model: Path, log: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    """Serve `model` on 127.0.0.1:`port` in a new session, output appended to `log`. The
+    served model name is `served` unless `extra` says otherwise."""
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model), "--served-model-name", "served",
@@ -48,23 +50,43 @@ def vllm_server(model: Path, log: Path, *extra: str) -> Iterator[str]:
         "--gpu-memory-utilization", "0.15", "--enforce-eager",
         "--distributed-executor-backend", "uni", *extra,
     ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> float:
+    """Block until the server lists its model; the seconds it took."""
+    started = time.monotonic()
+    while not _ready(url):
+        tail = log.read_text(errors="replace")[-2000:]
+        assert proc.poll() is None, f"vLLM exited with {proc.returncode}:\n{tail}"
+        waited = time.monotonic() - started
+        assert waited < START_TIMEOUT_S, f"vLLM not ready in {START_TIMEOUT_S} s:\n{tail}"
+        time.sleep(1.0)
+    return time.monotonic() - started
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's session (EngineCore included), SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _ready(url):
-            tail = log.read_text(errors="replace")[-2000:]
-            assert proc.poll() is None, f"vLLM exited with {proc.returncode}:\n{tail}"
-            assert time.monotonic() < deadline, f"vLLM not ready in {START_TIMEOUT_S} s:\n{tail}"
-            time.sleep(1.0)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def vllm_server(model: Path, log: Path, *extra: str) -> Iterator[str]:
+    """Serve `model` on a free port; yields the base URL (http://127.0.0.1:PORT)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log.unlink(missing_ok=True)
+    proc = start_vllm(model, log, port, *extra)
+    try:
+        wait_until_ready(proc, url, log)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)

@@ -46,6 +46,8 @@ DEFAULT_TRAINER_IMAGE = "ghcr.io/rlhf-operator/trainer:0.1.0"
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
 DEFAULT_LMDEPLOY_IMAGE = "openmmlab/lmdeploy:v0.10.1"
 
+MAX_BACKOFF_LIMIT = 100
+
 Quantity = Annotated[int | str, Field(description="A Kubernetes quantity, e.g. 4, 500m or 16Gi.")]
 
 
@@ -105,7 +107,12 @@ class RewardSource(ApiModel):
     from_: DnsLabel | None = Field(
         default=None, alias="from", description="A `reward` stage whose model scores responses."
     )
-    judge: JudgeReward | None = Field(default=None, description="Use spec.judge.")
+    judge: JudgeReward | None = Field(
+        default=None,
+        description="The AI judge of spec.judge scores each response (ppo, grpo); its servers "
+        "run beside the stage's rollout servers while the stage runs. A response it fails to "
+        "score gets the mean reward of its batch (counted by outcome, never fatal).",
+    )
     function: str | None = Field(
         default=None, description="A registered reward function (verifiable rewards)."
     )
@@ -166,6 +173,13 @@ class Stage(ApiModel):
         default=None,
         description="Train LoRA adapters instead of every weight (sft, reward, dpo, rrhf).",
     )
+    backoff_limit: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_BACKOFF_LIMIT,
+        description="Times a failed job of this stage is recreated before the run fails "
+        "(default: spec.backoffLimit).",
+    )
 
     @model_validator(mode="after")
     def _fields_for_type(self) -> Stage:
@@ -205,6 +219,10 @@ def stage_type_problems(stage: Stage) -> list[str]:
         problems.append(f"a `{stage.type}` stage needs `dataset`")
     if stage.type in NEEDS_REWARD and stage.reward is None:
         problems.append(f"a `{stage.type}` stage needs `reward` ({{from|judge|function}})")
+    if stage.type == "rrhf" and stage.rrhf is not None and stage.rrhf.online and not stage.reward:
+        problems.append(
+            "an online `rrhf` stage needs `reward` ({from|judge|function}) to score its samples"
+        )
     for field, owner in OPTION_BLOCKS.items():
         if getattr(stage, field) is not None and stage.type != owner:
             alias = Stage.model_fields[field].alias or field
@@ -256,6 +274,17 @@ class RLHFRunSpec(ApiModel):
     stages: list[Stage] = Field(min_length=1, max_length=16)
     judge: Judge | None = None
     suspend: bool = Field(default=False, description="Pause the run (Kueue-compatible).")
+    backoff_limit: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_BACKOFF_LIMIT,
+        description="Times a failed stage job is recreated (resuming from its last "
+        "checkpoint) before the run fails; a stage's own backoffLimit overrides it. The "
+        "job's pod restarts (its runPolicy.backoffLimit) come first.",
+    )
+
+    def stage_backoff_limit(self, stage: Stage) -> int:
+        return self.backoff_limit if stage.backoff_limit is None else stage.backoff_limit
 
     @model_validator(mode="after")
     def _stage_graph(self) -> RLHFRunSpec:
@@ -368,6 +397,9 @@ class StageStatus(ApiModel):
     completion_time: str | None = None
     output: str | None = None
     message: str | None = None
+    attempts: int | None = Field(
+        default=None, description="Jobs started for the stage so far: 1, plus one per retry."
+    )
     metrics: StageMetrics | None = None
 
 

@@ -6,6 +6,7 @@ and an owner reference to its RLHFRun, so deleting the run deletes its children.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
@@ -38,6 +39,14 @@ METRICS_PORT_NAME = "metrics"  # rank 0's /metrics; the chart's PodMonitor selec
 METRICS_PORT = 9400
 METRICS_PORT_ENV = "RLHF_METRICS_PORT"
 MAX_NAME = 63
+# The trainer image's user (Dockerfile `USER 65532:65532`, home /home/trainer). Numeric, so the
+# kubelet can check runAsNonRoot without reading /etc/passwd.
+TRAINER_UID = 65532
+TRAINER_HOME = "/home/trainer"
+# Restricted Pod Security: no privilege escalation, no capabilities, the runtime's seccomp
+# profile. Servers (upstream images, root) get these too; see servers.server_container.
+DROP_PRIVILEGES: Obj = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+SECCOMP_DEFAULT: Obj = {"seccompProfile": {"type": "RuntimeDefault"}}
 # Stage types that generate with rollout servers while they train.
 ONLINE_STAGE_TYPES: frozenset[str] = frozenset({"ppo", "grpo"})
 
@@ -102,10 +111,16 @@ def rollout_name(run: api.RLHFRun, stage: str, replica: int) -> str:
     return child_name(run, stage, f"rollout-{replica}")
 
 
+def is_online(stage: api.Stage) -> bool:
+    """ppo, grpo, and rrhf with `rrhf.online`: stages that learn from the policy's own samples."""
+    online_rrhf = stage.type == "rrhf" and stage.rrhf is not None and stage.rrhf.online
+    return stage.type in ONLINE_STAGE_TYPES or online_rrhf
+
+
 def uses_rollout(stage: api.Stage) -> bool:
     """Online stages generate with rollout servers; a feedback stage with `rollout` samples
     the responses it judges from them."""
-    return stage.type in ONLINE_STAGE_TYPES or (
+    return is_online(stage) or (
         stage.type == "feedback" and stage.rollout is not None
     )
 
@@ -319,6 +334,9 @@ def _volumes(run: api.RLHFRun, configmap: str) -> list[Obj]:
         workspace,
         {"name": "config", "configMap": {"name": configmap}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        # The root filesystem is read-only: torchrun, torch and triton write under /tmp and HOME.
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "home", "emptyDir": {}},
     ]
 
 
@@ -333,9 +351,11 @@ def trainer_pod_template(run: api.RLHFRun, stage: api.Stage) -> Obj:
             {"name": "workspace", "mountPath": WORKSPACE_MOUNT},
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "home", "mountPath": TRAINER_HOME},
         ],
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"}],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": {**copy.deepcopy(DROP_PRIVILEGES), "readOnlyRootFilesystem": True},
     }
     resources = _resources(trainer.resources, trainer.gpus_per_node)
     if resources:
@@ -343,6 +363,15 @@ def trainer_pod_template(run: api.RLHFRun, stage: api.Stage) -> Obj:
     pod: Obj = {
         "containers": [container],
         "volumes": _volumes(run, child_name(run, stage.name, "config")),
+        # fsGroup: the workspace volume is group-owned by the trainer's group, so a fresh PVC
+        # is writable by it.
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            **copy.deepcopy(SECCOMP_DEFAULT),
+        },
     }
     if trainer.scheduler_name:
         pod["schedulerName"] = trainer.scheduler_name

@@ -3,8 +3,9 @@
 Triggers: the RLHFRun created, updated or resumed after a restart; a resync timer; a trainer
 job's status (PyTorchJob, TrainJob); a server Deployment's availability; a trainer pod's
 progress annotation. Children are mapped to their run by the `rlhf.dev/run` label, and the
-watches on them are label-selected on the server. Reconciles of one run never overlap, and a
-burst of child events collapses into one reconcile.
+watches on them are label-selected on the server. Reconciles of one run never overlap, a
+burst of child events collapses into one reconcile, and an event that only echoes the
+operator's own write of a child costs none.
 """
 
 from __future__ import annotations
@@ -40,17 +41,28 @@ class Controller:
     def __init__(self, reconciler: Reconciler) -> None:
         self.reconciler = reconciler
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._queued: set[tuple[str, str]] = set()
+        # The triggers of the reconcile queued for a run: the child whose event it was, or
+        # None for any other trigger.
+        self._queued: dict[tuple[str, str], list[Mapping[str, Any] | None]] = {}
 
-    async def reconcile(self, namespace: str, name: str, coalesce: bool = False) -> None:
-        """Reconcile now; with `coalesce`, skip if a reconcile of the run is already queued
-        (it reads fresh state when it starts, so it covers this trigger too)."""
+    async def reconcile(
+        self,
+        namespace: str,
+        name: str,
+        coalesce: bool = False,
+        child: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Reconcile now; with `coalesce`, join a reconcile of the run that is already queued
+        (it reads fresh state when it starts, so it covers this trigger too). A reconcile all
+        of whose triggers are children exactly as this operator wrote them is skipped."""
         key = (namespace, name)
-        if coalesce and key in self._queued:
+        queued = self._queued.get(key)
+        if coalesce and queued is not None:
+            queued.append(child)
             return
-        self._queued.add(key)
+        triggers = self._queued[key] = [child]
         # Shielded: a cancelled handler must not release the lock while its thread still runs.
-        task = asyncio.ensure_future(self._locked(key))
+        task = asyncio.ensure_future(self._locked(key, triggers))
         try:
             await asyncio.shield(task)
         except KubeError as err:
@@ -59,22 +71,32 @@ class Controller:
                 f"Failed to reconcile RLHFRun {namespace}/{name}: {err}", delay=delay
             ) from err
 
-    async def _locked(self, key: tuple[str, str]) -> None:
+    async def _locked(
+        self, key: tuple[str, str], triggers: list[Mapping[str, Any] | None]
+    ) -> None:
         async with self._locks.setdefault(key, asyncio.Lock()):
-            self._queued.discard(key)
+            if self._queued.get(key) is triggers:
+                del self._queued[key]
+            # Checked once the lock is held: the reconcile that wrote a child may still have
+            # been running when the child's event came.
+            if all(t is not None and self.reconciler.wrote_last(t) for t in triggers):
+                return
             await asyncio.to_thread(self.reconciler.reconcile, *key)
 
     def forget(self, namespace: str, name: str) -> None:
-        """A deleted run: drop its metric series and its lock (children go by GC)."""
-        self.reconciler.metrics.forget_run(namespace, name)
+        """A deleted run: drop its metric series, its writes and its lock (children go by
+        GC)."""
+        self.reconciler.forget(namespace, name)
         lock = self._locks.get((namespace, name))
         if lock is not None and not lock.locked():
             del self._locks[(namespace, name)]
 
-    async def reconcile_quietly(self, namespace: str, name: str) -> None:
+    async def reconcile_quietly(
+        self, namespace: str, name: str, child: Mapping[str, Any] | None = None
+    ) -> None:
         """For event handlers, which kopf does not retry: log, and let the timer retry."""
         try:
-            await self.reconcile(namespace, name, coalesce=True)
+            await self.reconcile(namespace, name, coalesce=True, child=child)
         except kopf.TemporaryError as err:
             logger.warning("%s; the resync timer retries", err)
 
@@ -99,8 +121,17 @@ def configure(settings: kopf.OperatorSettings) -> None:
 WEBHOOK_ID = "validate-rlhfrun"  # the path the chart's ValidatingWebhookConfiguration calls
 
 
-def admission_problems(body: Mapping[str, Any]) -> list[str]:
-    """What the validating webhook refuses: every problem `rlhf validate` finds, by field."""
+def admission_problems(
+    body: Mapping[str, Any], old: Mapping[str, Any] | None = None
+) -> list[str]:
+    """What the validating webhook refuses: every problem `rlhf validate` finds, by field.
+
+    An update (`old` given) that leaves the spec as it was is never refused: kopf's own
+    finalizer and annotation patches, and so the run's deletion, must go through even when the
+    stored spec does not validate (a run from before the webhook, or before an upgrade).
+    """
+    if old is not None and old.get("spec") == body.get("spec"):
+        return []
     try:
         api.parse_run({k: v for k, v in body.items() if k != "status"}, "RLHFRun")
     except api.SpecError as err:
@@ -142,8 +173,9 @@ def build_registry(
         @kopf.on.validate(
             *RUN, registry=registry, id=WEBHOOK_ID, operations=["CREATE", "UPDATE"]
         )
-        def validate(body: Mapping[str, Any], **_: Any) -> None:
-            problems = admission_problems(body)
+        def validate(body: Mapping[str, Any], **kwargs: Any) -> None:
+            old = kwargs.get("old") if kwargs.get("operation") == "UPDATE" else None
+            problems = admission_problems(body, old)
             if problems:
                 raise kopf.AdmissionError("\n".join(problems), code=422)
 
@@ -163,14 +195,19 @@ def build_registry(
     async def run_deleted(namespace: str | None, name: str, **_: Any) -> None:
         controller.forget(namespace or "default", name)
 
-    @kopf.timer(*RUN, interval=resync_seconds, registry=registry, id="resync")
+    # The first tick waits a whole interval: creation and resumption reconcile already.
+    @kopf.timer(
+        *RUN, interval=resync_seconds, initial_delay=resync_seconds, registry=registry,
+        id="resync",
+    )
     async def resync(namespace: str | None, name: str, **_: Any) -> None:
         await controller.reconcile(namespace or "default", name, coalesce=True)
 
     async def child_changed(
-        namespace: str | None, labels: Mapping[str, str], **_: Any
+        namespace: str | None, labels: Mapping[str, str], body: Mapping[str, Any], **_: Any
     ) -> None:
-        await controller.reconcile_quietly(namespace or "default", labels[builders.LABEL_RUN])
+        run = labels[builders.LABEL_RUN]
+        await controller.reconcile_quietly(namespace or "default", run, child=body)
 
     has_run = {builders.LABEL_RUN: kopf.PRESENT}
     for resource in (*kube.JOBS, kube.DEPLOYMENTS):

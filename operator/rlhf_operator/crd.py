@@ -67,6 +67,13 @@ def _stage_rules() -> list[Schema]:
             "fieldPath": ".reward",
             "reason": "FieldValueRequired",
         },
+        {
+            "rule": "!(self.type == 'rrhf' && has(self.rrhf) && has(self.rrhf.online) && "
+            "self.rrhf.online) || has(self.reward)",
+            "message": "an online rrhf stage needs `reward` ({from|judge|function})",
+            "fieldPath": ".reward",
+            "reason": "FieldValueRequired",
+        },
     ]
     rules.append(
         {

@@ -6,10 +6,13 @@ the events to post. No I/O: the caller passes in the clock.
 
 Semantics:
 - Stages run in order; a stage starts once every stage before it has succeeded.
-- A failed stage fails the run; later stages never start.
+- A failed stage is retried up to its backoffLimit (a new job, attempt n+1), then fails the
+  run; later stages never start. See `stage_job`.
 - A finished stage keeps its job as a desired child (its status is the record) and is not
-  re-run when the spec changes; an unfinished stage whose rendered job changed gets a new
-  config hash, and the executor replaces the job (it resumes from its checkpoint).
+  re-run when the spec changes. A stage not started yet runs the spec as it is when it
+  starts. A pending, suspended or failed stage whose rendered job changed gets a new config
+  hash, and the executor replaces the job (it resumes from its checkpoint). A running job is
+  not replaced: the edit is reported as Degraded (RunningStageEdited) instead.
 - `spec.suspend` suspends the active job; the run's phase becomes Suspended.
 """
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from rlhf_operator import api, backends, builders, judge_servers, servers
+from rlhf_operator import api, backends, builders, judge_servers, servers, stage_job
 
 Obj = dict[str, Any]
 
@@ -61,13 +64,6 @@ def job_phase(job: Obj) -> api.Phase:
     return backends.for_kind(str(job.get("kind"))).job_phase(job)
 
 
-def _job_message(job: Obj) -> str | None:
-    conditions = (job.get("status") or {}).get("conditions") or []
-    failed = [c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"]
-    chosen = failed or conditions
-    return str(chosen[-1].get("message")) if chosen else None
-
-
 def _jobs_by_stage(children: list[Obj]) -> dict[str, Obj]:
     out = {}
     for child in children:
@@ -107,12 +103,8 @@ def refusal(run: api.RLHFRun) -> str | None:
 def _offline_stage_problem(index: int, stage: api.Stage) -> str | None:
     """What an offline rrhf or evaluate stage asks for that cannot run yet, or None."""
     where = f"spec.stages[{index}]"
-    if stage.type == "rrhf" and stage.rrhf is not None and stage.rrhf.online:
-        return (
-            f"{where}.rrhf.online: online RRHF (sampling from rollout servers) is not supported "
-            "yet; set online to false and give k responses per prompt in the dataset"
-        )
-    if stage.type in ("rrhf", "evaluate") and stage.reward is not None and stage.reward.judge:
+    offline = stage.type == "evaluate" or (stage.type == "rrhf" and not builders.is_online(stage))
+    if offline and stage.reward is not None and stage.reward.judge:
         return (
             f"{where}.reward.judge: {stage.type} scores responses with reward.from (a reward "
             "stage) or reward.function; the AI judge is not supported here yet"
@@ -138,16 +130,14 @@ def plan(run: api.RLHFRun, observed: Observed) -> Plan:
     children: list[Obj] = []
     stages: list[api.StageStatus] = []
     current: str | None = None
-    for stage in run.spec.stages:
+    edited: str | None = None
+    for index, stage in enumerate(run.spec.stages):
         if current is not None:
             stages.append(api.StageStatus(name=stage.name, type=stage.type))
             continue
         desired = backends.build_stage_children(run, stage)
-        job = jobs.get(stage.name)
-        if job is not None and job_phase(job) == "Failed" and config_hash(job) != config_hash(
-            desired[-1]
-        ):
-            job = None  # the spec changed after the failure: retry with the new spec
+        decided = stage_job.decide(run, stage, desired[-1], jobs.get(stage.name))
+        job = decided.observed
         rollout = [
             *servers.rollout_children(run, stage),
             *judge_servers.judge_children(run, stage),
@@ -156,18 +146,24 @@ def plan(run: api.RLHFRun, observed: Observed) -> Plan:
         stage_status = _stage_status(run, stage, job, observed, previous)
         if job is None:
             stage_status = _gated(run, stage_status, gate, previous, observed.now)
+        before = next((s for s in previous.stages if s.name == stage.name), None)
+        stage_status = stage_job.stage_status(run, stage, stage_status, decided, before)
         stages.append(stage_status)
         if stage_status.phase in ("Succeeded", "Failed"):
             children.extend(_kept_children(observed.children, stage.name))
+        elif decided.edited:
+            kept = stage_job.running_children(observed.children, stage.name, decided.desired)
+            children.extend(kept)
+            edited = stage_job.edit_message(run, index, decided)
         else:
             # Rollout servers come first; the trainer starts once every one is available.
             children.extend([*desired[:-1], *rollout])
             if job is not None or gate.ready:
-                children.append(desired[-1])
+                children.append(decided.desired)
         if stage_status.phase != "Succeeded":
             current = stage.name
     phase = _run_phase(run, stages)
-    status = _status(run, previous, observed, stages, phase, current, None)
+    status = _status(run, previous, observed, stages, phase, current, None, edited)
     return Plan(children=children, status=status, events=_events(previous, status, None))
 
 
@@ -180,9 +176,6 @@ def config_hash(obj: Obj) -> str | None:
     annotations = obj.get("metadata", {}).get("annotations") or {}
     value = annotations.get(builders.ANNOTATION_HASH)
     return str(value) if value is not None else None
-
-
-_SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp", "managedFields", "generation")
 
 
 def _gated(
@@ -226,8 +219,7 @@ def _kept_children(children: list[Obj], stage: str) -> list[Obj]:
     its rollout servers go (their GPUs are free again)."""
     kept = []
     for child in children:
-        meta = child.get("metadata", {})
-        labels = meta.get("labels") or {}
+        labels = child.get("metadata", {}).get("labels") or {}
         if labels.get(builders.LABEL_STAGE) != stage:
             continue
         if labels.get(builders.LABEL_COMPONENT) in (
@@ -235,8 +227,7 @@ def _kept_children(children: list[Obj], stage: str) -> list[Obj]:
             judge_servers.COMPONENT_JUDGE,
         ):
             continue
-        clean = {k: v for k, v in meta.items() if k not in _SERVER_FIELDS}
-        kept.append({**{k: v for k, v in child.items() if k != "status"}, "metadata": clean})
+        kept.append(stage_job.as_desired(child))
     return kept
 
 
@@ -269,7 +260,7 @@ def _stage_status(
         start_time=started,
         completion_time=finished if phase in ("Succeeded", "Failed") else None,
         output=output,
-        message=_job_message(job) if job is not None and phase == "Failed" else None,
+        message=stage_job.job_message(job) if job is not None and phase == "Failed" else None,
         metrics=observed.progress.get(stage.name, before.metrics if before else None),
     )
 
@@ -281,8 +272,8 @@ def _run_phase(run: api.RLHFRun, stages: list[api.StageStatus]) -> api.Phase:
         return "Succeeded"
     if run.spec.suspend:
         return "Suspended"
-    if any(s.phase in ("Running", "Succeeded") for s in stages):
-        return "Running"
+    if any(s.phase in ("Running", "Succeeded") or (s.attempts or 0) > 1 for s in stages):
+        return "Running"  # a stage between two attempts is still under way
     return "Pending"
 
 
@@ -294,9 +285,12 @@ def _status(
     phase: api.Phase,
     current: str | None,
     refused: str | None,
+    edited: str | None = None,
 ) -> api.RunStatus:
     metrics = next((s.metrics for s in stages if s.name == current), None)
     wanted = _conditions(stages, phase, current, refused)
+    if edited is not None and phase == "Running":
+        wanted["Degraded"] = ("True", stage_job.EDIT_REASON, edited)
     conditions = []
     for ctype in CONDITION_TYPES:
         cstatus, reason, message = wanted[ctype]
@@ -382,12 +376,17 @@ def _events(previous: api.RunStatus, status: api.RunStatus, refused: str | None)
             events.append(Event("Warning", "SpecRefused", refused))
         return events
     before = {s.name: s.phase for s in previous.stages}
+    tries = {s.name: s.attempts or 1 for s in previous.stages}
     for stage in status.stages:
+        if (stage.attempts or 1) > tries.get(stage.name, 1):
+            retry = f"Retrying stage {stage.name}: {stage.message}"
+            events.append(Event("Warning", "StageRetrying", retry))
         old = before.get(stage.name, "Pending")
         if stage.phase == old:
             continue
         if stage.phase == "Running":
-            events.append(Event("Normal", "StageStarted", f"Started stage {stage.name}"))
+            attempt = f" (attempt {stage.attempts})" if (stage.attempts or 1) > 1 else ""
+            events.append(Event("Normal", "StageStarted", f"Started stage {stage.name}{attempt}"))
         elif stage.phase == "Succeeded":
             events.append(Event("Normal", "StageSucceeded", f"Stage {stage.name} succeeded"))
         elif stage.phase == "Failed":
@@ -395,6 +394,12 @@ def _events(previous: api.RunStatus, status: api.RunStatus, refused: str | None)
             events.append(Event("Warning", "StageFailed", msg))
         elif stage.phase == "Suspended":
             events.append(Event("Normal", "StageSuspended", f"Suspended stage {stage.name}"))
+    degraded = next((c for c in status.conditions if c.type == "Degraded"), None)
+    was = next((c for c in previous.conditions if c.type == "Degraded"), None)
+    if degraded is not None and degraded.reason == stage_job.EDIT_REASON and (
+        was is None or was.message != degraded.message
+    ):
+        events.append(Event("Warning", stage_job.EDIT_REASON, degraded.message))
     if status.phase != previous.phase and status.phase in ("Succeeded", "Failed"):
         kind: Literal["Normal", "Warning"] = (
             "Normal" if status.phase == "Succeeded" else "Warning"

@@ -12,8 +12,8 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -38,6 +38,16 @@ class Outcome:
 
     writes: int
     phase: str | None = None
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The writes of `Reconciler.apply`, and the run's children after them as the API server
+    answered the writes; None when an answer does not tell (a delete, a create that found the
+    object already there), so the children must be read again."""
+
+    writes: int
+    children: list[Obj] | None
 
 
 def parse_body(body: Obj) -> api.RLHFRun:
@@ -127,6 +137,24 @@ class Reconciler:
         self.clock = clock
         self.instance = instance or socket.gethostname()
         self.metrics = metrics or RunMetrics()
+        # (namespace, run) -> (kind, name) -> resourceVersion of each child as this process
+        # last created or patched it: see `wrote_last`.
+        self._written: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
+
+    def wrote_last(self, child: Mapping[str, Any]) -> bool:
+        """Whether `child` is exactly as a reconcile of this process wrote it. Its watch
+        event is then only the echo of that write, which that reconcile already planned with
+        (it plans again after writing), so it needs no reconcile of its own."""
+        meta = child.get("metadata") or {}
+        run = (meta.get("labels") or {}).get(builders.LABEL_RUN)
+        versions = self._written.get((meta.get("namespace", ""), run or ""), {})
+        version = versions.get((str(child.get("kind")), str(meta.get("name"))))
+        return version is not None and version == meta.get("resourceVersion")
+
+    def forget(self, namespace: str, name: str) -> None:
+        """A deleted run: drop what is kept about it."""
+        self.metrics.forget_run(namespace, name)
+        self._written.pop((namespace, name), None)
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         with self.metrics.reconcile_timer():
@@ -136,7 +164,7 @@ class Reconciler:
         body = self.kube.get(RUNS, namespace, name)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             # Gone or going: garbage collection removes the children (owner references).
-            self.metrics.forget_run(namespace, name)
+            self.forget(namespace, name)
             return Outcome(writes=0)
         try:
             run = parse_body(body)
@@ -146,17 +174,24 @@ class Reconciler:
         observed = self.observe(run)
         desired = plan(run, observed)
         try:
-            writes = self.apply(run, desired.children, observed.children)
+            applied = self.apply(run, desired.children, observed.children)
         except KubeError as err:
             if not err.transient:
                 # Refused (RBAC, an admission webhook, a CRD's schema): say so on the run, and
                 # let kopf retry after someone has acted.
                 self._degrade(body, desired.status, "ChildRejected", str(err))
             raise
+        writes = applied.writes
         if writes:
             # The status describes the children as they are now (a job just created has a
-            # jobName), so the next reconcile finds nothing to write.
-            desired = plan(run, self.observe(run))
+            # jobName), so the next reconcile finds nothing to write. The API server's
+            # answers to the writes are those children, unless a delete or a conflict leaves
+            # that open: then they are read again.
+            if applied.children is not None:
+                observed = replace(observed, children=applied.children)
+            else:
+                observed = self.observe(run)
+            desired = plan(run, observed)
         self.metrics.observe_run(run, desired.status)
         writes += self.write_status(body, desired.status)
         writes += self.post(body, desired.events)
@@ -175,35 +210,48 @@ class Reconciler:
             children=children, progress=sync.progress_by_stage(pods), now=self.clock()
         )
 
-    def apply(self, run: api.RLHFRun, desired: list[Obj], observed: list[Obj]) -> int:
+    def apply(self, run: api.RLHFRun, desired: list[Obj], observed: list[Obj]) -> Applied:
         namespace = run.metadata.namespace
+        written = self._written.setdefault((namespace, run.metadata.name), {})
+        children: dict[tuple[str, str], Obj] | None = {sync.key(obj): obj for obj in observed}
         writes = 0
         for action in sync.child_actions(desired, observed, run.metadata.uid):
             resource = BY_KIND[action.kind]
             what = f"{action.kind} {action.name}"
             if action.verb in ("delete", "replace"):
                 self.kube.delete(resource, namespace, action.name)
+                written.pop((action.kind, action.name), None)
+                children = None  # gone, or still terminating: only a read tells
                 writes += 1
                 logger.info("Deleted %s%s", what, " to replace it" * (action.verb == "replace"))
             if action.verb in ("create", "replace"):
                 assert action.body is not None
                 writes += 1
                 try:
-                    self.kube.create(action.body)
+                    answer = self.kube.create(action.body)
                 except KubeError as err:
                     if err.status != 409:
                         raise
                     # Someone was first, or a replaced object is still terminating: the next
                     # reconcile sees it.
                     logger.info("Found %s already present; will reconcile it next", what)
+                    children = None
                     continue
                 logger.info("Created %s", what)
             elif action.verb == "patch":
                 assert action.body is not None
-                self.kube.patch(resource, namespace, action.name, action.body)
+                answer = self.kube.patch(resource, namespace, action.name, action.body)
                 writes += 1
                 logger.info("Patched %s: %s", what, ", ".join(sorted(action.body)))
-        return writes
+            else:
+                continue
+            answer = {"apiVersion": resource.api_version, "kind": resource.kind, **answer}
+            version = answer.get("metadata", {}).get("resourceVersion")
+            if version:
+                written[action.kind, action.name] = str(version)
+            if children is not None:
+                children[action.kind, action.name] = answer
+        return Applied(writes, list(children.values()) if children is not None else None)
 
     def write_status(self, body: Obj, status: api.RunStatus) -> int:
         old = body.get("status") if isinstance(body.get("status"), dict) else None

@@ -1,9 +1,9 @@
 """Pure builders of the inference servers: vLLM or lmdeploy `Deployment`s and their `Service`s.
 
-An online stage (ppo, grpo) gets one Deployment and one Service per rollout replica, named
-`<run>-<stage>-rollout-<i>`, so the trainer can reach every replica by name (it generates
-on all of them and syncs the weights of each). The servers start from the stage's initial
-policy; the trainer replaces their weights as it learns (`rollout.weightSync`).
+An online stage (ppo, grpo, rrhf with `rrhf.online`) gets one Deployment and one Service per
+rollout replica, named `<run>-<stage>-rollout-<i>`, so the trainer can reach every replica by
+name (it generates on all of them and syncs the weights of each). The servers start from the
+stage's initial policy; the trainer replaces their weights as it learns (`rollout.weightSync`).
 
 The container port is named `http`; the startup probe waits on `/v1/models` (the weights are
 loaded), readiness and liveness use `/health`. The workspace volume is mounted at /workspace
@@ -15,6 +15,7 @@ is a memory emptyDir (tensor-parallel workers share memory through it). vLLM run
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,17 @@ COMPONENT_ROLLOUT = "rollout"
 LABEL_REPLICA = "rlhf.dev/replica"
 SERVER_CONTAINER = "server"
 VLLM_DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"
+# The upstream vLLM and lmdeploy images run as root and are not built for another user
+# (torch's compile cache looks the user up in /etc/passwd; caches live under /root), so
+# servers keep root but lose everything else root brings: no privilege escalation, the
+# runtime's seccomp profile, and every capability dropped except DAC_OVERRIDE, which root
+# needs to write into workspace folders the trainer (uid 65532) created, such as the shared
+# HF_HOME cache. The root filesystem stays writable for the same caches. docs/RELIABILITY.md.
+SERVER_SECURITY: Obj = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"], "add": ["DAC_OVERRIDE"]},
+    **builders.SECCOMP_DEFAULT,
+}
 
 
 def model_argument(model: ModelSource) -> str:
@@ -151,7 +163,7 @@ def server_container(run: api.RLHFRun, rollout: api.Rollout, command: list[str])
             {"name": "workspace", "mountPath": builders.WORKSPACE_MOUNT},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": copy.deepcopy(SERVER_SECURITY),
     }
     resources = builders.gpu_resources(rollout.resources, rollout.tensor_parallel_size)
     if resources:
@@ -246,9 +258,11 @@ def deployment_failure(obj: Obj) -> str | None:
             and c.get("status") == "False"
             and c.get("reason") == "ProgressDeadlineExceeded"
         ):
-            name = obj.get("metadata", {}).get("name", "?")
+            meta = obj.get("metadata", {})
+            name = meta.get("name", "?")
+            component = (meta.get("labels") or {}).get(builders.LABEL_COMPONENT, "inference")
             detail = c.get("message") or "it did not become available in time"
-            return f"rollout server {name} failed: {detail}"
+            return f"{component} server {name} failed: {detail}"
     return None
 
 
@@ -261,9 +275,14 @@ class Readiness:
     failure: str | None = None
 
 
-def readiness(rollout: list[Obj], observed: list[Obj]) -> Readiness:
-    """Read the observed Deployments of a stage's rollout servers (`rollout_children`)."""
-    wanted = [o["metadata"]["name"] for o in rollout if o["kind"] == "Deployment"]
+def readiness(wanted_servers: list[Obj], observed: list[Obj]) -> Readiness:
+    """Read the observed Deployments of a stage's servers (`rollout_children`, and the judge's
+    from `judge_servers.judge_children`): ready once every one is available."""
+    wanted = {
+        o["metadata"]["name"]: o["metadata"]["labels"].get(builders.LABEL_COMPONENT, "inference")
+        for o in wanted_servers
+        if o["kind"] == "Deployment"
+    }
     if not wanted:
         return Readiness(ready=True)
     found = {
@@ -271,21 +290,25 @@ def readiness(rollout: list[Obj], observed: list[Obj]) -> Readiness:
         for o in observed
         if o.get("kind") == "Deployment" and o.get("metadata", {}).get("name") in wanted
     }
-    for name in wanted:
-        failure = deployment_failure(found.get(name, {"metadata": {"name": name}}))
+    for name, component in wanted.items():
+        stub = {"metadata": {"name": name, "labels": {builders.LABEL_COMPONENT: component}}}
+        failure = deployment_failure(found.get(name, stub))
         if failure is not None:
             return Readiness(ready=False, failure=failure)
-    up = sum(1 for name in wanted if name in found and deployment_available(found[name]))
-    if up == len(wanted):
+    up = {n for n in wanted if n in found and deployment_available(found[n])}
+    if len(up) == len(wanted):
         return Readiness(ready=True)
-    return Readiness(
-        ready=False, waiting=f"Waiting for rollout servers: {up}/{len(wanted)} available"
-    )
+    counts = [
+        f"{component} servers: {sum(1 for n in up if wanted[n] == component)}/"
+        f"{sum(1 for c in wanted.values() if c == component)} available"
+        for component in dict.fromkeys(wanted.values())
+    ]
+    return Readiness(ready=False, waiting="Waiting for " + ", ".join(counts))
 
 
 def online_stage_problem(run: api.RLHFRun, index: int, stage: api.Stage) -> str | None:
     """What an online stage asks for that cannot run yet, naming the field, or None."""
-    if stage.type not in builders.ONLINE_STAGE_TYPES:
+    if not builders.is_online(stage):
         return None
     where = f"spec.stages[{index}]"
     rollout = stage.rollout or api.Rollout()
@@ -303,10 +326,5 @@ def online_stage_problem(run: api.RLHFRun, index: int, stage: api.Stage) -> str 
         return (
             f"{where}.rollout.weightSync: a LoRA stage syncs only its adapters, which the "
             "servers load from the workspace; set weightSync to disk"
-        )
-    if stage.reward is not None and stage.reward.judge is not None:
-        return (
-            f"{where}.reward.judge: online rewards from the AI judge are not supported yet; "
-            "use reward.from (a reward stage) or reward.function"
         )
     return None

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "manifests" / "examples"
 RLHF = [sys.executable, "-m", "rlhf_operator.cli"]
 
-LOCAL = ["grpo-reward-function.yaml", "ppo-tiny.yaml", "rlaif-tiny.yaml"]
+LOCAL = ["grpo-reward-function.yaml", "ppo-tiny.yaml", "rlaif-tiny.yaml", "rrhf-online.yaml"]
 REFUSED_LOCALLY: dict[str, str] = {}
 # Examples that run, with the same checks and then `rlhf eval`, in their own module (so that
 # the pipeline runs once).
@@ -80,18 +80,21 @@ def test_local_example_runs_or_is_listed_as_refused(
         return
     assert result.returncode == 0, result.stderr[-3000:]
     assert status["phase"] == "Succeeded"
+    specs = {s["name"]: s for s in yaml.safe_load((EXAMPLES / name).read_text())["spec"]["stages"]}
     for stage in status["stages"]:
         assert stage["phase"] == "Succeeded", stage
         produced = "preference.jsonl" if stage["type"] == "feedback" else "config.json"
         assert (Path(stage["output"]) / produced).exists(), stage
-        if stage["type"] in ("ppo", "grpo"):
+        online_rrhf = (specs[stage["name"]].get("rrhf") or {}).get("online", False)
+        if stage["type"] in ("ppo", "grpo") or online_rrhf:
             check_online_stage(workdir / run, stage)
 
 
 def check_online_stage(run_dir: Path, stage: dict[str, object]) -> None:
     """An online stage ran against its own vLLM server, and every weight sync passed parity."""
     metrics = stage["metrics"]
-    assert isinstance(metrics, dict) and {"reward", "kl", "loss"} <= set(metrics), metrics
+    assert isinstance(metrics, dict) and {"reward", "loss"} <= set(metrics), metrics
+    assert "kl" in metrics or stage["type"] == "rrhf", metrics  # RRHF has no KL term
     lines = (run_dir / str(stage["name"]) / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line) for line in lines if json.loads(line)["step"] > 0]
     # Below rollout.parityThreshold (0.1) or the stage would have failed; a float32 server

@@ -12,8 +12,14 @@ the server whatever it held before. Checked here:
 - GRPO (reward function) and PPO (reward function; the critic starts from the policy) raise the
   mean reward of greedy answers to held-out prompts by a clear margin with bounded KL;
 - `async: true` runs (one step off-policy);
+- online RRHF (k samples per prompt, ranked by the reward function) raises it too;
 - with LoRA only the adapters go to the server (runtime-loaded, `load_inplace`), and every
-  probe passes on top of the base weights the server holds.
+  probe passes on top of the base weights the server holds;
+- faults, against an uninterrupted PPO run (`ppo_reference`): the trainer SIGKILLed at a random
+  step resumes from its last checkpoint, re-syncs the server first and ends where the reference
+  ended; a rollout server of its own SIGKILLed while a step's generation is in flight, and
+  restarted with its start-up weights, costs no step: the trainer waits, re-syncs, probes and
+  generates the step again, and ends where the reference ended too.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -31,9 +38,11 @@ from typing import Any
 
 import pytest
 
-from rlhf_trainer import tasks
+from kill_tree import descendants, gone, kill_tree, kill_when, logged_step, start_in_own_group
+from kill_tree import metrics as read_metrics
+from rlhf_trainer import checkpoint, tasks
 from rlhf_trainer.config import WORKSPACE_ENV, RolloutTarget, StageConfig
-from vllm_server import vllm_server
+from vllm_server import free_port, start_vllm, stop, vllm_server, wait_until_ready
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +52,12 @@ CONFUSED_SHARE = 0.6
 SFT_STEPS = 150
 MIN_GAIN = 0.2  # held-out greedy reward, after minus before
 HELD_OUT = 0.3  # of the 100 fixture prompts
+SERVER_ARGS = ("--dtype", "float32", "--max-model-len", "256", "--no-enable-chunked-prefill",
+               "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1")  # fmt: skip
+SERVER_ENV = {
+    "VLLM_SERVER_DEV_MODE": "1",  # the weight-reload routes
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # and the adapter ones
+}
 
 
 @dataclass(frozen=True)
@@ -109,13 +124,11 @@ def stack(
         training = subprocess.Popen(
             torchrun("sft", sft), env=env_for(workspace), stdout=out, stderr=subprocess.STDOUT
         )
-    extra = ("--dtype", "float32", "--max-model-len", "256", "--no-enable-chunked-prefill",
-             "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1")  # fmt: skip
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("VLLM_SERVER_DEV_MODE", "1")  # the weight-reload routes
-            patch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")  # and the adapter ones
-            server = vllm_server(tiny_model_dir, workspace / "vllm.log", *extra)
+            for name, value in SERVER_ENV.items():
+                patch.setenv(name, value)
+            server = vllm_server(tiny_model_dir, workspace / "vllm.log", *SERVER_ARGS)
             url = server.__enter__()
         try:
             assert training.wait(timeout=600) == 0, log.read_text()[-4000:]
@@ -156,9 +169,11 @@ def run_stage(stack: Stack, config: dict[str, Any]) -> list[dict[str, Any]]:
         text=True,
         timeout=600,
     )
+    out = stack.workspace / config["outputDir"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stderr.log").write_text(proc.stderr)  # kept in full for a failure's post-mortem
     assert proc.returncode == 0, proc.stderr[-5000:]
     print(f"{config['stage']}: {time.perf_counter() - started:.0f}s")
-    out = stack.workspace / config["outputDir"]
     assert (out / "final" / "model.safetensors").is_file()
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -322,3 +337,207 @@ def test_ppo_with_every_switch_on_runs_and_resumes(stack: Stack) -> None:
     again = run_stage(stack, {**config, "hyperparameters": {**config["hyperparameters"],
                                                             "maxSteps": 4}})  # fmt: skip
     assert [m["step"] for m in again] == [1, 2, 3, 4]  # resumed after step 2, reran 3, added 4
+
+
+def test_online_rrhf_raises_held_out_greedy_reward(stack: Stack) -> None:
+    options = {"online": True, "samplesPerPrompt": 4, "rolloutBatchSize": 16, "maxNewTokens": 8}
+    config = online_config(stack, "rrhf-online", options, maxSteps=10, batchSize=8)
+    metrics = run_stage(stack, config)
+    before, after = held_out_gain(metrics)
+    print(f"online rrhf: held-out greedy reward {before:.3f} -> {after:.3f}")
+    assert after - before >= MIN_GAIN
+    steps = [m for m in metrics if m["step"] > 0]
+    assert all(m["logprob_mismatch"] < 1e-3 for m in steps)  # every sync passed the probe
+    assert {"rank_loss", "sft_loss", "reward_best_mean", "response_length"} <= set(steps[-1])
+    assert all(m["reward_best_mean"] >= m["reward_mean"] for m in steps)
+
+
+# The fault tests compare against one uninterrupted PPO run of this config. A step's reward
+# is a multiple of 1/64 (64 prompts), so one different sample would move it by 0.016: the
+# bound leaves room for float noise only.
+FAULT_STEPS = 6
+FAULT_BOUND = 1e-4
+FAULT_KEYS = ("reward_mean", "kl", "policy_loss", "value_loss", "approx_kl", "grad_norm",
+              "critic_grad_norm", "explained_variance")  # fmt: skip
+
+
+def fault_config(stack: Stack, stage: str) -> dict[str, Any]:
+    """PPO on the reward function, a checkpoint every 2 steps, no held-out split (so every
+    step's metrics depend only on the weights and the per-step sampling seeds)."""
+    options = {"rolloutBatchSize": 64, "maxNewTokens": 8, "temperature": 1.0, "topP": 1.0}
+    config = online_config(
+        stack, f"ppo-{stage.removeprefix('ppo-')}", options,
+        maxSteps=FAULT_STEPS, batchSize=16, saveEvery=2,
+    )  # fmt: skip
+    config["dataset"] = {**config["dataset"], "evalFraction": 0.0}
+    return config
+
+
+@pytest.fixture(scope="module")
+def ppo_reference(stack: Stack) -> list[dict[str, Any]]:
+    """The uninterrupted run the fault tests must end equal to."""
+    metrics = run_stage(stack, fault_config(stack, "ppo-reference"))
+    assert [m["step"] for m in metrics] == list(range(1, FAULT_STEPS + 1))
+    return metrics
+
+
+def worst_gap(metrics: list[dict[str, Any]], reference: list[dict[str, Any]]) -> float:
+    """The largest absolute difference of any FAULT_KEYS metric at any step."""
+    assert [m["step"] for m in metrics] == [m["step"] for m in reference]
+    return max(
+        abs(float(m[key]) - float(r[key]))
+        for m, r in zip(metrics, reference, strict=True)
+        for key in FAULT_KEYS
+        if key in r
+    )
+
+
+def weight_gap(stack: Stack, stage: str) -> float:
+    """The largest absolute difference between the final weights of `stage` and of the
+    reference run."""
+    from safetensors.torch import load_file
+
+    def weights(name: str) -> dict[str, Any]:
+        return load_file(str(stack.workspace / "it" / name / "final" / "model.safetensors"))
+
+    ours, reference = weights(stage), weights("ppo-reference")
+    assert ours.keys() == reference.keys()
+    return max(float((ours[k] - reference[k]).abs().max()) for k in reference)
+
+
+def test_killed_ppo_run_resumes_and_matches(
+    stack: Stack, ppo_reference: list[dict[str, Any]]
+) -> None:
+    """SIGKILL torchrun and both workers at a random logged step after the step-2 checkpoint;
+    the restart resumes from the last complete checkpoint (not step 0), gives the server the
+    resumed policy's weights and probes them before it generates (the server still holds the
+    killed run's newer ones), logs every step once, and ends where `ppo_reference` ended."""
+    config = fault_config(stack, "ppo-killed")
+    out = stack.workspace / config["outputDir"]
+    kill_at = random.Random().choice([3, 4, 5])
+    print(f"ppo: SIGKILL once step {kill_at} is logged")
+    argv = torchrun("ppo", write(stack.workspace, config))
+    kill_when(start_in_own_group(argv, env_for(stack.workspace)), logged_step(out, kill_at))
+    assert not (out / "final").exists()
+    [(resume_at, _), *_] = reversed(checkpoint.list_checkpoints(out / "checkpoints"))
+    assert resume_at >= 2
+
+    resumed = run_stage(stack, config)
+    log = (out / "stderr.log").read_text()
+    resumed_at = log.index(f"Resumed from checkpoint step-{resume_at} at step {resume_at}\n")
+    synced = log.index(f"Synced weights of step {resume_at} to the rollout servers", resumed_at)
+    assert synced < log.index(f"Step {resume_at + 1}/{FAULT_STEPS}:")  # synced, then generated
+    assert [m["step"] for m in resumed] == list(range(1, FAULT_STEPS + 1))  # each once
+    assert all(m["logprob_mismatch"] < 1e-3 for m in resumed)  # every probe passed
+    gap, weights = worst_gap(resumed, ppo_reference), weight_gap(stack, "ppo-killed")
+    print(f"ppo: killed after step {kill_at}, resumed at step {resume_at}; worst metric gap to "
+          f"the uninterrupted run {gap:.2e}, final weights {weights:.2e} "
+          f"(bound {FAULT_BOUND})")  # fmt: skip
+    assert gap < FAULT_BOUND
+    assert weights < FAULT_BOUND
+
+
+def requests_running(url: str) -> float:
+    """vLLM's gauge of the requests it is generating for."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    found = re.search(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.MULTILINE)
+    assert found, "vLLM's /metrics has no num_requests_running"
+    return float(found.group(1))
+
+
+def test_a_rollout_server_killed_mid_step_costs_no_step(
+    stack: Stack,
+    ppo_reference: list[dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGKILL a rollout server (with its EngineCore and worker) while step 2's generation is
+    in flight, then start it again on the same port from the stage's initial model, as
+    Kubernetes restarts a pod: it comes back with its start-up weights. The trainer must wait
+    for it (no step logged meanwhile), re-sync the policy and pass the parity probe before it
+    generates step 2 again, log every step once, exit 0, and end where `ppo_reference` ended.
+
+    Retries: the server takes 70-95 s to come back here. `maxRetries` 20 backs off for up
+    to about 135 s (0.5 s doubling, at most 8 s), so the retries outlast the restart and get
+    through to the restarted server, whose samples the feed then discards (they come from the
+    start-up weights); `timeoutSeconds` 300 lets a request wait on a server that accepts
+    connections before its model is loaded. Had the retries run out, the feed would wait for
+    `/v1/models` (`startupTimeoutSeconds`) and recover the same way."""
+    for name, value in SERVER_ENV.items():
+        monkeypatch.setenv(name, value)
+    port, server_log = free_port(), tmp_path / "vllm.log"
+    url = f"http://127.0.0.1:{port}"
+    servers = [start_vllm(stack.policy, server_log, port, *SERVER_ARGS)]
+    config = fault_config(stack, "ppo-server-lost")
+    config["rollout"] = rollout(url, maxRetries=20, timeoutSeconds=300, startupTimeoutSeconds=600)
+    try:
+        wait_until_ready(servers[0], url, server_log)
+        kill_server_mid_step(stack, config, servers, server_log)
+    finally:
+        for server in servers:
+            stop(server)
+    out = stack.workspace / config["outputDir"]
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, FAULT_STEPS + 1))  # each once
+    log = (out / "stderr.log").read_text()
+    [(step, lost)] = set(re.findall(r"Lost a rollout server during step (\d+) \((.*)\); it", log))
+    assert step == "2" and ("retry got through" in lost or "retries" in lost)  # it retried
+    recovered = metrics[1]
+    assert recovered["rollout_recoveries"] == 1
+    assert recovered["recovery_logprob_mismatch_mean"] < 1e-3  # re-synced, then probed
+    assert all("rollout_recoveries" not in m for m in metrics if m["step"] != 2)
+    assert all(m["logprob_mismatch"] < 1e-3 for m in metrics)  # every probe passed
+    gap, weights = worst_gap(metrics, ppo_reference), weight_gap(stack, "ppo-server-lost")
+    print(f"rollout server lost in step 2 ({lost}); recovery parity gap "
+          f"{recovered['recovery_logprob_mismatch_mean']:.2e}; worst metric gap to the "
+          f"uninterrupted run {gap:.2e}, final weights {weights:.2e} "
+          f"(bound {FAULT_BOUND})")  # fmt: skip
+    assert gap < FAULT_BOUND
+    assert weights < FAULT_BOUND
+
+
+def kill_server_mid_step(
+    stack: Stack, config: dict[str, Any], servers: list[subprocess.Popen[bytes]], log: Path
+) -> None:
+    """Run the stage; SIGKILL the server (`servers[0]`) during step 2's generation and start
+    it again (appended to `servers`); wait for the stage to exit 0."""
+    out = stack.workspace / config["outputDir"]
+    [url] = config["rollout"]["urls"]
+    trainer_log = stack.workspace / "ppo-server-lost.log"
+    with trainer_log.open("w") as stderr:
+        trainer = subprocess.Popen(
+            torchrun("ppo", write(stack.workspace, config)),
+            env=env_for(stack.workspace),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        step_1, deadline = logged_step(out, 1), time.monotonic() + 300
+        while not (step_1() and requests_running(url) > 0):
+            assert trainer.poll() is None, trainer_log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "step 2's generation never started"
+            time.sleep(0.02)
+        victims = [servers[0].pid, *descendants(servers[0].pid)]
+        kill_tree(servers[0].pid)
+        killed = time.monotonic()
+        servers[0].wait()
+        assert len(victims) >= 2 and all(gone(pid) for pid in victims)  # EngineCore too
+        port = int(url.rsplit(":", 1)[1])
+        servers.append(start_vllm(stack.policy, log, port, *SERVER_ARGS))
+        wait_until_ready(servers[1], url, log)
+        down_s = time.monotonic() - killed
+        steps = [m["step"] for m in read_metrics(out)]
+        print(f"rollout server: {len(victims)} processes SIGKILLed in step 2, back after "
+              f"{down_s:.0f}s; steps logged meanwhile {steps}")  # fmt: skip
+        assert trainer.poll() is None and steps == [1]  # the trainer waited
+        assert trainer.wait(timeout=600) == 0, trainer_log.read_text()[-5000:]
+    finally:
+        if trainer.poll() is None:
+            kill_tree(trainer.pid)
+            trainer.wait()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stderr.log").write_text(trainer_log.read_text())

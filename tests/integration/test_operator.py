@@ -17,13 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
+import yaml
 
 from helpers import load_generate, manifest
-from kube_emulator import Client, Emulator, operator_process, stop, wait_for
+from kube_emulator import TEST_AGENT, Client, Emulator, operator_process, stop, wait_for
 from rlhf_operator import backends
 from rlhf_operator.api import Phase
 from rlhf_trainer.kube_progress import PodAnnotator
+from unit.test_backends import validate_trainjob
+from unit.test_builders import K8S_VERSION, validate_pytorchjob
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +39,7 @@ TRAINJOBS = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs"
 CONFIGMAPS = "/api/v1/namespaces/{ns}/configmaps"
 PODS = "/api/v1/namespaces/{ns}/pods"
 EVENTS = "/api/v1/namespaces/{ns}/events"
+EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
 
 
 @dataclass
@@ -106,6 +111,16 @@ class Cluster:
         self.client.call("POST", PODS.format(ns=ns), pod)
 
     # -- reading -----------------------------------------------------------------------
+    def sent(self, ns: str) -> list[Obj]:
+        """Every object the operator POSTed into `ns`, as it sent it (the request bodies)."""
+        out = []
+        for request in list(self.emulator.handler):
+            agent = request.headers.get("User-Agent", "")
+            if (request.method.value == "POST" and f"/namespaces/{ns}/" in request.url.path
+                    and agent != TEST_AGENT and not agent.startswith("rlhf-trainer/")):
+                out.append(json.loads(request.body))
+        return out
+
     def job(self, ns: str, name: str, kind: str = "PyTorchJob") -> Obj | None:
         path = (JOBS if kind == "PyTorchJob" else TRAINJOBS).format(ns=ns)
         return self.client.get(f"{path}/{name}")
@@ -169,6 +184,20 @@ def operator_log(cluster: Cluster) -> Iterator[None]:
         wait_for("the runs to go", lambda: not cluster.client.items(ALL_RUNS))
     except AssertionError as err:
         raise AssertionError(f"{err}\n{cluster.log_tail(60)}") from None
+
+
+def assert_valid(objects: list[Obj]) -> list[str]:
+    """Each object against the upstream Kubernetes schemas (kubernetes-validate, strict: no
+    unknown fields), PyTorchJobs and TrainJobs against the Kubeflow APIs as the unit tests
+    check the builders. Returns the kinds, so a caller can see that its scenario sent them."""
+    for obj in objects:
+        if obj["kind"] == "PyTorchJob":
+            validate_pytorchjob(obj)
+        elif obj["kind"] == "TrainJob":
+            validate_trainjob(obj)
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    return sorted({obj["kind"] for obj in objects})
 
 
 def running(cluster: Cluster, ns: str, doc: Obj | None = None) -> None:
@@ -246,6 +275,90 @@ def test_failed_job_fails_the_run_with_degraded_and_a_warning(cluster: Cluster) 
     assert cluster.job(ns, "demo-sft2") is None
 
 
+def test_sft_reward_ppo_runs_to_success_and_removes_its_servers(cluster: Cluster) -> None:
+    """The shipped sft -> reward -> ppo example, end to end, with the test as the training
+    operator and the Deployment controller."""
+    ns = "happy"
+    doc = yaml.safe_load((EXAMPLES / "sft-reward-ppo.yaml").read_text())
+    run = doc["metadata"]["name"]
+    cluster.apply_run(ns, doc)
+    for index, stage in enumerate(("sft", "rm")):
+        wait_for(f"the {stage} PyTorchJob", lambda s=stage: cluster.job(ns, f"{run}-{s}"))
+        assert cluster.client.get(f"{CONFIGMAPS.format(ns=ns)}/{run}-{stage}-config")
+        assert names(cluster, DEPLOYMENTS.format(ns=ns)) == [], "no servers before ppo"
+        cluster.set_job_phase(ns, f"{run}-{stage}", "Running")
+        # The stage's own phase: a stage the operator never saw running gets no StageStarted.
+        wait_for(f"{stage} running", lambda s=stage, i=index: cluster.status(ns, run).get(
+            "currentStage") == s and cluster.stage(ns, i, run).get("phase") == "Running")
+        cluster.set_job_phase(ns, f"{run}-{stage}", "Succeeded")
+    server = f"{run}-ppo-rollout-0"
+    wait_for("the rollout Deployment", lambda: names(cluster, DEPLOYMENTS.format(ns=ns))
+             == [server])
+    wait_for("its Service", lambda: names(cluster, SERVICES.format(ns=ns)) == [server])
+    configmap = cluster.client.get(f"{CONFIGMAPS.format(ns=ns)}/{run}-ppo-config")
+    assert configmap is not None
+    assert f"http://{server}.{ns}.svc:8000" in configmap["data"]["ppo.yaml"]
+    cluster.settle()
+    assert cluster.job(ns, f"{run}-ppo") is None, "the trainer waits for its server"
+    assert "Waiting for rollout servers: 0/1" in (cluster.stage(ns, 2, run).get("message") or "")
+    available(cluster, ns, server)
+    wait_for("the ppo PyTorchJob", lambda: cluster.job(ns, f"{run}-ppo"))
+    cluster.set_job_phase(ns, f"{run}-ppo", "Running")
+    wait_for("ppo running", lambda: cluster.stage(ns, 2, run).get("phase") == "Running")
+    cluster.set_job_phase(ns, f"{run}-ppo", "Succeeded")
+    wait_for("phase Succeeded", lambda: cluster.phase(ns, run) == "Succeeded")
+    wait_for("the servers deleted", lambda: not names(cluster, DEPLOYMENTS.format(ns=ns))
+             and not names(cluster, SERVICES.format(ns=ns)))
+    status = cluster.status(ns, run)
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 3
+    assert status["stages"][2]["output"] == f"/workspace/{run}/ppo/final"
+    assert cluster.condition(ns, "Succeeded", run)["status"] == "True"
+    wait_for("a RunSucceeded event", lambda: "RunSucceeded" in cluster.event_reasons(ns))
+    reasons = cluster.event_reasons(ns)
+    assert sorted(reasons) == sorted(["StageStarted"] * 3 + ["StageSucceeded"] * 3
+                                     + ["RunSucceeded"]), reasons
+    assert len(cluster.client.items(JOBS.format(ns=ns))) == 3, "the jobs stay as the record"
+    # Everything the operator sent over HTTP, not just what the builders return.
+    kinds = assert_valid(cluster.sent(ns))
+    assert kinds == ["ConfigMap", "Deployment", "Event", "PyTorchJob", "Service"]
+
+
+def test_failed_stage_is_retried_up_to_backoff_limit_then_fails_the_run(cluster: Cluster) -> None:
+    ns = "retry"
+    running(cluster, ns, manifest(backoffLimit=1))
+    first = cluster.job(ns, "demo-sft")
+    assert first is not None
+    cluster.set_job_phase(ns, "demo-sft", "Failed", "OOMKilled")
+
+    def replaced() -> Obj | None:
+        job = cluster.job(ns, "demo-sft")
+        return job if job and job["metadata"]["uid"] != first["metadata"]["uid"] else None
+
+    second = wait_for("a new PyTorchJob", replaced)
+    assert "status" not in second, "a new job, not the failed one"
+    assert second["metadata"]["annotations"]["rlhf.dev/attempt"] == "2"
+    stage = wait_for("attempt 2 in status", lambda: (s := cluster.stage(ns, 0)).get("attempts")
+                     == 2 and s)
+    assert stage["message"] == "Attempt 1 of 2 failed: OOMKilled"
+    assert cluster.phase(ns) == "Running"
+    wait_for("a StageRetrying event", lambda: "StageRetrying" in cluster.event_reasons(ns))
+
+    cluster.set_job_phase(ns, "demo-sft", "Running")
+    wait_for("attempt 2 running", lambda: cluster.stage(ns, 0).get("phase") == "Running")
+    cluster.set_job_phase(ns, "demo-sft", "Failed", "NCCL timeout")
+    wait_for("phase Failed", lambda: cluster.phase(ns) == "Failed")
+    stage = cluster.stage(ns, 0)
+    assert stage["attempts"] == 2 and stage["message"] == "NCCL timeout (attempt 2 of 2)"
+    degraded = cluster.condition(ns, "Degraded")
+    assert degraded["reason"] == "StageFailed" and "NCCL timeout" in degraded["message"]
+    cluster.settle()
+    job = cluster.job(ns, "demo-sft")
+    assert job is not None and job["metadata"]["uid"] == second["metadata"]["uid"], "no third"
+    reasons = cluster.event_reasons(ns)
+    assert reasons.count("StageRetrying") == 1 and reasons.count("StageFailed") == 1
+    assert reasons.count("RunFailed") == 1 and cluster.job(ns, "demo-sft2") is None
+
+
 def test_suspend_and_resume(cluster: Cluster) -> None:
     ns = "suspend"
     running(cluster, ns)
@@ -265,29 +378,44 @@ def suspended(job: Obj | None) -> bool:
     return backends.is_suspended(job)
 
 
-def test_spec_edit_mid_run_replaces_the_job_and_bumps_observed_generation(
+def test_edit_to_the_running_stage_is_degraded_and_later_stages_take_edits(
     cluster: Cluster,
 ) -> None:
     ns = "edit"
     running(cluster, ns)
     old = cluster.job(ns, "demo-sft")
     assert old is not None
-    old_hash = old["metadata"]["annotations"]["rlhf.dev/config-hash"]
     stages = copy.deepcopy(manifest()["spec"]["stages"])
     stages[0]["hyperparameters"] = {"learningRate": 5.0e-5}
+    stages[1]["hyperparameters"] = {"learningRate": 7.0e-5}
     cluster.edit_spec(ns, "demo", {"stages": stages})
 
-    def replaced() -> Obj | None:
-        job = cluster.job(ns, "demo-sft")
-        fresh = job and job["metadata"]["annotations"]["rlhf.dev/config-hash"] != old_hash
-        return job if fresh else None
+    def degraded() -> Obj | None:
+        condition = cluster.condition(ns, "Degraded")
+        return condition if condition.get("status") == "True" else None
 
-    job = wait_for("the replaced PyTorchJob", replaced)
-    assert "status" not in job, "a new job, not the old one patched"
+    condition = wait_for("Degraded", degraded)
+    assert condition["reason"] == "RunningStageEdited"
+    assert "spec.stages[0] (sft)" in condition["message"]
+    assert "PyTorchJob demo-sft keeps running" in condition["message"]
+    assert condition["observedGeneration"] == 2
+    wait_for("a RunningStageEdited event",
+             lambda: "RunningStageEdited" in cluster.event_reasons(ns))
+    cluster.settle()
+    job = cluster.job(ns, "demo-sft")
+    assert job is not None and job["metadata"]["uid"] == old["metadata"]["uid"], "not replaced"
+    assert job["metadata"]["annotations"] == old["metadata"]["annotations"]
     configmap = cluster.client.get(f"{CONFIGMAPS.format(ns=ns)}/demo-sft-config")
-    assert configmap is not None and "5.0e-05" in configmap["data"]["sft.yaml"]
-    wait_for("observedGeneration 2", lambda: cluster.status(ns).get("observedGeneration") == 2)
-    assert all(c["observedGeneration"] == 2 for c in cluster.run(ns)["status"]["conditions"])
+    assert configmap is not None and "5.0e-05" not in configmap["data"]["sft.yaml"]
+    assert cluster.phase(ns) == "Running" and cluster.status(ns)["observedGeneration"] == 2
+    assert cluster.event_reasons(ns).count("RunningStageEdited") == 1
+
+    # The stage that had not started runs the edited spec.
+    cluster.set_job_phase(ns, "demo-sft", "Succeeded")
+    wait_for("the stage-2 PyTorchJob", lambda: cluster.job(ns, "demo-sft2"))
+    configmap = cluster.client.get(f"{CONFIGMAPS.format(ns=ns)}/demo-sft2-config")
+    assert configmap is not None and "7.0e-05" in configmap["data"]["sft2.yaml"]
+    wait_for("Degraded cleared", lambda: cluster.condition(ns, "Degraded")["status"] == "False")
 
 
 def test_steady_state_makes_no_writes(cluster: Cluster) -> None:
@@ -366,6 +494,7 @@ def test_trainjob_backend_runs_through_trainer_v2(cluster: Cluster) -> None:
     cluster.set_job_phase(ns, "demo-sft", "Succeeded", kind="TrainJob")
     wait_for("phase Succeeded", lambda: cluster.phase(ns) == "Succeeded")
     assert json.dumps(cluster.stage(ns, 0)).count("Succeeded") == 1
+    assert assert_valid(cluster.sent(ns)) == ["ConfigMap", "Event", "TrainJob"]
 
 
 DEPLOYMENTS = "/apis/apps/v1/namespaces/{ns}/deployments"
@@ -415,6 +544,9 @@ def test_servers_live_only_while_their_stage_runs_and_drift_is_repaired(cluster:
     cluster.client.call("PATCH", deployment, {"spec": {"replicas": replicas + 3}})
     wait_for("the Deployment put back",
              lambda: cluster.client.get(deployment)["spec"]["replicas"] == replicas)
+    # What the repairing merge patches left is still valid, not just what was created.
+    for path in (deployment, f"{SERVICES.format(ns=ns)}/{service['metadata']['name']}"):
+        kubernetes_validate.validate(cluster.client.get(path), K8S_VERSION, strict=True)
     for name in deployments:
         available(cluster, ns, name)
     wait_for("the trainer", lambda: cluster.job(ns, "demo-fb"))
@@ -422,6 +554,8 @@ def test_servers_live_only_while_their_stage_runs_and_drift_is_repaired(cluster:
     wait_for("phase Succeeded", lambda: cluster.phase(ns) == "Succeeded")
     wait_for("servers deleted", lambda: not names(cluster, DEPLOYMENTS.format(ns=ns))
              and not names(cluster, SERVICES.format(ns=ns)))
+    kinds = assert_valid(cluster.sent(ns))
+    assert kinds == ["ConfigMap", "Deployment", "Event", "PyTorchJob", "Service"]
 
 
 def test_trainjob_edits_suspension_and_removed_stages(cluster: Cluster) -> None:
@@ -436,6 +570,8 @@ def test_trainjob_edits_suspension_and_removed_stages(cluster: Cluster) -> None:
     cluster.edit_spec(ns, "demo", {**doc["spec"], "suspend": True})
     wait_for("the TrainJob suspended", lambda: (cluster.job(ns, "demo-sft", kind="TrainJob")
                                                 or {}).get("spec", {}).get("suspend") is True)
+    # As Trainer reports it; a suspended stage is not running, so an edit replaces its job.
+    cluster.set_job_phase(ns, "demo-sft", "Suspended", kind="TrainJob")
     edited = copy.deepcopy(doc["spec"])
     edited["stages"] = [{**edited["stages"][0], "hyperparameters": {"seed": 9}}]
     cluster.edit_spec(ns, "demo", edited)

@@ -7,11 +7,9 @@ uninterrupted run ended.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from kill_tree import kill_when, start_in_own_group
 from rlhf_trainer import tasks
 from rlhf_trainer.config import (
     WORKSPACE_ENV,
@@ -154,59 +153,14 @@ def test_greedy_answers_of_final_model(full_run: Run, fixtures_dir: Path) -> Non
     assert accuracy >= 0.8
 
 
-def start_in_own_group(workspace: Path, config: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        torchrun(config),
-        env=env_for(workspace),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def descendants(pid: int) -> list[int]:
-    """Child processes, recursively, from /proc (Linux)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        for child in (task / "children").read_text().split():
-            out += [int(child), *descendants(int(child))]
-    return out
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL torchrun and its workers at once, as when a pod dies. torchrun starts each worker
-    in its own session, so killing torchrun's process group alone would orphan them."""
-    victims = [pid, *descendants(pid)]
-    for victim in victims:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(victim, signal.SIGKILL)
-    for victim in victims[1:]:
-        while Path(f"/proc/{victim}").exists() and "zombie" not in _state(victim):
-            time.sleep(0.01)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
-    except (OSError, IndexError):
-        return "zombie"
-
-
 def test_killed_run_resumes_and_matches(
     full_run: Run, workspace: Path, tiny_model_dir: Path, fixtures_dir: Path
 ) -> None:
     config = write_config(workspace, "killed", tiny_model_dir, fixtures_dir / "sft.jsonl")
     out = workspace / "runs" / "killed"
     first_ckpt = out / "checkpoints" / f"step-{SAVE_EVERY}"
-    proc = start_in_own_group(workspace, config)
-    deadline = time.monotonic() + 240
-    while not first_ckpt.is_dir():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    kill_tree(proc.pid)
-    proc.communicate()
+    proc = start_in_own_group(torchrun(config), env_for(workspace))
+    kill_when(proc, first_ckpt.is_dir)
     assert not (out / "final").exists()
     # A checkpoint cut short by a kill: resume must skip it and clean it up.
     partial = out / "checkpoints" / ".tmp-step-90"

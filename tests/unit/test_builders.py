@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -194,3 +195,33 @@ def test_config_hash_ignores_suspension_only() -> None:
     doc["spec"]["stages"][0]["hyperparameters"] = {"seed": 7}
     c = builders.build_pytorchjob(make_run(doc), make_run(doc).spec.stages[0])
     assert a["metadata"]["annotations"] != c["metadata"]["annotations"]
+
+
+def test_trainer_pods_run_restricted_as_the_image_user() -> None:
+    """Pod Security `restricted`: non-root (the trainer image's own numeric user), no privilege
+    escalation, no capabilities, RuntimeDefault seccomp, a read-only root filesystem with
+    writable emptyDirs where torch writes (/tmp, HOME)."""
+    run = make_run(SCENARIOS["gpus-multinode"])
+    job = builders.build_pytorchjob(run, run.spec.stages[0])
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }  # fmt: skip
+        [container] = pod["containers"]
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+        }
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for path in ("/tmp", builders.TRAINER_HOME, "/dev/shm", "/workspace"):
+            assert "emptyDir" in volumes[mounts[path]] or mounts[path] == "workspace", path
+    dockerfile = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
+    trainer_stage = dockerfile.split("AS trainer")[1]
+    assert f"USER {builders.TRAINER_UID}:{builders.TRAINER_UID}" in trainer_stage
+    assert f"--uid {builders.TRAINER_UID} --create-home --home-dir {builders.TRAINER_HOME}" in (
+        trainer_stage
+    )

@@ -7,6 +7,7 @@ list shrinks: the list is the record of what does not work yet, never a skip.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ EXPECTED = {
     "sft-reward-ppo.yaml",
     "dpo.yaml",
     "rrhf.yaml",
+    "rrhf-online.yaml",
     "grpo-reward-function.yaml",
+    "grpo-judge.yaml",
     "ppo-tiny.yaml",
     "rlaif-self-reference.yaml",
     "rlaif-tiny.yaml",
@@ -180,6 +183,25 @@ def test_trainjob_example_uses_the_trainjob_backend(capsys: pytest.CaptureFixtur
     assert job["kind"] == "TrainJob"
 
 
+def test_judge_rewarded_grpo_brings_up_its_judge_with_its_rollout_servers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = render("grpo-judge.yaml", capsys)
+    assert code == 0, err
+    children = [d for d in yaml.safe_load_all(out) if d]
+    servers = Counter(
+        (c["kind"], c["metadata"]["labels"][builders.LABEL_COMPONENT])
+        for c in children
+        if c["kind"] in ("Deployment", "Service")
+    )
+    assert servers == {("Deployment", "judge"): 2, ("Service", "judge"): 2,
+                       ("Deployment", "rollout"): 1, ("Service", "rollout"): 1}  # fmt: skip
+    assert not any(c["kind"] == "PyTorchJob" for c in children)  # it waits for them
+    [configmap] = [c for c in children if c["kind"] == "ConfigMap"]
+    config = yaml.safe_load(configmap["data"]["grpo.yaml"])
+    assert config["judge"]["mode"] == "pairwise" and len(config["judge"]["urls"]) == 2
+
+
 def test_examples_name_what_they_promise() -> None:
     def load(name: str) -> Obj:
         doc: Obj = yaml.safe_load((EXAMPLES / name).read_text())
@@ -187,6 +209,10 @@ def test_examples_name_what_they_promise() -> None:
 
     grpo = load("grpo-reward-function.yaml")["spec"]["stages"][-1]
     assert grpo["type"] == "grpo" and grpo["reward"] == {"function": "animal_sounds"}
+    judged = load("grpo-judge.yaml")["spec"]
+    assert judged["stages"][0]["type"] == "grpo"
+    assert judged["stages"][0]["reward"]["judge"]["mode"] == "pairwise"
+    assert judged["judge"]["engine"] == "vllm"
     ppo = load("ppo-tiny.yaml")["spec"]["stages"]
     assert [s["type"] for s in ppo] == ["sft", "reward", "ppo"]
     assert ppo[-1]["reward"] == {"from": "rm"} and ppo[-1]["rollout"]["engine"] == "vllm"

@@ -104,16 +104,23 @@ OUTCOMES: dict[str, int] = {}
     max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None
 )
 @given(
-    changes=mutations, types=st.lists(stage_types, min_size=2, max_size=2), online=st.booleans()
+    changes=mutations,
+    types=st.lists(stage_types, min_size=2, max_size=2),
+    online=st.booleans(),
+    engine=st.sampled_from(["vllm", "vllm", "vllm", "lmdeploy"]),  # lmdeploy: the planner refuses
 )
-def test_mutated_specs_never_crash(changes: list[Any], types: list[str], online: bool) -> None:
+def test_mutated_specs_never_crash(
+    changes: list[Any], types: list[str], online: bool, engine: str
+) -> None:
     doc = copy.deepcopy(BASE)
     for stage, stage_type in zip(doc["spec"]["stages"], types, strict=True):
         stage["type"] = stage_type
         if stage_type in ("ppo", "grpo"):
             stage["reward"] = {"function": "animal_sounds"}  # else the API alone refuses them
+            stage["rollout"] = {"engine": engine}
         if stage_type == "rrhf" and online:
-            stage["rrhf"] = {"online": True}  # valid, but the planner refuses it (not yet)
+            stage["rrhf"] = {"online": True}  # then the API wants a reward source
+            stage["reward"] = {"function": "animal_sounds"}
     for path, value, delete in changes:
         mutate(doc, path, value, delete)
     outcome = check(doc)

@@ -4,6 +4,7 @@ batch shapes and the step count."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,32 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixtures_dir: Pat
     return tmp_path
 
 
+JUDGE: dict[str, Any] = {"urls": ["http://judge:8000"], "servedModel": "judge",
+                         "model": {"path": "model"}}  # fmt: skip
+BROKEN_TEMPLATE = JUDGE | {"mode": "pointwise", "chatTemplate": "{% for m in messages %}"}
+
+
+@pytest.mark.parametrize("stage_type", ["ppo", "grpo"])
+def test_the_judge_is_a_reward_source(stage_type: str) -> None:
+    changes: dict[str, Any] = {"rewardFunction": None, "judge": JUDGE | {"mode": "pairwise"}}
+    if stage_type == "ppo":
+        changes["ppo"] = {"rolloutBatchSize": 16, "maxNewTokens": 8}
+    check = preflight.check_grpo if stage_type == "grpo" else preflight.check_ppo
+    inputs = check(config(stage_type, **changes), world_size=2)
+    assert inputs.reward_model_ref is None and inputs.config.judge is not None
+
+
+def test_pair_data_gives_the_chosen_response_as_the_reference(workspace: Path) -> None:
+    rows = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": "bad"} for i in range(16)]
+    (workspace / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = {"path": "pairs.jsonl", "format": "preference"}
+    inputs = preflight.check_grpo(config(dataset=dataset), world_size=2)
+    firsts = [(r.prompt, r.answer) for r in inputs.train_rows[:2]]
+    assert firsts == [("Q0?", "good 0"), ("Q1?", "good 1")]
+    plain = preflight.check_grpo(config(), world_size=2)  # a prompts row's own `answer`
+    assert plain.train_rows[0].answer == "meow"
+
+
 def test_grpo_steps_count_prompts_not_samples() -> None:
     inputs = preflight.check_grpo(config(), world_size=2)
     assert len(inputs.train_rows) == 100 and inputs.micro_batch == 8
@@ -69,6 +96,9 @@ def test_ppo_with_a_reward_model(workspace: Path) -> None:
         ("ppo", {"ppo": {"ptxCoef": 0.5}}, "ppo.ptxDataset"),
         ("ppo", {"ppo": {"klController": "adaptive"}}, "ppo.klTarget"),
         ("grpo", {"lora": {"r": 4}}, "rollout.loraAdapter: a LoRA stage syncs its adapters"),
+        ("grpo", {"judge": JUDGE | {"mode": "pairwise"}}, "reward: set exactly one of"),
+        ("ppo", {"rewardFunction": None, "judge": JUDGE}, "judge.mode: the stage config points"),
+        ("grpo", {"rewardFunction": None, "judge": BROKEN_TEMPLATE}, "judge chat template"),
     ],
 )
 def test_bad_online_configs_are_refused(stage_type: str, changes: Any, message: str) -> None:

@@ -144,24 +144,130 @@ def test_failed_stage_retries_after_spec_edit() -> None:
     assert all(c.observed_generation == 2 for c in p2.status.conditions)
 
 
-def test_spec_edit_mid_run_replaces_running_job_and_keeps_finished() -> None:
+def edited_run(status: api.RunStatus, **stage0: object) -> api.RLHFRun:
+    """The run at generation 2, every stage's learning rate edited (and stage 0 updated)."""
+    doc = manifest()
+    doc["metadata"]["generation"] = 2
+    for stage in doc["spec"]["stages"]:
+        stage["hyperparameters"] = {"learningRate": 5e-5}
+    doc["spec"]["stages"][0].update(stage0)
+    return make_run(doc).model_copy(update={"status": status})
+
+
+def jobs_of(children: list[dict[str, object]]) -> dict[str, dict[str, object]]:
+    return {c["metadata"]["name"]: c for c in children if c["kind"] == "PyTorchJob"}  # type: ignore[index]
+
+
+def test_edit_to_the_running_stage_is_degraded_and_leaves_its_job() -> None:
     run = make_run()
     p0 = plan(run, Observed(now="t0"))
     p1 = plan(advance(run, p0), observed_for(p0, "sft", "Succeeded", now="t1"))
     running = observed_for(p1, "sft2", "Running", now="t2", done=("sft",))
     p2 = plan(advance(run, p1), running)
-    doc = manifest()
-    doc["metadata"]["generation"] = 2
-    for stage in doc["spec"]["stages"]:
-        stage["hyperparameters"] = {"learningRate": 5e-5}
-    edited = make_run(doc).model_copy(update={"status": p2.status})
-    p3 = plan(edited, Observed(children=running.children, now="t3"))
-    jobs = {c["metadata"]["name"]: c for c in p3.children if c["kind"] == "PyTorchJob"}
-    old = {c["metadata"]["name"]: c for c in running.children if c["kind"] == "PyTorchJob"}
+    p3 = plan(edited_run(p2.status), Observed(children=running.children, now="t3"))
+    jobs, old = jobs_of(p3.children), jobs_of(running.children)
     assert config_hash(jobs["demo-sft"]) == config_hash(old["demo-sft"]), "finished: untouched"
-    assert config_hash(jobs["demo-sft2"]) != config_hash(old["demo-sft2"]), "running: replaced"
+    assert config_hash(jobs["demo-sft2"]) == config_hash(old["demo-sft2"]), "running: kept"
+    configs = {c["metadata"]["name"]: c for c in p3.children if c["kind"] == "ConfigMap"}
+    assert "5e-05" not in str(configs["demo-sft2-config"]["data"]), "its config is kept too"
     assert stage_phases(p3) == {"sft": "Succeeded", "sft2": "Running"}
+    degraded = condition(p3, "Degraded")
+    assert degraded.status == "True" and degraded.reason == "RunningStageEdited"
+    assert "spec.stages[1] (sft2)" in degraded.message
+    assert "PyTorchJob demo-sft2" in degraded.message
+    assert "spec.suspend" in degraded.message and "revert" in degraded.message
+    assert condition(p3, "Ready").status == "True", "the run itself is fine"
     assert p3.status.observed_generation == 2
+    assert [e.reason for e in p3.events] == ["RunningStageEdited"]
+    again = plan(advance(edited_run(p2.status), p3), Observed(children=running.children))
+    assert again.events == [], "reported once"
+    reverted = make_run().model_copy(update={"status": p3.status})
+    p4 = plan(reverted, Observed(children=running.children, now="t4"))
+    assert condition(p4, "Degraded").status == "False"
+
+
+def test_suspending_applies_an_edit_to_the_running_stage() -> None:
+    run = make_run()
+    p0 = plan(run, Observed(now="t0"))
+    running = observed_for(p0, "sft", "Running", now="t1")
+    p1 = plan(advance(run, p0), running)
+    p2 = plan(edited_run(p1.status), running)
+    assert condition(p2, "Degraded").reason == "RunningStageEdited"
+    doc = manifest(suspend=True)
+    doc["spec"]["stages"][0]["hyperparameters"] = {"learningRate": 5e-5}
+    suspending = make_run(doc).model_copy(update={"status": p2.status})
+    p3 = plan(suspending, running)
+    kept = jobs_of(p3.children)["demo-sft"]
+    assert kept["spec"]["runPolicy"]["suspend"] is True, "the kept job is suspended"  # type: ignore[index]
+    assert config_hash(kept) == config_hash(jobs_of(running.children)["demo-sft"])
+    suspended = observed_for(p0, "sft", "Running", "Suspended", now="t3")
+    p4 = plan(suspending.model_copy(update={"status": p3.status}), suspended)
+    new = jobs_of(p4.children)["demo-sft"]
+    assert config_hash(new) != config_hash(kept), "suspended: replaced with the edit"
+    assert condition(p4, "Degraded").status == "False"
+
+
+def test_edits_to_stages_not_started_or_pending_take_effect() -> None:
+    run = make_run()
+    p0 = plan(run, Observed(now="t0"))
+    pending = observed_for(p0, "sft", "Created", now="t1")
+    p1 = plan(advance(run, p0), pending)
+    p2 = plan(edited_run(p1.status), pending)
+    old = jobs_of(pending.children)["demo-sft"]
+    assert config_hash(jobs_of(p2.children)["demo-sft"]) != config_hash(old), "pending: replaced"
+    assert condition(p2, "Degraded").status == "False"
+    running = observed_for(p0, "sft", "Running", now="t2")
+    p3 = plan(edited_run(p2.status), running)
+    done = observed_for(p3, "sft", "Succeeded", now="t3")
+    p4 = plan(edited_run(p3.status), done)
+    configs = {c["metadata"]["name"]: c for c in p4.children if c["kind"] == "ConfigMap"}
+    assert "5.0e-05" in configs["demo-sft2-config"]["data"]["sft2.yaml"], "not started: edited"
+    assert condition(p4, "Degraded").status == "False", "the edited stage has finished"
+
+
+def retried(run: api.RLHFRun, p: Plan, message: str, now: str) -> tuple[Plan, Observed]:
+    """The current job fails with `message`; the plan after it, and what it observed."""
+    failed = observed_for(p, "sft", "Running", "Failed", message=message, now=now)
+    return plan(advance(run, p), failed), failed
+
+
+def test_failed_stage_retries_up_to_its_backoff_limit_then_fails() -> None:
+    run = make_run(manifest(backoffLimit=2))
+    p0 = plan(run, Observed(now="t0"))
+    p1 = plan(advance(run, p0), observed_for(p0, "sft", "Running", now="t1"))
+    p2, failed = retried(run, p1, "OOMKilled", "t2")
+    assert stage_phases(p2)["sft"] == "Pending" and p2.status.phase == "Running"
+    stage = p2.status.stages[0]
+    assert stage.attempts == 2 and stage.start_time == "t1"
+    assert stage.message == "Attempt 1 of 3 failed: OOMKilled"
+    [job] = jobs_of(p2.children).values()
+    assert config_hash(job) != config_hash(jobs_of(failed.children)["demo-sft"]), "replaced"
+    assert job["metadata"]["annotations"]["rlhf.dev/attempt"] == "2"  # type: ignore[index]
+    assert [e.reason for e in p2.events] == ["StageRetrying"]
+    assert "OOMKilled" in p2.events[0].message and p2.events[0].type == "Warning"
+    # The new job exists (no status yet): the attempt count is read from it.
+    p3 = plan(advance(run, p2), Observed(children=p2.children, now="t3"))
+    assert p3.status.stages[0].attempts == 2 and p3.events == []
+    assert p3.status.stages[0].message == "Attempt 1 of 3 failed: OOMKilled"
+    p4 = plan(advance(run, p3), observed_for(p3, "sft", "Running", now="t4"))
+    assert [e.message for e in p4.events] == ["Started stage sft (attempt 2)"]
+    p5, _ = retried(run, p4, "NCCL timeout", "t5")
+    assert p5.status.stages[0].attempts == 3
+    p6, _ = retried(run, plan(advance(run, p5), Observed(children=p5.children)), "OOM", "t6")
+    assert p6.status.phase == "Failed" and stage_phases(p6)["sft"] == "Failed"
+    assert p6.status.stages[0].message == "OOM (attempt 3 of 3)"
+    assert "OOM (attempt 3 of 3)" in condition(p6, "Degraded").message
+    assert [e.reason for e in p6.events] == ["StageFailed", "RunFailed"]
+
+
+def test_stage_backoff_limit_overrides_the_runs() -> None:
+    doc = manifest(backoffLimit=5)
+    doc["spec"]["stages"][0]["backoffLimit"] = 0
+    run = make_run(doc)
+    p0 = plan(run, Observed(now="t0"))
+    p1, _ = retried(run, p0, "OOMKilled", "t1")
+    assert p1.status.phase == "Failed", "no retries for this stage"
+    assert p1.status.stages[0].message == "OOMKilled" and p1.status.stages[0].attempts == 1
 
 
 def test_removed_stage_children_are_no_longer_desired() -> None:

@@ -12,7 +12,7 @@ import yaml
 from test_crd import cel_failures
 
 from helpers import make_run, manifest
-from rlhf_operator import api, builders, evalcmd
+from rlhf_operator import api, builders, evalcmd, servers
 from rlhf_operator.planner import Observed, plan
 from rlhf_trainer.config import StageConfig
 
@@ -89,20 +89,48 @@ def test_cel_accepts_the_pipeline() -> None:
     assert cel_failures(doc()["spec"]) == []
 
 
-@pytest.mark.parametrize(
-    ("changes", "field"),
-    [
-        ({"s3": {"rrhf": {"online": True}}}, "spec.stages[3].rrhf.online"),
-        ({"s3": {"reward": {"judge": {}}}}, "spec.stages[3].reward.judge"),
-    ],
-)
-def test_planner_refuses_online_or_judged_rrhf(changes: dict[str, Any], field: str) -> None:
-    spec = doc(**changes)
+def test_planner_refuses_judged_offline_rrhf() -> None:
+    spec = doc(s3={"reward": {"judge": {}}})
     spec["spec"]["judge"] = {"model": {"name": "org/judge"}}
     planned = plan(make_run(spec), Observed(now="t0"))
     degraded = next(c for c in planned.status.conditions if c.type == "Degraded")
     assert planned.children == [] and degraded.status == "True"
-    assert degraded.message.startswith(field)
+    assert degraded.message.startswith("spec.stages[3].reward.judge")
+
+
+ONLINE_RRHF = {
+    "rrhf": {"online": True, "samplesPerPrompt": 4, "rolloutBatchSize": 8},
+    "dataset": {"path": "data/prompts.jsonl", "format": "prompts"},
+}
+
+
+def test_online_rrhf_gets_rollout_servers_and_a_rollout_target() -> None:
+    run = make_run(doc(s3=ONLINE_RRHF))
+    stage = run.spec.stages[3]
+    assert builders.is_online(stage) and not builders.is_online(run.spec.stages[1])
+    assert servers.online_stage_problem(run, 3, stage) is None
+    children = servers.rollout_children(run, stage)
+    assert [(c["kind"], c["metadata"]["name"]) for c in children] == [
+        ("Deployment", "demo-rrhf-rollout-0"), ("Service", "demo-rrhf-rollout-0"),
+    ]  # fmt: skip
+    config = stage_config(run, "rrhf")
+    assert config.rollout is not None and config.rollout.urls == [
+        "http://demo-rrhf-rollout-0.team-a.svc:8000"
+    ]
+    assert config.rrhf is not None and config.rrhf.samples_per_prompt == 4
+    assert config.reward_model_path == "demo/rm/final"
+    offline = make_run(doc())
+    assert servers.rollout_children(offline, offline.spec.stages[3]) == []
+    assert stage_config(offline, "rrhf").rollout is None
+
+
+def test_online_rrhf_needs_a_reward_source() -> None:
+    bad = doc(s3=ONLINE_RRHF)
+    del bad["spec"]["stages"][3]["reward"]
+    with pytest.raises(api.SpecError, match="online `rrhf` stage needs `reward`"):
+        api.parse_run(bad)
+    assert any("self.rrhf.online" in failed for failed in cel_failures(bad["spec"]))
+    assert cel_failures(doc(s3=ONLINE_RRHF)["spec"]) == []
 
 
 def eval_args(**flags: Any) -> argparse.Namespace:

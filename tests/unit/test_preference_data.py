@@ -165,8 +165,9 @@ def test_preflight_refuses_what_the_trainers_cannot_do(
     hinge = DPOOptions(loss_type="hinge", label_smoothing=0.1).dump()
     with pytest.raises(UserError, match=r"dpo\.labelSmoothing"):
         check_dpo(config(tiny_model_dir, pref, "dpo", dpo=hinge), 1)
-    with pytest.raises(UserError, match=r"rrhf\.online"):
-        check_rrhf(config(tiny_model_dir, ranked, "rrhf", rrhf=RRHFOptions(online=True).dump()), 1)
+    online = RRHFOptions(online=True).dump()  # the operator renders its servers in `rollout`
+    with pytest.raises(UserError, match=r"^rollout: .*rlhf run"):
+        check_rrhf(config(tiny_model_dir, ranked, "rrhf", rrhf=online), 1)
     with pytest.raises(UserError, match=r"lora\.merge"):
         check_reward(config(tiny_model_dir, pref, "reward", lora={"merge": False}), 1)
     with pytest.raises(UserError, match="unknown reward function"):

@@ -164,9 +164,20 @@ def test_a_failed_stage_posts_one_warning(kube: FakeKube) -> None:
     assert warnings == ["RunFailed", "StageFailed"]
 
 
-def test_a_spec_edit_replaces_the_job_and_patches_the_config(kube: FakeKube) -> None:
+def test_a_spec_edit_to_the_running_stage_writes_only_degraded(kube: FakeKube) -> None:
     reconcile(kube)
     kube.set_job("demo-sft", "Running")
+    reconcile(kube)
+    run = kube.objects[("RLHFRun", "team-a", "demo")]
+    run["metadata"]["generation"] = 2
+    run["spec"]["stages"][0]["hyperparameters"] = {"learningRate": 2e-5}
+    assert reconcile(kube) == ["patch RLHFRun demo/status", "create Event"]
+    degraded = next(c for c in status(kube)["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "RunningStageEdited" and degraded["observedGeneration"] == 2
+    assert reconcile(kube) == []
+
+
+def test_a_spec_edit_replaces_a_pending_job_and_patches_the_config(kube: FakeKube) -> None:
     reconcile(kube)
     run = kube.objects[("RLHFRun", "team-a", "demo")]
     run["metadata"]["generation"] = 2
@@ -366,3 +377,57 @@ def test_a_rejected_child_degrades_the_run_until_it_is_accepted(kube: FakeKube) 
     degraded = next(c for c in status(kube)["conditions"] if c["type"] == "Degraded")
     assert degraded["status"] == "False"
     assert reconcile(kube) == []
+
+
+class CountingKube(FakeKube):
+    """FakeKube that also counts reads, as 'get Kind' and 'list Kind'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def get(self, resource: Resource, namespace: str, name: str) -> Obj | None:
+        self.reads.append(f"get {resource.kind}")
+        return super().get(resource, namespace, name)
+
+    def list(self, resource: Resource, namespace: str, labels: dict[str, str]) -> list[Obj]:
+        self.reads.append(f"list {resource.kind}")
+        return super().list(resource, namespace, labels)
+
+
+def test_after_creates_the_status_comes_from_the_api_answers_not_a_second_read() -> None:
+    kube = CountingKube()
+    kube.add_run(manifest())
+    reconciler = Reconciler(kube, clock=clock, instance="test")
+    reconciler.reconcile("team-a", "demo")
+    assert kube.reads.count("get RLHFRun") == 1 and kube.reads.count("list ConfigMap") == 1
+    assert status(kube)["stages"][0]["jobName"] == "demo-sft", "planned with the created job"
+    kube.reads.clear()
+    # A delete leaves open whether the object is gone or terminating: that one is read again.
+    kube.objects[("RLHFRun", "team-a", "demo")]["spec"]["stages"] = [
+        {"name": "other", "type": "sft", "dataset": {"path": "d.jsonl"}}
+    ]
+    reconciler.reconcile("team-a", "demo")
+    assert kube.reads.count("list ConfigMap") == 2
+    assert reconciler.reconcile("team-a", "demo").writes == 0
+
+
+def test_events_that_echo_the_operators_own_writes_cost_no_reconcile() -> None:
+    kube = CountingKube()
+    kube.add_run(manifest())
+    controller = Controller(Reconciler(kube, clock=clock, instance="test"))
+    asyncio.run(controller.reconcile("team-a", "demo"))
+    job = copy.deepcopy(kube.objects[("PyTorchJob", "team-a", "demo-sft")])
+    kube.reads.clear()
+    # The watch event of the job the reconcile created: nothing new to plan with.
+    asyncio.run(controller.reconcile("team-a", "demo", coalesce=True, child=job))
+    assert kube.reads == []
+    # The training operator's status update has another resourceVersion: reconciled.
+    kube.set_job("demo-sft", "Running")
+    changed = copy.deepcopy(kube.objects[("PyTorchJob", "team-a", "demo-sft")])
+    changed["metadata"]["resourceVersion"] = "2"
+    asyncio.run(controller.reconcile("team-a", "demo", coalesce=True, child=changed))
+    assert "get RLHFRun" in kube.reads and status(kube)["phase"] == "Running"
+    # Forgotten with its run: after a re-creation, nothing is taken for an echo.
+    controller.forget("team-a", "demo")
+    assert not controller.reconciler.wrote_last(job)

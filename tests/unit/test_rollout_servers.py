@@ -275,3 +275,23 @@ def test_local_service_urls_are_rewritten_to_the_servers_ports(tmp_path: Path) -
     deployment = next(o for o in observed if o["kind"] == "Deployment")
     assert not servers.deployment_available(deployment)  # nothing answers /health there
     pool.servers.clear()
+
+
+def test_servers_keep_root_but_drop_what_root_brings() -> None:
+    """Upstream vLLM/lmdeploy images run as root; the pod keeps root (no runAsUser, writable
+    root filesystem for their caches) but escalates nothing, runs under RuntimeDefault seccomp
+    and holds only DAC_OVERRIDE (to write into the trainer-owned workspace)."""
+    for rollout in ({"engine": "vllm"}, {"engine": "lmdeploy"}):
+        run = run_with({**PPO, "rollout": rollout})
+        for child in servers.rollout_children(run, run.spec.stages[2]):
+            if child["kind"] != "Deployment":
+                continue
+            security = container(child)["securityContext"]
+            assert security == {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"], "add": ["DAC_OVERRIDE"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
+            }
+            assert "runAsNonRoot" not in security and "readOnlyRootFilesystem" not in security
+            assert "securityContext" not in child["spec"]["template"]["spec"]
+            kubernetes_validate.validate(child, "1.34", strict=True)

@@ -1,9 +1,12 @@
-"""Checkpoints: atomic write, keep-last-K, partial folders ignored, exact round trip (1-rank
-FSDP2 group in this process)."""
+"""Checkpoints: atomic write, keep-last-K, partial folders ignored, exact round trip, a write
+that fails on a full disk (1-rank FSDP2 group in this process)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -16,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from rlhf_trainer import checkpoint
 from rlhf_trainer.distributed import DistContext, close_distributed, init_distributed, shard_model
+from rlhf_trainer.errors import UserError
 
 pytestmark = pytest.mark.unit
 
@@ -53,10 +57,10 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
 class TwoLayers(nn.Module):
     _no_split_modules: ClassVar[list[str]] = ["Linear"]
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 8) -> None:
         super().__init__()
-        self.a = nn.Linear(4, 8)
-        self.b = nn.Linear(8, 2)
+        self.a = nn.Linear(4, width)
+        self.b = nn.Linear(width, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(self.b(torch.relu(self.a(x))))
@@ -117,3 +121,50 @@ def test_save_load_round_trip_and_keep_last(tmp_path: Path, ctx: DistContext) ->
     for a, b in zip(saved, snapshot(model, optimizer), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(torch.rand(3), rng_after_save)  # RNG restored to its state at the save
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past `limit` bytes fail with OSError EFBIG (SIGXFSZ ignored), as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, ctx: DistContext) -> None:
+    torch.manual_seed(0)
+    model = shard_model(TwoLayers(width=16384), bf16=False)  # ~1 MB of weights and Adam state
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    root = tmp_path / "checkpoints"
+    train_one_step(model, optimizer)
+    state = {"epoch": 0, "index": 3}
+    checkpoint.save_checkpoint(root, 1, model, optimizer, state, ctx, keep=2)
+    saved = snapshot(model, optimizer)
+    before = {p.name: p.read_bytes() for p in (root / "step-1").iterdir()}
+
+    train_one_step(model, optimizer)
+    with file_size_limit(64 * 1024), pytest.raises(checkpoint.CheckpointWriteError) as caught:
+        checkpoint.save_checkpoint(root, 2, model, optimizer, {**state, "index": 6}, ctx, keep=2)
+    message = str(caught.value)
+    print(message)
+    assert str(root / ".tmp-step-2") in message
+    assert "the disk is full" in message and "keepCheckpoints" in message
+    assert "step-1 is intact" in message
+    assert isinstance(caught.value, UserError)  # the CLI prints it as one `error:` line
+
+    assert sorted(p.name for p in root.iterdir()) == ["step-1"]  # no partial step-2 left
+    assert {p.name: p.read_bytes() for p in (root / "step-1").iterdir()} == before
+    assert checkpoint.latest_checkpoint(root) == root / "step-1"
+    loaded = checkpoint.load_checkpoint(root / "step-1", model, optimizer, ctx)
+    assert loaded["index"] == 3 and loaded["step"] == 1
+    for a, b in zip(saved, snapshot(model, optimizer), strict=True):
+        assert torch.equal(a, b)
+    # With room again the same save succeeds.
+    checkpoint.save_checkpoint(root, 2, model, optimizer, {**state, "index": 6}, ctx, keep=2)
+    assert checkpoint.latest_checkpoint(root) == root / "step-2"
+

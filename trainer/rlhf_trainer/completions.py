@@ -9,12 +9,15 @@ says what happened, so a caller counts it instead of crashing:
 - `error`: the server could not be reached, or answered with an error status;
 - `unparseable`: it answered 200 with something that is not a completion.
 
-Requests go round-robin over the replicas' base URLs.
+Requests go round-robin over the replicas' base URLs. The client counts every failed attempt by
+outcome (`failed_attempts`, retried ones included) and, apart, the attempts that lost the
+connection (`connection_errors`): a server that was reached again after one may have restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
@@ -96,6 +99,8 @@ class CompletionsClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self._urls = itertools.cycle([u.rstrip("/") + "/v1/completions" for u in urls])
+        self.failed_attempts: collections.Counter[Failure] = collections.Counter()
+        self.connection_errors = 0
         self._slots = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._http = httpx.AsyncClient(
@@ -124,7 +129,11 @@ class CompletionsClient:
                 return await self._attempt(body)
             except _Retryable as err:
                 last = err.failure
+                self.failed_attempts[err.failure.outcome] += 1
                 log.debug("Retrying a completion request (%s)", err.failure)
+            except CallFailed as err:
+                self.failed_attempts[err.outcome] += 1
+                raise
         assert last is not None
         raise last
 
@@ -136,6 +145,8 @@ class CompletionsClient:
             except httpx.TimeoutException as err:
                 raise _Retryable(CallFailed("timeout", f"{url}: timed out ({err!r})")) from None
             except httpx.HTTPError as err:
+                if isinstance(err, httpx.TransportError):
+                    self.connection_errors += 1
                 raise _Retryable(CallFailed("error", f"{url}: {err!r}")) from None
         if response.status_code in RETRY_STATUSES:
             raise _Retryable(CallFailed("error", f"{url}: HTTP {response.status_code}"))

@@ -257,11 +257,24 @@ class RRHFOptions(ApiModel):
     length_penalty: float = Field(default=1.0, ge=0, description="Exponent of |y| in the score.")
     online: bool = Field(
         default=False,
-        description="Sample responses from the rollout server (not supported yet: offline "
-        "RRHF reads its k responses per query from the dataset).",
+        description="Sample the k responses per query from the current policy through the "
+        "rollout servers and score them with `reward` (the dataset then holds prompts); off: "
+        "read them, with their rewards or scored by `reward`, from a ranked dataset.",
     )
     samples_per_prompt: int = Field(
         default=4, ge=2, description="k responses per query (online sampling only)."
+    )
+    rollout_batch_size: int = Field(
+        default=16, gt=0, description="Queries sampled per step (online only)."
+    )
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (online).")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Sampling top-p (online).")
+    max_new_tokens: int = Field(default=64, gt=0, description="Response length (online).")
+    async_: bool = Field(
+        default=False,
+        alias="async",
+        description="Online: generate step t+1 while step t trains (its responses then come "
+        "from the policy one step back; RRHF takes no importance ratio, so nothing corrects it).",
     )
 
 

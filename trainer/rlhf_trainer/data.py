@@ -9,7 +9,8 @@ Formats (`DatasetSpec.format`):
 - `ranked`: `{prompt, responses: [...], rewards: [...]}`, k responses with a reward each. For
   pairwise stages it expands into every ordered pair (r_i > r_j, margin r_i - r_j); `rewards` may
   be left out where a reward model or function scores the responses.
-- `prompts`: `{prompt, answer?}`, for on-policy stages.
+- `prompts`: `{prompt, answer?}`, for on-policy stages (which read the prompts of any format;
+  the reference answer of a pair format is its chosen response).
 - `shp`: Stanford SHP `{history, human_ref_A, human_ref_B, labels}` (labels 1: A is preferred);
   the prompt is the history, the responses " " + the reference comment.
 - `tldr`: OpenAI summarize-from-feedback comparisons `{info: {post, title, subreddit}, summaries:
@@ -400,7 +401,9 @@ def load_prompt_rows(spec: DatasetSpec) -> Rows[PromptRow]:
     else:
         parse = PAIR_PARSERS[spec.format]
     rows: Rows[SFTRow | PreferenceRow | RankedRow] = _read(spec, parse)
-    return _derived(rows, [PromptRow(r.prompt) for r in rows])
+    # A pair's chosen response is the reference answer (the judge's pairwise rewards use it).
+    answers = [r.chosen if isinstance(r, PreferenceRow) else None for r in rows]
+    return _derived(rows, [PromptRow(r.prompt, a) for r, a in zip(rows, answers, strict=True)])
 
 
 def split_eval(rows: list[Row], fraction: float) -> tuple[list[Row], list[Row]]:

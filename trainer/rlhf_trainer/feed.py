@@ -4,10 +4,18 @@ Synchronous by default: step t's prompts are generated with the weights the serv
 after step t-1's sync. With `async: true`, step t+1's prompts are generated in a background
 thread while step t trains (on the weights of step t), so each batch is one step off-policy;
 the algorithms then take the importance ratio against the servers' behaviour logprobs.
+
+A rollout server that goes away (its pod or process restarted) costs no step: when a batch
+lost a connection, whether or not the retries then got through, the servers may have come back
+with their start-up weights. Rank 0 waits until every server is ready again
+(`rollout.startupTimeoutSeconds`), every rank re-syncs the current policy's weights and runs
+the parity probe, and the same prompts are generated again (the prompt position is rewound),
+so the step is neither lost nor counted twice. At most `MAX_RECOVERIES` times per step.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,12 +25,19 @@ from typing import TYPE_CHECKING, Any, cast
 
 from rlhf_trainer.batching import DataStream
 from rlhf_trainer.distributed import broadcast_object
-from rlhf_trainer.rollout import Sample, Sampling
+from rlhf_trainer.rollout import RolloutError, Sample, Sampling
 
 if TYPE_CHECKING:
     from rlhf_trainer.online_setup import OnlineSetup
 
+log = logging.getLogger(__name__)
+
 SEED_STRIDE = 1_000_003  # per-step seed offset; prompts within a step add their index
+MAX_RECOVERIES = 3  # server losses survived within one step
+
+
+class ServersLost(RolloutError):
+    """A batch lost a connection to a rollout server, which may have restarted since."""
 
 
 def prompt_token_ids(tokenizer: Any, prompts: Sequence[str], max_len: int) -> list[list[int]]:
@@ -51,6 +66,7 @@ class RolloutFeed:
         self.trained = (stream.epoch, stream.index)  # where the next trained batch starts
         self.pending: Future[StepRollouts] | None = None
         self.pool = ThreadPoolExecutor(max_workers=1) if setup.async_ else None
+        self.recoveries = 0  # server losses survived over the run
 
     def seek(self, epoch: int, index: int) -> None:
         self.stream = DataStream(self.stream.n, self.stream.seed, epoch, index)
@@ -67,16 +83,56 @@ class RolloutFeed:
     def next(self, step: int, prefetch: bool) -> StepRollouts:
         """The rollouts of `step` (collective). In async mode also starts generating the next
         step's, which the servers answer with the current weights."""
-        out: StepRollouts | None = None
-        if self.setup.ctx.is_main:
-            out = self.pending.result() if self.pending is not None else self._generate(step)
-            self.pending = None
-            self.trained = (self.stream.epoch, self.stream.index)
-            if self.pool is not None and prefetch:
-                self.pending = self.pool.submit(self._generate, step + 1)
+        recovered: dict[str, float] = {}
+        for attempt in range(MAX_RECOVERIES + 1):
+            out: StepRollouts | None = None
+            lost: str | None = None
+            if self.setup.ctx.is_main:
+                out, lost = self._take(step, prefetch and attempt == 0)
+            lost = cast(str | None, broadcast_object(lost))
+            if lost is None:
+                break
+            if attempt == MAX_RECOVERIES:
+                raise RolloutError(
+                    f"lost the rollout servers {MAX_RECOVERIES + 1} times in step {step + 1}: "
+                    f"{lost}; check their pods (OOMKilled? evicted?) and logs"
+                )
+            recovered = self._recover(step, lost)
         out = cast(StepRollouts, broadcast_object(out))
         self.trained = cast(tuple[int, int], broadcast_object(self.trained))
+        out.metrics.update(recovered)
         return out
+
+    def _take(self, step: int, prefetch: bool) -> tuple[StepRollouts | None, str | None]:
+        """Rank 0: this step's rollouts, or why the servers were lost (the prompts rewound)."""
+        try:
+            out = self.pending.result() if self.pending is not None else self._generate(step)
+        except ServersLost as err:
+            self.pending = None
+            self.stream = DataStream(self.stream.n, self.stream.seed, *self.trained)
+            assert self.setup.client is not None
+            self.setup.client.wait_ready()  # as long as rollout.startupTimeoutSeconds
+            return None, str(err)
+        self.pending = None
+        self.trained = (self.stream.epoch, self.stream.index)
+        if self.pool is not None and prefetch:
+            self.pending = self.pool.submit(self._generate, step + 1)
+        return out, None
+
+    def _recover(self, step: int, lost: str) -> dict[str, float]:
+        """Collective: the servers answer again; give them the policy's weights and probe."""
+        self.recoveries += 1
+        log.warning(
+            "Lost a rollout server during step %d (%s); it answers again, so re-syncing the "
+            "weights and generating the step again",
+            step + 1,
+            lost,
+        )
+        synced = self.setup.syncer.sync(self.setup.actor, step)  # WeightSyncError on a mismatch
+        return {
+            "rollout_recoveries": float(self.recoveries),
+            "recovery_logprob_mismatch_mean": synced["logprob_mismatch_mean"],
+        }
 
     def settle(self) -> None:
         """Wait for the generation in flight (a weight sync must not overlap it)."""
@@ -93,7 +149,14 @@ class RolloutFeed:
             self.sampling, seed=setup.inputs.config.hyperparameters.seed + step * SEED_STRIDE
         )
         started = time.perf_counter()
-        groups = setup.client.generate(ids, sampling)
+        try:
+            groups = setup.client.generate(ids, sampling)
+        except RolloutError as err:
+            if setup.client.lost_connection:
+                raise ServersLost(str(err)) from None
+            raise
+        if setup.client.lost_connection:  # retried through, maybe to a restarted server
+            raise ServersLost("a connection dropped and a retry got through")
         seconds = time.perf_counter() - started
         samples = [s for group in groups for s in group]
         tokens = sum(len(s.response_ids) for s in samples)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from rlhf_trainer.chat_format import ChatFormat, Message, load_chat_format
 from rlhf_trainer.completions import CallFailed, Completion, CompletionsClient, top_logprobs
-from rlhf_trainer.config import JudgeTarget
+from rlhf_trainer.config import JudgeProtocol, JudgeTarget
 from rlhf_trainer.metrics import JudgeOutcome
 
 LETTERS: tuple[str, str] = ("A", "B")
@@ -132,6 +132,47 @@ def agreement(verdicts: Sequence[Verdict]) -> bool:
     return len(verdicts) < 2 or verdicts[0].winner != verdicts[1].winner
 
 
+def reference_chat(protocol: JudgeProtocol, prompt: str) -> list[Message]:
+    """Turn 1: the chat in which the judge answers the prompt itself."""
+    return [{"role": "user", "content": protocol.templates.reference.format(prompt=prompt)}]
+
+
+def compare_chat(
+    protocol: JudgeProtocol, prompt: str, a: str, b: str, reference: str | None
+) -> list[Message]:
+    """Turn 2: the pair and the principle, after turn 1 when there is a reference."""
+    t = protocol.templates
+    fields = {"prompt": prompt, "a": a, "b": b, "principle": protocol.principle}
+    chat: list[Message] = []
+    if reference is not None:
+        chat += [*reference_chat(protocol, prompt), {"role": "assistant", "content": reference}]
+    compare = t.compare if reference is not None else t.compare_direct
+    chat.append({"role": "user", "content": compare.format(**fields)})
+    return chat
+
+
+def verdict_chat(
+    protocol: JudgeProtocol,
+    prompt: str,
+    a: str,
+    b: str,
+    reference: str | None,
+    critique: str | None = None,
+) -> list[Message]:
+    """The whole chat whose next assistant turn is the verdict letter.
+
+    The one place the verdict prompt is built: `Judge.verdict` sends it, and training data for
+    a judge (an `sft` stage that teaches it a task) renders the very same chat.
+    """
+    chat = compare_chat(protocol, prompt, a, b, reference)
+    if critique is not None:
+        chat.append({"role": "assistant", "content": critique})
+    verdict = protocol.templates.verdict.format(principle=protocol.principle)
+    if not verdict and critique is None:
+        return chat  # an empty verdict template: the comparison turn itself asks for it
+    return [*chat, {"role": "user", "content": verdict}]
+
+
 @dataclass
 class Judge:
     """The judge protocol over a completions client; one instance per stage."""
@@ -173,8 +214,7 @@ class Judge:
         """Turn 1: the judge's own answer to the prompt, generated once per prompt."""
         task = self._references.get(prompt)
         if task is None:
-            content = self.target.templates.reference.format(prompt=prompt)
-            task = asyncio.ensure_future(self._generate([{"role": "user", "content": content}]))
+            task = asyncio.ensure_future(self._generate(reference_chat(self.target, prompt)))
             self._references[prompt] = task
         return task
 
@@ -183,21 +223,10 @@ class Judge:
 
     async def verdict(self, prompt: str, a: str, b: str, reference: str | None) -> Verdict:
         """Turns 2-3 of one order: the pair and the principle, a critique, then A or B."""
-        t = self.target.templates
-        fields = {"prompt": prompt, "a": a, "b": b, "principle": self.target.principle}
-        chat: list[Message] = []
-        if reference is not None:
-            chat += [
-                {"role": "user", "content": t.reference.format(prompt=prompt)},
-                {"role": "assistant", "content": reference},
-            ]
-        compare = t.compare if reference is not None else t.compare_direct
-        chat.append({"role": "user", "content": compare.format(**fields)})
         critique = None
         if self.target.critique:
-            critique = await self._generate(chat)
-            chat.append({"role": "assistant", "content": critique})
-        chat.append({"role": "user", "content": t.verdict.format(principle=self.target.principle)})
+            critique = await self._generate(compare_chat(self.target, prompt, a, b, reference))
+        chat = verdict_chat(self.target, prompt, a, b, reference, critique)
         letter, probs = await self._choose(chat, LETTERS)
         p_a = probs.get("A", 1.0 if letter == "A" else 0.0)
         return Verdict("A" if letter == "A" else "B", p_a, critique)

@@ -9,7 +9,8 @@
 Rewards are in [0, 1]. A response the judge could not score (timeout, error, unparseable)
 gets the mean reward of the batch's scored responses (0.5 when none was scored), so it moves
 neither a GRPO group nor the PPO running moments much; every outcome is counted in
-`rlhf_trainer_judge_outcomes_total`.
+`rlhf_trainer_judge_outcomes_total` and in `JudgeRewards.outcomes` (which the online trainers
+sum over ranks into metrics.jsonl as `judge_<outcome>`).
 
 Hooks for a trainer:
 
@@ -24,6 +25,7 @@ prompts) -> Tensor` protocol (each rank scores its own samples; no collective).
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +34,7 @@ from rlhf_trainer.chat_format import load_chat_format
 from rlhf_trainer.completions import CallFailed
 from rlhf_trainer.config import JudgeTarget
 from rlhf_trainer.judge import Judge, open_judge
+from rlhf_trainer.metrics import JudgeOutcome
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +52,11 @@ class JudgeRewards:
             raise ValueError("JudgeRewards needs a judge target with `mode` set")
         self.target = target
         self.chat = load_chat_format(target.model, target.chat_template)
+        self.outcomes: Counter[JudgeOutcome] = Counter()  # every call of this process
+
+    def _count(self, outcome: JudgeOutcome) -> None:
+        prom.count_judge_outcome(outcome)
+        self.outcomes[outcome] += 1
 
     async def score(
         self,
@@ -71,18 +79,18 @@ class JudgeRewards:
             try:
                 value = await judge.score(prompt, response)
             except CallFailed as err:
-                prom.count_judge_outcome(err.outcome)
+                self._count(err.outcome)
                 return None
-            prom.count_judge_outcome("kept")
+            self._count("kept")
             return value
         if ref is None:
             try:
                 ref = await asyncio.shield(judge.reference(prompt))
             except CallFailed as err:
-                prom.count_judge_outcome(err.outcome)
+                self._count(err.outcome)
                 return None
         judgement = await judge.compare(prompt, response, ref, swap=True)
-        prom.count_judge_outcome(judgement.outcome)
+        self._count(judgement.outcome)
         return judgement.p_first
 
     def __call__(

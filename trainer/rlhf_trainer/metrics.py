@@ -72,6 +72,9 @@ def _number(value: Any) -> float | None:
     return float(value) if ok and math.isfinite(value) else None
 
 
+ROLLOUT_FAILURES = ("timeout", "error", "unparseable", "malformed")
+
+
 class TrainerMetrics:
     """Every trainer series of docs/METRICS.md, in one registry."""
 
@@ -125,6 +128,15 @@ class TrainerMetrics:
         )
         for outcome in get_args(JudgeOutcome):  # present at 0, so rate() works from the start
             self.judge_outcomes.labels(outcome=outcome)
+        self.rollout_failures = Counter(
+            "rlhf_trainer_rollout_failures",  # exposed with _total
+            "Failed rollout request attempts (retried ones included) by outcome: timeout, "
+            "error, unparseable, malformed.",
+            ["outcome"],
+            registry=r,
+        )
+        for failure in ROLLOUT_FAILURES:
+            self.rollout_failures.labels(outcome=failure)
 
     def set_total_steps(self, total: int) -> None:
         self.total_steps.set(total)
@@ -218,6 +230,11 @@ def weight_sync_timer(backend: SyncBackend) -> Iterator[None]:
 def observe_parity(mismatch: float, failed: bool) -> None:
     """Record a parity probe (rlhf_trainer_logprob_mismatch, ..._parity_failures_total)."""
     METRICS.observe_parity(mismatch, failed)
+
+
+def count_rollout_failure(outcome: str, count: int = 1) -> None:
+    """Count failed rollout attempts (rlhf_trainer_rollout_failures_total{outcome})."""
+    METRICS.rollout_failures.labels(outcome=outcome).inc(count)
 
 
 def count_judge_outcome(outcome: JudgeOutcome, count: int = 1) -> None:

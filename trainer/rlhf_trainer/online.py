@@ -169,6 +169,7 @@ def online_loop(setup: OnlineSetup, algo: Algorithm) -> None:
             if (save or step == total) and inputs.eval_rows:
                 metrics |= evaluate(setup, inputs.eval_rows, max_tokens)
             if step % hp.log_every == 0 or step == total or save:
+                metrics |= setup.reward_metrics()  # collective with the judge; same on all ranks
                 _log(reporter, step, total, feed.epochs_done(), metrics | rollouts.metrics)
             if save:
                 _save(setup, algo, feed, step)

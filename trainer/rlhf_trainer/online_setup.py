@@ -1,21 +1,32 @@
 """Everything an online stage builds before its first step: tokenizer, the sharded policy, the
-reward source, the rollout client (rank 0) and the weight sync with its parity probe."""
+reward source (reward model, reward function or AI judge), the rollout client (rank 0) and the
+weight sync with its parity probe."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, get_args
 
 import torch
 from torch import nn
 
-from rlhf_trainer.config import GRPOOptions, PPOOptions, RolloutTarget
+from rlhf_trainer.completions import wait_ready
+from rlhf_trainer.config import (
+    GRPOOptions,
+    JudgeTarget,
+    PPOOptions,
+    RolloutTarget,
+    RRHFOptions,
+)
 from rlhf_trainer.data import PromptRow
-from rlhf_trainer.distributed import DistContext, broadcast_object
+from rlhf_trainer.distributed import DistContext, all_reduce_sum, broadcast_object
 from rlhf_trainer.experience import in_chunks, scored_sequences
 from rlhf_trainer.feed import prompt_token_ids
+from rlhf_trainer.judge_reward import JudgeRewardSource
+from rlhf_trainer.metrics import JudgeOutcome
 from rlhf_trainer.model import Exporter, load_tokenizer, load_trainable_lm
 from rlhf_trainer.nccl_sync import NcclWeightSync, free_port
 from rlhf_trainer.online_models import ValueModel, load_value_model
@@ -92,13 +103,25 @@ class OnlineSetup:
     def close(self) -> None:
         self.backend.close()
 
+    def reward_metrics(self) -> dict[str, float]:
+        """Judge outcomes so far (`judge_<outcome>`), summed over ranks: collective when
+        rewards come from the judge, {} otherwise."""
+        if not isinstance(self.reward, JudgeRewardSource):
+            return {}
+        names = get_args(JudgeOutcome)
+        counts = self.reward.rewards.outcomes
+        totals = all_reduce_sum([float(counts[n]) for n in names], self.ctx.device)
+        return {f"judge_{n}": total for n, total in zip(names, totals, strict=True)}
+
 
 def _options(inputs: StageInputs[PromptRow]) -> tuple[int, bool]:
     """(maxNewTokens, async) of the stage's options block, defaults when it has none."""
     config = inputs.config
-    options = (
-        (config.ppo or PPOOptions()) if config.type == "ppo" else (config.grpo or GRPOOptions())
-    )
+    options: PPOOptions | GRPOOptions | RRHFOptions = config.grpo or GRPOOptions()
+    if config.type == "ppo":
+        options = config.ppo or PPOOptions()
+    elif config.type == "rrhf":
+        options = config.rrhf or RRHFOptions()
     return options.max_new_tokens, options.async_
 
 
@@ -107,8 +130,22 @@ def _reward(inputs: StageInputs[PromptRow], tokenizer: Any, ctx: DistContext) ->
     if inputs.reward_model_ref is not None:
         model = load_value_model(inputs.reward_model_ref, trainable=False, bf16=ctx.bf16)
         return ModelReward(model, tokenizer, ctx.device)
+    if config.judge is not None:
+        # Pairwise mode compares with the dataset's reference answer where a row has one.
+        rows = [*inputs.train_rows, *inputs.eval_rows]
+        references = {r.prompt: r.answer for r in rows if r.answer is not None}
+        return JudgeRewardSource(config.judge, tokenizer, references)
     assert config.reward_function is not None  # preflight: exactly one source
     return FunctionReward(resolve_reward_function(config.reward_function), tokenizer)
+
+
+def _wait_for_judge(judge: JudgeTarget | None) -> None:
+    """Block until every judge server answers (the operator starts the trainer once they are
+    available; a trainer started by hand may be early)."""
+    if judge is None:
+        return
+    log.info("Waiting for %d judge server(s): %s", len(judge.urls), ", ".join(judge.urls))
+    asyncio.run(wait_ready(judge.urls, judge.startup_timeout_seconds))
 
 
 def _backend(
@@ -139,6 +176,7 @@ def prepare(inputs: StageInputs[PromptRow], ctx: DistContext) -> OnlineSetup:
     if client is not None:
         log.info("Waiting for %d rollout server(s): %s", len(target.urls), ", ".join(target.urls))
         client.wait_ready()
+        _wait_for_judge(config.judge)
     backend = _backend(target, inputs, ctx, dtype)
     max_prompt = config.hyperparameters.max_length - max_new
     probe = prompt_token_ids(tokenizer, [inputs.train_rows[0].prompt], max_prompt)[0]

@@ -64,13 +64,22 @@ class MinibatchTrainer:
         self.optimizer, self.scheduler = optimizer, scheduler
 
     def run(
-        self, exp: Experience, loss_fn: LossFn, rng: random.Random, epochs: int = 1
+        self,
+        exp: Experience,
+        loss_fn: LossFn,
+        rng: random.Random,
+        epochs: int = 1,
+        unit: int = 1,
     ) -> dict[str, float]:
         """`epochs` passes over `exp` in shuffled minibatches; per-token means of the loss and
-        of every diagnostic `loss_fn` sums, averaged over the optimizer steps."""
+        of every diagnostic `loss_fn` sums, averaged over the optimizer steps.
+
+        With `unit` > 1, runs of `unit` consecutive samples (RRHF's k responses to a query)
+        stay together: they are shuffled and batched whole, batchSize and the micro-batch count
+        them, and the means are over the minibatch's units instead of its tokens."""
         setup = self.setup
         ctx, hp = setup.ctx, setup.inputs.config.hyperparameters
-        local = exp.batch.sequences.size(0)
+        local = exp.batch.sequences.size(0) // unit
         per_minibatch = hp.batch_size // ctx.world_size
         micro = setup.inputs.micro_batch
         totals: dict[str, float] = {}
@@ -79,22 +88,27 @@ class MinibatchTrainer:
             order = list(range(local))
             rng.shuffle(order)
             for start in range(0, local, per_minibatch):
-                sub = exp.select(order[start : start + per_minibatch])
-                tokens = all_reduce_sum([float(sub.batch.response_mask.sum())], ctx.device)[0]
-                chunks = [list(range(i, i + micro)) for i in range(0, per_minibatch, micro)]
+                units = order[start : start + per_minibatch]
+                sub = exp.select([u * unit + j for u in units for j in range(unit)])
+                count = float(sub.batch.response_mask.sum()) if unit == 1 else float(len(units))
+                denominator = all_reduce_sum([count], ctx.device)[0]
+                chunks = [
+                    list(range(i * unit, (i + micro) * unit))
+                    for i in range(0, per_minibatch, micro)
+                ]
                 sums = backward_rank_micro_batches(
                     self.model,
                     chunks,
                     ctx,
                     lambda rows, sub=sub: loss_fn(sub.select(rows)),  # type: ignore[misc]
-                    1.0 / max(tokens, 1.0),
+                    1.0 / max(denominator, 1.0),
                 )
                 learning_rate = float(self.scheduler.get_last_lr()[0])
                 norm = grad_norm_and_clip(self.model, hp.grad_clip)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                means = {k: v / max(tokens, 1.0) for k, v in sums.items()}
+                means = {k: v / max(denominator, 1.0) for k, v in sums.items()}
                 means |= {"grad_norm": norm, "learning_rate": learning_rate}
                 for key, value in means.items():
                     totals[key] = totals.get(key, 0.0) + value

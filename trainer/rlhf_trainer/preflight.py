@@ -159,13 +159,16 @@ def _scored(rows: list[RankedRow], name: str) -> list[RankedRow]:
     ]
 
 
-def check_rrhf(config: StageConfig, world_size: int) -> StageInputs[RankedRow]:
-    """An offline rrhf stage: k responses per prompt, with rewards from the data, or scored by
-    the reward model of `reward.from` (in the trainer) or a reward function (here)."""
+def check_rrhf(
+    config: StageConfig, world_size: int
+) -> StageInputs[RankedRow] | StageInputs[PromptRow]:
+    """An rrhf stage. Offline: k responses per prompt, with rewards from the data, or scored by
+    the reward model of `reward.from` (in the trainer) or a reward function (here). Online
+    (`rrhf.online`): prompts, sampled k times per step like grpo; `batchSize` counts queries."""
     if config.rrhf is not None and config.rrhf.online:
-        raise UserError(
-            "rrhf.online: sampling responses from a rollout server is not supported yet; set "
-            "online to false and give k responses per prompt in the dataset"
+        options = config.rrhf
+        return _check_online(
+            config, world_size, options.rollout_batch_size, 1, options.max_new_tokens
         )
     scorer = config.reward_model_path or config.reward_function
     function = config.reward_function
@@ -186,6 +189,30 @@ def check_rrhf(config: StageConfig, world_size: int) -> StageInputs[RankedRow]:
     return inputs
 
 
+def _check_reward_source(config: StageConfig) -> None:
+    """An online stage has exactly one reward source, and that source can be used."""
+    judge = config.judge
+    sources = [config.reward_model_path, config.reward_function, judge]
+    if sum(s is not None for s in sources) != 1:
+        raise UserError(
+            "reward: set exactly one of reward.from (a reward stage), reward.judge (the AI "
+            "judge of spec.judge) or reward.function"
+        )
+    if config.reward_function is not None:
+        from rlhf_trainer.reward_functions import resolve_reward_function
+
+        resolve_reward_function(config.reward_function)
+    if judge is not None:
+        if judge.mode is None:
+            raise UserError(
+                "judge.mode: the stage config points at the judge but says not how it rewards "
+                "responses; set reward.judge.mode to pairwise or pointwise"
+            )
+        from rlhf_trainer.chat_format import load_chat_format
+
+        load_chat_format(judge.model, judge.chat_template)  # a broken template fails here
+
+
 def _check_online(
     config: StageConfig, world_size: int, prompts_per_step: int, per_prompt: int, max_new: int
 ) -> StageInputs[PromptRow]:
@@ -201,14 +228,7 @@ def _check_online(
             "rollout.loraAdapter: a LoRA stage syncs its adapters under a name the servers "
             "load them as; the operator fills it in, so render the stage with it"
         )
-    if (config.reward_model_path is None) == (config.reward_function is None):
-        raise UserError(
-            "reward: set exactly one of reward.from (a reward stage) or reward.function"
-        )
-    if config.reward_function is not None:
-        from rlhf_trainer.reward_functions import resolve_reward_function
-
-        resolve_reward_function(config.reward_function)
+    _check_reward_source(config)
     if max_new >= hp.max_length:
         raise UserError(
             f"hyperparameters.maxLength: {hp.max_length} leaves no room for prompts after "

@@ -4,7 +4,12 @@ Every prompt of a step is one `/v1/completions` request (token ids in, `n` sampl
 the sampled tokens' logprobs and a per-prompt seed), and all of them are in flight at once
 (bounded by `concurrency` per replica), spread round-robin over every replica. There is never a
 small batch after another. Timeouts and bounded retries come from `completions.CompletionsClient`;
-a request that still fails ends the step with a `RolloutError` naming the server.
+a request that still fails ends the step with a `RolloutError` naming the server. A reply that
+is not `n` well-formed samples (missing or non-finite logprobs, tokens that are not
+`token_id:N`, more tokens than `max_tokens`) is a `RolloutError` too, never a half-read batch.
+Failed attempts are counted (`failures`, and rlhf_trainer_rollout_failures_total{outcome});
+`lost_connection` tells whether the last call lost a connection, after which a server may be a
+restarted one that holds its start-up weights (the feed then re-syncs and probes).
 
 Token ids travel both ways (`return_tokens_as_token_ids`), so the trainer scores exactly the
 tokens that were sampled, with no re-tokenisation. The logprobs are vLLM's raw ones (of the
@@ -15,12 +20,15 @@ Torch-free.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_trainer import metrics as prom
 from rlhf_trainer.completions import CallFailed, Completion, CompletionsClient, wait_ready
 from rlhf_trainer.config import RolloutTarget
 
@@ -55,7 +63,9 @@ class Sample:
     finish_reason: str | None
 
 
-def parse_sample(prompt_index: int, prompt_ids: Sequence[int], choice: Completion) -> Sample:
+def parse_sample(
+    prompt_index: int, prompt_ids: Sequence[int], choice: Completion, max_tokens: int | None = None
+) -> Sample:
     """A choice with logprobs and `token_id:N` tokens -> Sample; RolloutError if malformed."""
     block = choice.logprobs or {}
     tokens, logprobs = block.get("tokens"), block.get("token_logprobs")
@@ -63,16 +73,42 @@ def parse_sample(prompt_index: int, prompt_ids: Sequence[int], choice: Completio
         raise RolloutError("a completion came back without logprobs; is it an OpenAI server?")
     if len(tokens) != len(logprobs):
         raise RolloutError("a completion has different numbers of tokens and logprobs")
-    ids: list[int] = []
-    for token in tokens:
-        if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
-            raise RolloutError(
-                f"a completion token is {token!r}, not `token_id:N`; the server ignored "
-                "return_tokens_as_token_ids (use vLLM)"
-            )
-        ids.append(int(token.removeprefix(TOKEN_PREFIX)))
-    values = tuple(float(v) if isinstance(v, int | float) else float("nan") for v in logprobs)
-    return Sample(prompt_index, tuple(prompt_ids), tuple(ids), values, choice.finish_reason)
+    if not tokens or (max_tokens is not None and len(tokens) > max_tokens):
+        raise RolloutError(f"a completion has {len(tokens)} tokens; asked for 1 to {max_tokens}")
+    return Sample(
+        prompt_index,
+        tuple(prompt_ids),
+        tuple(_token_id(t) for t in tokens),
+        tuple(_logprob(v) for v in logprobs),
+        choice.finish_reason,
+    )
+
+
+def _token_id(token: object) -> int:
+    text = token.removeprefix(TOKEN_PREFIX) if isinstance(token, str) else ""
+    if not isinstance(token, str) or text == token or not (text.isascii() and text.isdigit()):
+        raise RolloutError(
+            f"a completion token is {token!r}, not `token_id:N`; the server ignored "
+            "return_tokens_as_token_ids (use vLLM)"
+        )
+    return int(text)
+
+
+def _logprob(value: object) -> float:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if number and math.isfinite(value) and value <= 0:  # type: ignore[arg-type,operator]
+        return float(value)  # type: ignore[arg-type]
+    raise RolloutError(f"a completion has the logprob {value!r}, not a finite number <= 0")
+
+
+def parse_group(
+    prompt_index: int, prompt_ids: Sequence[int], choices: Sequence[Completion], sampling: Sampling
+) -> list[Sample]:
+    """One prompt's `sampling.n` choices -> Samples; RolloutError if there are not n or one is
+    malformed."""
+    if len(choices) != sampling.n:
+        raise RolloutError(f"a reply has {len(choices)} completions; asked for n={sampling.n}")
+    return [parse_sample(prompt_index, prompt_ids, c, sampling.max_tokens) for c in choices]
 
 
 def _payload(prompt_ids: Sequence[int], sampling: Sampling, index: int) -> dict[str, Any]:
@@ -93,8 +129,11 @@ def _payload(prompt_ids: Sequence[int], sampling: Sampling, index: int) -> dict[
 class RolloutClient:
     """Generates on a stage's rollout servers (`RolloutTarget`, rendered by the operator)."""
 
-    def __init__(self, target: RolloutTarget) -> None:
+    def __init__(self, target: RolloutTarget, backoff_s: float = 0.5) -> None:
         self.target = target
+        self.backoff_s = backoff_s  # first retry delay, doubling (completions.MAX_BACKOFF_S)
+        self.failures: collections.Counter[str] = collections.Counter()  # attempts, by outcome
+        self.lost_connection = False  # during the last `generate`
 
     @property
     def urls(self) -> list[str]:
@@ -135,18 +174,29 @@ class RolloutClient:
             concurrency=target.concurrency * len(urls),
             timeout_s=target.timeout_seconds,
             max_retries=target.max_retries,
+            backoff_s=self.backoff_s,
         )
-        async with client:
-            calls = [client.complete(_payload(p, sampling, i)) for i, p in enumerate(prompts)]
-            try:
+        self.lost_connection = False
+        try:
+            async with client:
+                calls = [client.complete(_payload(p, sampling, i)) for i, p in enumerate(prompts)]
                 results = await asyncio.gather(*calls)
-            except CallFailed as err:
-                raise RolloutError(
-                    f"rollout request failed after {target.max_retries} retries ({err.outcome}): "
-                    f"{err}; check that the rollout server is up (its pod or log)"
-                ) from None
-        return [
-            [parse_sample(i, prompts[i], choice) for choice in choices]
-            for i, choices in enumerate(results)
-        ]
+            return [
+                parse_group(i, prompts[i], choices, sampling) for i, choices in enumerate(results)
+            ]
+        except CallFailed as err:
+            raise RolloutError(
+                f"rollout request failed after {target.max_retries} retries ({err.outcome}): "
+                f"{err}; check that the rollout server is up (its pod or log)"
+            ) from None
+        except RolloutError as err:
+            self._count({"malformed": 1})
+            raise RolloutError(f"{', '.join(urls)}: {err}") from None
+        finally:
+            self._count(client.failed_attempts)
+            self.lost_connection = client.connection_errors > 0
 
+    def _count(self, failures: Mapping[Any, int]) -> None:
+        for outcome, count in failures.items():
+            self.failures[outcome] += count
+            prom.count_rollout_failure(outcome, count)

@@ -8,7 +8,7 @@ ranking hinge over pairs with r_i < r_j, and the SFT loss on the best response; 
 rrhfWeight * L_rank + L_sft, averaged over the queries of the global batch.
 
 Logged: loss, rank_loss, sft_loss; held out: eval_loss, eval_rank_loss, eval_sft_loss.
-Online RRHF (responses sampled from the rollout servers) is not implemented; preflight refuses it.
+With `rrhf.online` the responses are sampled from the current policy instead (`rrhf_online.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ from torch import nn
 
 from rlhf_trainer.batching import Example, collate, tokenize_sft
 from rlhf_trainer.config import RRHFOptions
-from rlhf_trainer.data import RankedRow, SFTRow
+from rlhf_trainer.data import PromptRow, RankedRow, SFTRow
 from rlhf_trainer.distributed import DistContext
 from rlhf_trainer.loop import (
     StepResult,
@@ -37,6 +37,7 @@ from rlhf_trainer.losses import rrhf_loss, sequence_logprobs
 from rlhf_trainer.model import load_tokenizer, load_trainable_lm
 from rlhf_trainer.preflight import StageInputs
 from rlhf_trainer.reward_model import load_reward_model
+from rlhf_trainer.rrhf_online import run_online_rrhf
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +155,16 @@ class RRHFObjective:
         }
 
 
-def run_rrhf(inputs: StageInputs[RankedRow]) -> None:
+def run_rrhf(inputs: StageInputs[RankedRow] | StageInputs[PromptRow]) -> None:
     """Train the policy with RRHF, then write `<output_dir>/final`. Collective."""
     config, hp = inputs.config, inputs.config.hyperparameters
+    if config.rrhf is not None and config.rrhf.online:
+        run_online_rrhf(cast(StageInputs[PromptRow], inputs))
+        return
+    ranked = cast(StageInputs[RankedRow], inputs)
 
     def prepare(ctx: DistContext) -> Trainable:
-        train, held_out = inputs.train_rows, inputs.eval_rows
+        train, held_out = ranked.train_rows, ranked.eval_rows
         if inputs.reward_model_ref is not None:
             train = score_rows(train, inputs.reward_model_ref, ctx, hp.max_length)
             held_out = score_rows(held_out, inputs.reward_model_ref, ctx, hp.max_length)
@@ -171,7 +176,7 @@ def run_rrhf(inputs: StageInputs[RankedRow]) -> None:
         eval_queries = tokenize_queries(held_out, tokenizer, hp.max_length)
         model, dtype, export = load_trainable_lm(config, inputs.model_ref, ctx)
         pad_id = int(tokenizer.pad_token_id)
-        objective = RRHFObjective(model, queries, eval_queries, inputs, ctx, pad_id)
+        objective = RRHFObjective(model, queries, eval_queries, ranked, ctx, pad_id)
         return Trainable(model, objective, tokenizer, dtype, export, eval_at_start=True)
 
-    run_stage(inputs, prepare, "queries")
+    run_stage(ranked, prepare, "queries")

@@ -149,6 +149,34 @@ def wrong_sound(rng: random.Random, animal: str) -> str:
     return rng.choice(sorted(s for a, s in SOUNDS.items() if a != animal))
 
 
+# A judge that knows the task: the principle and the (short) judge prompts with which an `sft`
+# stage teaches a tiny judge the verdict, and with which the feedback stage then asks it. Keys are
+# the spec's camelCase names of `judge.templates`.
+JUDGE_PRINCIPLE = "Which response gives the sound of the animal?"
+JUDGE_TEMPLATES: dict[str, str] = {"compare": "A: {a}\nB: {b}", "verdict": "{principle} A or B?"}
+
+
+@dataclass(frozen=True)
+class JudgePair:
+    """A prompt with a right and a wrong response; the programmatic label says `right` wins."""
+
+    example: Example
+    wrong: str
+
+    @property
+    def right(self) -> str:
+        return self.example.response
+
+
+def judge_pairs(seed: int, count: int, exclude: set[str] | None = None) -> list[JudgePair]:
+    """`count` pairs on distinct prompts: the right sound against another animal's sound."""
+    rng = random.Random(seed)
+    return [
+        JudgePair(ex, f" {wrong_sound(rng, ex.animal)}.")
+        for ex in unique_examples(seed, count, exclude)
+    ]
+
+
 def corpus(seed: int = 0, size: int = 2000) -> list[str]:
     """Text that covers the task's vocabulary, for training the tiny model's tokenizer."""
     lines = [ex.prompt + ex.response for ex in unique_examples(seed, size)]
