@@ -5,8 +5,8 @@
 this CPU build. Starting takes tens of seconds, so tests share one server per module.
 
 A fault test that kills a server uses the pieces: `start_vllm` on a port of its choosing (the
-server, its EngineCore and worker share a new session, so `kill_tree.kill_tree` ends them
-all), `wait_until_ready`, and `start_vllm` again on the same port, as a restarted pod.
+server and its EngineCore, which runs the model, share a new session, so `kill_tree.kill_tree`
+ends both), `wait_until_ready`, and `start_vllm` again on the same port, as a restarted pod.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from rlhf_operator.local_servers import CPU_SINGLE_PROCESS_ENV
 
 START_TIMEOUT_S = 600
 
@@ -50,8 +52,11 @@ def start_vllm(model: Path, log: Path, port: int, *extra: str) -> subprocess.Pop
         "--gpu-memory-utilization", "0.15", "--enforce-eager",
         "--distributed-executor-backend", "uni", *extra,
     ]  # fmt: skip
+    env = {**os.environ, **CPU_SINGLE_PROCESS_ENV}  # keeps `uni`: no separate worker process
     with log.open("ab") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def wait_until_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> float:

