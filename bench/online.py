@@ -472,9 +472,10 @@ including EOS, counted where each side's reward function receives them) in the s
 the first {warmup}, over those steps' summed wall time. A step's wall time runs from the end \
 of the previous step to the end of this one: ours, between rank 0's consecutive `Step N/T` log \
 lines (step 1 from the initial weight sync's line), so it holds generation on the server, \
-broadcast, scoring, the old-logprob pass, the optimizer step, the weight sync and its parity \
-probe, and metrics; TRL, between consecutive `on_step_end` callbacks (step 1 from \
-`on_train_begin`): generation, scoring, the optimizer step and logging. vLLM start-up, model \
+broadcast, scoring, the old-logprob pass (PPO; GRPO with one optimizer step per step takes \
+π_old from its loss pass), the optimizer step, the weight sync and its parity probe, and \
+metrics; TRL, between consecutive `on_step_end` callbacks (step 1 from `on_train_begin`): \
+generation, scoring, the optimizer step and logging. vLLM start-up, model \
 loading and ours' initial weight sync come before step 1 on both sides and are not counted. \
 Median of {repeats} repeats.
 

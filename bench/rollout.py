@@ -49,7 +49,7 @@ def vllm(model: Path, dtype: str, log: Path) -> Iterator[str]:
     command = servers.vllm_command(ModelSource(path=str(model)), rollout)
     port = _port()
     argv = local_servers.local_server_argv(command, port, gpu=local_servers.has_gpu())
-    env = {**os.environ, servers.VLLM_DEV_MODE_ENV: "1"}
+    env = {**os.environ, servers.VLLM_DEV_MODE_ENV: "1", **local_servers.local_server_env(argv)}
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip

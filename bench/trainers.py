@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchlib import environment, interleave, median, ratio, run_json, table, write_section
+from benchlib import DOC, environment, interleave, median, ratio, run_json, table, write_section
 
 BENCH = Path(__file__).resolve().parent
 MODELS = {"tiny": "tiny (0.46M)", "20m": "20m (19.8M)"}
@@ -29,9 +29,9 @@ UNITS = {"dpo": "pairs/s", "sft": "tokens/s"}
 RAW: dict[str, list[Any]] = {}  # "script stage model" -> each repeat's per-step output
 
 
-def build_models(root: Path) -> dict[str, Path]:
+def build_models(root: Path, presets: list[str]) -> dict[str, Path]:
     out = {}
-    for preset in MODELS:
+    for preset in presets:
         path = root / f"model-{preset}"
         argv = [sys.executable, "-m", "rlhf_trainer", "tiny-model", str(path), "--preset", preset]
         subprocess.run(argv, check=True, capture_output=True)
@@ -123,9 +123,10 @@ def main() -> None:
         help="a folder with an earlier copy of rlhf_trainer/, run as a third arm (before/after)",
     )
     parser.add_argument("--raw", type=Path, help="also write every step's time here (JSON)")
+    parser.add_argument("--doc", type=Path, default=DOC, help="where the sections are written")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
-        models = build_models(Path(tmp))
+        models = build_models(Path(tmp), args.models)
         for stage in args.stages:
             results = {}
             for preset in args.models:
@@ -141,7 +142,7 @@ def main() -> None:
             title = ("DPO: pairs/s against TRL DPOTrainer" if stage == "dpo"
                      else "SFT: tokens/s against TRL SFTTrainer")  # fmt: skip
             body = section(stage, args, results)
-            write_section(stage, title, body)
+            write_section(stage, title, body, args.doc)
             print(body)
     if args.raw:
         args.raw.write_text(json.dumps(RAW, indent=1))

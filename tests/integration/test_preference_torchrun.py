@@ -197,22 +197,39 @@ def test_rrhf_raises_the_greedy_task_reward(rrhf_run: Run, weak_sft: Path, works
     assert rrhf > sft + 0.1
 
 
-def test_resumed_dpo_matches_the_uninterrupted_run(dpo_run: Run, workspace: Path) -> None:
-    """Resume from the step-50 checkpoint (model, optimizer, scheduler, RNG, data position) in a
-    copy of the run with final/ removed; the last 10 steps must reproduce the original."""
-    copy = workspace / "runs" / "dpo-resumed"
-    shutil.copytree(dpo_run.output_dir, copy, ignore=shutil.ignore_patterns("final"))
-    config = (workspace / "dpo.yaml").read_text().replace("runs/dpo", "runs/dpo-resumed")
-    (workspace / "dpo-resumed.yaml").write_text(config)
-    resumed = torchrun(workspace, "dpo", workspace / "dpo-resumed.yaml", "dpo-resumed")
-    assert "Resumed from checkpoint step-50 at step 50" in resumed.stderr
+def test_killed_dpo_run_resumes_and_matches(dpo_run: Run, workspace: Path) -> None:
+    """SIGKILL torchrun and both workers at a random logged step of a copy of `dpo_run` that
+    checkpoints every 20 steps; the restart resumes from the last complete checkpoint (model,
+    optimizer, scheduler, RNG, data position), skips the "before training" evaluation, logs
+    every step once, and reproduces the uninterrupted run's metrics."""
+    config = (workspace / "dpo.yaml").read_text().replace("runs/dpo", "runs/dpo-killed")
+    config = config.replace("saveEvery: 50", "saveEvery: 20")
+    assert "saveEvery: 20" in config
+    (workspace / "dpo-killed.yaml").write_text(config)
+    out = workspace / "runs" / "dpo-killed"
+    kill_at = random.Random().choice([25, 30, 35, 40, 45, 50, 55])
+    print(f"dpo: SIGKILL once step {kill_at} is logged")
+    proc = start_in_own_group(torchrun_argv("dpo", workspace / "dpo-killed.yaml"),
+                              env_for(workspace))  # fmt: skip
+    kill_when(proc, logged_step(out, kill_at))
+    assert not (out / "final").exists()
+    [(resume_at, _), *_] = reversed(checkpoint.list_checkpoints(out / "checkpoints"))
+    assert resume_at in (20, 40, 60) and resume_at >= kill_at - 20
+
+    resumed = torchrun(workspace, "dpo", workspace / "dpo-killed.yaml", "dpo-killed")
+    assert f"Resumed from checkpoint step-{resume_at} at step {resume_at}" in resumed.stderr
     assert "Before training" not in resumed.stderr
     original = {m["step"]: m for m in dpo_run.metrics()}
-    assert [m["step"] for m in resumed.metrics()] == list(original)
+    steps = [m["step"] for m in resumed.metrics()]
+    assert steps == sorted(set(steps)) == list(original)  # nothing twice, nothing skipped
+    worst = 0.0
     for line in resumed.metrics():
-        for key in ("loss", "eval_reward_accuracy", "margin"):
-            if key in line:
-                assert line[key] == pytest.approx(original[line["step"]][key], abs=1e-4), line
+        for key in ("loss", "eval_reward_accuracy", "margin"):  # eval runs at checkpoints
+            if key in line and key in original[line["step"]]:
+                worst = max(worst, abs(line[key] - original[line["step"]][key]))
+    print(f"dpo: resumed at step {resume_at}; worst metric gap to the uninterrupted run "
+          f"{worst:.2e} (bound 1e-4)")  # fmt: skip
+    assert worst < 1e-4
 
 
 def test_lora_dpo_writes_an_adapter_that_later_stages_load(workspace: Path, weak_sft: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from kill_tree import kill_when, start_in_own_group
-from rlhf_trainer import tasks
+from kill_tree import kill_when, logged_step, start_in_own_group
+from rlhf_trainer import checkpoint, tasks
 from rlhf_trainer.config import (
     WORKSPACE_ENV,
     DatasetSpec,
@@ -156,19 +157,24 @@ def test_greedy_answers_of_final_model(full_run: Run, fixtures_dir: Path) -> Non
 def test_killed_run_resumes_and_matches(
     full_run: Run, workspace: Path, tiny_model_dir: Path, fixtures_dir: Path
 ) -> None:
+    """SIGKILL torchrun and both workers once a random step is logged; the restart resumes
+    from the last complete checkpoint and reproduces the uninterrupted run."""
     config = write_config(workspace, "killed", tiny_model_dir, fixtures_dir / "sft.jsonl")
     out = workspace / "runs" / "killed"
-    first_ckpt = out / "checkpoints" / f"step-{SAVE_EVERY}"
+    kill_at = random.Random().choice([30, 40, 50, 60, 70])
+    print(f"sft: SIGKILL once step {kill_at} is logged")
     proc = start_in_own_group(torchrun(config), env_for(workspace))
-    kill_when(proc, first_ckpt.is_dir)
+    kill_when(proc, logged_step(out, kill_at))
     assert not (out / "final").exists()
+    [(resume_at, _), *_] = reversed(checkpoint.list_checkpoints(out / "checkpoints"))
+    assert resume_at % SAVE_EVERY == 0 and resume_at >= kill_at - SAVE_EVERY
     # A checkpoint cut short by a kill: resume must skip it and clean it up.
     partial = out / "checkpoints" / ".tmp-step-90"
     partial.mkdir()
     (partial / "__0_0.distcp").write_bytes(b"half a file")
 
     resumed = run_torchrun(workspace, config, "killed")
-    assert f"Resumed from checkpoint step-{SAVE_EVERY} at step {SAVE_EVERY} " in resumed.stderr
+    assert f"Resumed from checkpoint step-{resume_at} at step {resume_at} " in resumed.stderr
     assert "Removed incomplete checkpoint .tmp-step-90" in resumed.stderr
     assert not partial.exists()
     steps = [m["step"] for m in resumed.metrics()]

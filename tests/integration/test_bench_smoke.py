@@ -1,0 +1,78 @@
+"""A smoke run of `make bench`: the harness runs end to end at the smallest sizes and writes its
+sections, so a bench that broke (an API moved, a peer's config changed) fails here rather than
+on the day someone measures. The figures mean nothing at this size and nothing is asserted on
+them; each section goes to a scratch copy of docs/BENCHMARKS.md, never the real one.
+
+Covered: DPO and SFT against TRL (`trainers.py`, the tiny model), GRPO end to end against TRL
+(`online.py`, the tiny model, with a real vLLM server) and the operator at scale
+(`operator_scale.py`, a few runs). Not run here, for CI time: `fsdp_memory.py` (the 20M
+model), `rollout.py` and `weight_sync.py` (a vLLM server each), and `online.py`'s PPO arm
+(it installs TRL 1.12.0 into a cache folder first).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+RATIO = r"(\d+\.\d\dx|n/a)"
+
+
+def run_bench(script: str, *args: str, timeout: int = 600) -> str:
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def section(doc: Path, name: str) -> str:
+    text = doc.read_text()
+    match = re.search(rf"<!-- bench:{name} -->\n(.*?)\n<!-- /bench:{name} -->", text, re.S)
+    assert match, f"no bench:{name} section in {doc}"
+    return match.group(1)
+
+
+@pytest.fixture
+def doc(tmp_path: Path) -> Path:
+    copy = tmp_path / "BENCHMARKS.md"
+    shutil.copy(ROOT / "docs" / "BENCHMARKS.md", copy)
+    return copy
+
+
+def test_trainers_bench_writes_dpo_and_sft_tables(doc: Path) -> None:
+    before = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    run_bench("trainers.py", "--stages", "dpo", "sft", "--models", "tiny", "--repeats", "1",
+              "--steps", "3", "--warmup", "1", "--batch", "4", "--max-length", "64",
+              "--doc", str(doc))  # fmt: skip
+    for name in ("dpo", "sft"):
+        body = section(doc, name)
+        row = rf"^\| tiny \(0\.46M\) \| [\d.]+ \| [\d.]+ \| {RATIO} \|"
+        assert re.search(row, body, re.M), body
+        assert "--repeats 1" in body
+    assert (ROOT / "docs" / "BENCHMARKS.md").read_text() == before
+
+
+def test_online_bench_runs_grpo_against_trl(doc: Path) -> None:
+    run_bench("online.py", "--models", "tiny", "--algos", "grpo", "--repeats", "1", "--steps",
+              "3", "--warmup", "1", "--prompts", "2", "--generations", "2",
+              "--max-new-tokens", "4", "--no-trl-vllm", "--doc", str(doc))  # fmt: skip
+    body = section(doc, "online")
+    row = rf"^\| tiny \(0\.46M\) \| GRPO, 2 prompts x 2 \| [\d.]+ \| [\d.]+ \| {RATIO} \|"
+    assert re.search(row, body, re.M), body
+    assert re.search(r"^\| tiny \(0\.46M\) \| GRPO \| [\d.]+ \| [\d.]+ \|", body, re.M), body
+
+
+def test_operator_scale_bench_runs_a_few_runs() -> None:
+    out = run_bench("operator_scale.py", "--runs", "6", "--namespaces", "2", "--repeats", "1",
+                    "--no-doc")  # fmt: skip
+    assert "6 RLHFRuns (the tests' two-stage sft run) POSTed at once" in out, out
+    assert re.search(r"^\| \*\*writes\*\* \| [\d.]+ \|", out, re.M), out
