@@ -18,7 +18,6 @@ says what is matched and how tokens/s is counted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -26,8 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -281,26 +279,6 @@ def worker(argv: list[str]) -> None:
 # --- TRL with vLLM: tried once --------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def started(argv: list[str], log: Path, url: str, env: dict[str, str]) -> Iterator[str]:
-    """Run a server in its own session until `url`/health answers; stop it on exit."""
-    from rlhf_operator.local_servers import stop
-    from rollout import _healthy
-
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 600
-        while not _healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: {log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield url
-    finally:
-        stop(proc)
-
-
 def last_error(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
     return lines[-1] if lines else text.strip().splitlines()[-1]
@@ -312,7 +290,7 @@ def probe_trl_vllm(model: Path, root: Path, setup: Setup) -> str:
     on it; what happened, in a line."""
     from trl.scripts.vllm_serve import ScriptArguments, build_command
 
-    from rollout import _port
+    from rollout import _port, started
 
     port = _port()
     url, env = f"http://127.0.0.1:{port}", {"VLLM_SERVER_DEV_MODE": "1"}

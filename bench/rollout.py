@@ -49,16 +49,22 @@ def vllm(model: Path, dtype: str, log: Path) -> Iterator[str]:
     command = servers.vllm_command(ModelSource(path=str(model)), rollout)
     port = _port()
     argv = local_servers.local_server_argv(command, port, gpu=local_servers.has_gpu())
-    env = {**os.environ, servers.VLLM_DEV_MODE_ENV: "1", **local_servers.local_server_env(argv)}
+    env = {servers.VLLM_DEV_MODE_ENV: "1", **local_servers.local_server_env(argv)}
+    with started(argv, log, f"http://127.0.0.1:{port}", env) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def started(argv: list[str], log: Path, url: str, env: dict[str, str]) -> Iterator[str]:
+    """Run a server in its own session until `url`/health answers; stop it on exit."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 600
         while not _healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM did not start: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"the server did not start: {log.read_text()[-3000:]}")
             time.sleep(1)
         yield url
     finally:
