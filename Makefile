@@ -89,7 +89,7 @@ bench: venv
 	$(PY) bench/fsdp_memory.py --repeats 3
 	$(PY) bench/weight_sync.py --repeats 3
 	$(PY) bench/rollout.py --repeats 3
-	$(PY) bench/online.py --repeats 3
+	$(PY) bench/online.py --repeats 3 --async
 	$(PY) bench/operator_scale.py --repeats 3
 
 clean:

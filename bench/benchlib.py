@@ -101,6 +101,13 @@ def environment() -> str:
     )
 
 
+def load_note(load: float) -> str:
+    """What the machine's 1-minute load average before a run says about it, as prose."""
+    busy = load > (os.cpu_count() or 1) / 2
+    shared = " (above half the CPUs: other work shared the machine)" if busy else ""
+    return f"1-minute load average {load:.1f} before the run{shared}"
+
+
 def run_json(argv: Sequence[str], env: dict[str, str] | None = None) -> Any:
     """Run a command whose last stdout line is JSON; its stderr goes to a log on failure."""
     proc = subprocess.run(

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchlib import environment, interleave, median, ratio, table, write_section
+from benchlib import environment, interleave, load_note, median, ratio, table, write_section
 
 MIB = 2**20
 
@@ -117,6 +117,7 @@ def main() -> None:
         worker(args)
         return
     keys = ["params", "grads", "optimizer", "peak_rss", "baseline_rss"]
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
         model = Path(tmp) / "model-20m"
         subprocess.run([sys.executable, "-m", "rlhf_trainer", "tiny-model", str(model),
@@ -145,9 +146,10 @@ def main() -> None:
                  ratio(grown[1], grown[0], False)])  # fmt: skip
     body = "\n".join(
         [
-            f"Machine: {environment()}. Shared with other work while this ran.",
+            f"Machine: {environment()}. {load_note(load)}.",
             "",
-            f"Our SFT trainer (`run_sft`, FSDP2 over gloo) on the 20m preset, batch {args.batch} "
+            "Our SFT trainer (`run_sft`: the model unsharded with 1 process, FSDP2-sharded over "
+            f"gloo with 2) on the 20m preset, batch {args.batch} "
             f"(global), {args.steps} steps, float32; MiB per rank, median over ranks and "
             f"{args.repeats} repeats. Command: `python bench/fsdp_memory.py --repeats "
             f"{args.repeats} --steps {args.steps} --batch {args.batch}`.",

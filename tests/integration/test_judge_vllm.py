@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from rlhf_trainer.completions import Completion, CompletionsClient, top_logprobs
 from rlhf_trainer.config import JudgeTarget, ModelSource
 from rlhf_trainer.judge import Judge, Judgement
 from rlhf_trainer.judge_reward import JudgeRewards
-from vllm_server import vllm_server
 
 pytestmark = pytest.mark.integration
 
@@ -33,10 +32,8 @@ CHATML = (
 
 
 @pytest.fixture(scope="module")
-def judge_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    with vllm_server(tiny_model_dir, log) as url:
-        yield url
+def judge_url(tiny_judge_url: str) -> str:
+    return tiny_judge_url  # conftest: the session's tiny judge server
 
 
 @pytest.fixture(scope="module")

@@ -52,8 +52,8 @@ CONFUSED_SHARE = 0.6
 SFT_STEPS = 150
 MIN_GAIN = 0.2  # held-out greedy reward, after minus before
 HELD_OUT = 0.3  # of the 100 fixture prompts
-SERVER_ARGS = ("--dtype", "float32", "--max-model-len", "256", "--no-enable-chunked-prefill",
-               "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1")  # fmt: skip
+SERVER_ARGS = ("--dtype", "float32", "--max-model-len", "256", "--enable-lora", "--max-lora-rank",
+               "8", "--max-loras", "1")  # fmt: skip
 SERVER_ENV = {
     "VLLM_SERVER_DEV_MODE": "1",  # the weight-reload routes
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # and the adapter ones

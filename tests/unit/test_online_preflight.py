@@ -122,3 +122,23 @@ def test_module_reward_functions_need_the_allow_list(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv(reward_functions.ALLOW_ENV, "rlhf_trainer")
     with pytest.raises(UserError, match="has no callable 'missing'"):
         reward_functions.resolve_reward_function("rlhf_trainer.tasks:missing")
+
+
+@pytest.mark.parametrize(
+    ("urls", "device", "threads", "expected"),
+    [
+        (["http://127.0.0.1:8000"], "cpu", 2, 1),  # `rlhf run`: the server shares the CPUs
+        (["http://localhost:8000", "http://[::1]:8001"], "cpu", 16, 14),
+        (["http://127.0.0.1:8000", "http://127.0.0.1:8001"], "cpu", 2, 1),  # never below 1
+        (["http://policy-rollout.ns.svc:8000"], "cpu", 8, None),  # a server pod elsewhere
+        (["http://127.0.0.1:8000"], "meta", 2, None),  # not CPU training
+    ],
+)
+def test_overlapped_training_leaves_a_core_to_each_local_server(
+    urls: list[str], device: str, threads: int, expected: int | None
+) -> None:
+    import torch
+
+    from rlhf_trainer.online_setup import overlap_threads
+
+    assert overlap_threads(urls, torch.device(device), threads) == expected

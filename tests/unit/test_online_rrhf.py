@@ -124,9 +124,9 @@ def test_minibatches_keep_each_querys_responses_together(ctx: DistContext) -> No
     def loss(exp: Experience) -> tuple[torch.Tensor, dict[str, float]]:
         rows = [int(i) for i in exp.scores.tolist()]
         seen.append(rows)
-        weight: Any = model.weight
-        # One per query, plus a zero term so the backward reaches the sharded parameter.
-        return weight.to_local().sum() * 0 + len(rows) / k, {"queries": len(rows) / k}
+        weight: Any = model.weight  # a plain Parameter: one process in float32 is not sharded
+        # One per query, plus a zero term so the backward reaches the parameter.
+        return weight.sum() * 0 + len(rows) / k, {"queries": len(rows) / k}
 
     metrics = trainer.run(experience(torch.arange(queries * k)), loss, random.Random(0), unit=k)
     assert len(seen) == queries  # micro-batches of one query

@@ -93,7 +93,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def shard_model(model: nn.Module, bf16: bool) -> nn.Module:
     """FSDP2: shard each decoder layer, then the root (embeddings, norm, head). Parameters stay
-    float32; with bf16 the forward and backward compute in bf16 and gradients reduce in float32."""
+    float32; with bf16 the forward and backward compute in bf16 and gradients reduce in float32.
+
+    One process in float32 has nothing to shard and no precision policy to apply: the model stays
+    a plain module, as TRL and accelerate leave it, because FSDP2 would route every op through
+    DTensor dispatch for nothing (docs/BENCHMARKS.md, "skip FSDP2 at world size 1"). Everything
+    downstream (checkpoints, clipping, weight sync) takes plain and sharded models alike, and
+    checkpoints reshard between the two."""
+    if not bf16 and dist.is_initialized() and dist.get_world_size() == 1:
+        return model
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if bf16

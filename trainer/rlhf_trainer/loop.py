@@ -127,10 +127,10 @@ def backward_rank_micro_batches(
 ) -> dict[str, float]:
     """`backward_micro_batches` for micro-batches this rank has already picked (every rank the
     same number): indices are the rank's own, e.g. into the rollouts it holds."""
-    fsdp = cast(FSDPModule, model)
     totals: dict[str, float] = {}
     for m, indices in enumerate(micro_batches):
-        fsdp.set_requires_gradient_sync(m == len(micro_batches) - 1)
+        if isinstance(model, FSDPModule):  # a plain module (one process) has no sync to defer
+            model.set_requires_gradient_sync(m == len(micro_batches) - 1)
         loss_sum, sums = step(indices)
         scaled: torch.Tensor = loss_sum * (ctx.world_size * scale)
         scaled.backward()  # type: ignore[no-untyped-call]

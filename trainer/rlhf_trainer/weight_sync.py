@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from rlhf_trainer.completions import tls_context
 from rlhf_trainer.config import RolloutTarget
 from rlhf_trainer.distributed import DistContext, barrier
 from rlhf_trainer.metrics import SyncBackend
@@ -49,7 +50,9 @@ class ServerControl:
     def __init__(self, target: RolloutTarget, transport: httpx.BaseTransport | None = None):
         self.urls = [u.rstrip("/") for u in target.urls]
         self.retries = target.max_retries
-        self.http = httpx.Client(timeout=httpx.Timeout(target.timeout_seconds), transport=transport)
+        self.http = httpx.Client(
+            timeout=httpx.Timeout(target.timeout_seconds), transport=transport, verify=tls_context()
+        )
 
     def post(self, url: str, route: str, body: dict[str, Any] | None = None) -> Any:
         last = ""
