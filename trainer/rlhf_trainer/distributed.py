@@ -97,7 +97,7 @@ def shard_model(model: nn.Module, bf16: bool) -> nn.Module:
 
     One process in float32 has nothing to shard and no precision policy to apply: the model stays
     a plain module, as TRL and accelerate leave it, because FSDP2 would route every op through
-    DTensor dispatch for nothing (docs/BENCHMARKS.md, "skip FSDP2 at world size 1"). Everything
+    DTensor dispatch for nothing (docs/DESIGN.md, "Trainer jobs"). Everything
     downstream (checkpoints, clipping, weight sync) takes plain and sharded models alike, and
     checkpoints reshard between the two."""
     if not bf16 and dist.is_initialized() and dist.get_world_size() == 1:

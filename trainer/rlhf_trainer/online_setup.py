@@ -170,7 +170,7 @@ def overlap_threads(urls: Sequence[str], device: torch.device, threads: int) -> 
     run on this machine's CPUs (loopback URLs, as `rlhf run` starts them), or None to keep
     `threads`. It leaves a core to each such server, which busies at least one while it
     generates: a trainer whose threads want those cores too waits at every op's barrier for a
-    thread the OS has parked. Measured on 2 cores (tiny GRPO, docs/BENCHMARKS.md): with 2
+    thread the OS has parked. Measured on 2 cores (tiny GRPO, docs/DESIGN.md "async"): with 2
     threads an overlapped step took 2.5 s against 0.8 s without overlap, with 1 thread 0.63 s.
     More servers than cores still leave the trainer 1 thread."""
     local = sum(1 for url in urls if urlsplit(url).hostname in LOOPBACK)
