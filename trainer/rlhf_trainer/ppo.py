@@ -13,12 +13,15 @@ adaptive) and the reward source. Per step, one sample per prompt:
 3. `ppoEpochs` passes in minibatches of `batchSize`: the critic on the clipped value loss
    (`valueClip`), and, after `criticWarmupSteps`, the actor on the clipped surrogate
    (`policyClip`), minus `entropyCoef` × entropy, plus `ptxCoef` × an LM loss on `ptxDataset`;
-   gradients clipped to `gradClip`;
+   gradients clipped to `gradClip`; the two updates run at once when the resources allow it
+   (`online_steps.concurrent_updates`: one unsharded process with cores to spare);
 4. the KL controller (fixed, or adaptive toward `klTarget`) sees the step's KL.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 from typing import Any
 
@@ -37,7 +40,13 @@ from rlhf_trainer.losses import approx_kl, clipped_surrogate, clipped_value_loss
 from rlhf_trainer.online import run_online, shard
 from rlhf_trainer.online_models import load_reference, load_value_model
 from rlhf_trainer.online_setup import OnlineSetup
-from rlhf_trainer.online_steps import MinibatchTrainer, forward_in_chunks, rename
+from rlhf_trainer.online_steps import (
+    MinibatchTrainer,
+    concurrent_updates,
+    forward_in_chunks,
+    rename,
+    run_both,
+)
 from rlhf_trainer.preflight import StageInputs
 from rlhf_trainer.rewards import (
     AdaptiveKLController,
@@ -49,6 +58,8 @@ from rlhf_trainer.rewards import (
     scale_by_std,
 )
 from rlhf_trainer.rollout import Sampling
+
+log = logging.getLogger(__name__)
 
 
 def global_mean_std(x: torch.Tensor, device: torch.device) -> tuple[float, float]:
@@ -93,6 +104,11 @@ class PPO:
             else FixedKLController(opts.kl_coef)
         )
         self.ptx = PtxSource(setup, opts) if opts.ptx_coef > 0 else None
+        threads = torch.get_num_threads()
+        self.concurrent = concurrent_updates(ctx, [setup.actor, self.critic], threads)
+        if self.concurrent:
+            log.info("The critic and the actor update concurrently (one process, %d CPUs for "
+                     "2 x %d torch threads)", len(os.sched_getaffinity(0)), threads)  # fmt: skip
 
     def modules(self) -> nn.Module:
         return nn.ModuleDict({"actor": self.setup.actor, "critic": self.critic})
@@ -183,12 +199,21 @@ class PPO:
         self.kl_ctl.update(metrics["kl"], len(rollouts.samples))
         seed = self.setup.inputs.config.hyperparameters.seed + step
         epochs = self.opts.ppo_epochs
-        critic = self.critic_steps.run(exp, self._value_loss, random.Random(seed), epochs)
-        metrics |= {"value_loss": critic["value_loss"], "critic_grad_norm": critic["grad_norm"]}
+        critic_rng, actor_rng = random.Random(seed), random.Random(~seed)
+
+        def critic_update() -> dict[str, float]:
+            return self.critic_steps.run(exp, self._value_loss, critic_rng, epochs)
+
+        def actor_update() -> dict[str, float]:
+            return self.actor_steps.run(exp, self._policy_loss, actor_rng, epochs)
+
         moved = step >= self.opts.critic_warmup_steps
-        if moved:
-            rng = random.Random(~seed)
-            metrics |= rename(self.actor_steps.run(exp, self._policy_loss, rng, epochs))
+        if moved:  # the two models share nothing but the experience, which both only read
+            critic, actor = run_both(critic_update, actor_update, self.concurrent)
+            metrics |= rename(actor)
+        else:
+            critic = critic_update()
+        metrics |= {"value_loss": critic["value_loss"], "critic_grad_norm": critic["grad_norm"]}
         metrics["loss"] = metrics.get("policy_loss", 0.0) + metrics["value_loss"]
         return metrics, moved
 
