@@ -423,23 +423,24 @@ def breakdown(args: argparse.Namespace, preset: str, algo: str) -> list[object]:
             median(rest), median(counted(trl, "seconds"))]  # fmt: skip
 
 
+def comparison(model: str, label: str, ours: list[float], trl: list[float]) -> list[object]:
+    """A results row: medians, their ratio and each repeat's figure."""
+    each = " / ".join(", ".join(f"{v:.0f}" for v in vs) for vs in (ours, trl))
+    return [model, label, median(ours), median(trl), ratio(median(ours), median(trl)), each]
+
+
 def tables(args: argparse.Namespace, setup: Setup, rounds: dict[str, Any]) -> tuple[str, str]:
     rows, phases = [], []
     for preset in rounds:
         for algo in args.algos:
-            ours, trl = rounds[preset][f"ours-{algo}"], rounds[preset][f"trl-{algo}"]
-            each = " / ".join(", ".join(f"{v:.0f}" for v in vs) for vs in (ours, trl))
+            trl = rounds[preset][f"trl-{algo}"]
             prompts, samples = setup.per_step(algo)
             shape = f"{algo.upper()}, {prompts} prompts x {samples}"
-            rows.append([MODELS[preset], shape, median(ours), median(trl),
-                         ratio(median(ours), median(trl)), each])  # fmt: skip
+            rows.append(comparison(MODELS[preset], shape, rounds[preset][f"ours-{algo}"], trl))
             phases.append(breakdown(args, preset, algo))
             if f"async-{algo}" in rounds[preset]:
-                overlapped = rounds[preset][f"async-{algo}"]
-                each = " / ".join(", ".join(f"{v:.0f}" for v in vs) for vs in (overlapped, trl))
-                rows.append([MODELS[preset], f"{shape}, ours with `async: true`",
-                             median(overlapped), median(trl),
-                             ratio(median(overlapped), median(trl)), each])  # fmt: skip
+                label = f"{shape}, ours with `async: true`"
+                rows.append(comparison(MODELS[preset], label, rounds[preset][f"async-{algo}"], trl))
     return table(HEADER, rows), table(PHASE_HEADER, phases)
 
 

@@ -185,14 +185,15 @@ def prepare(inputs: StageInputs[PromptRow], ctx: DistContext) -> OnlineSetup:
     target = config.rollout
     assert target is not None  # preflight
     max_new, async_ = _options(inputs)
-    threads = overlap_threads(target.urls, ctx.device, torch.get_num_threads())
-    if async_ and threads is not None and "OMP_NUM_THREADS" not in os.environ:
-        log.info(
-            "Training with %d torch thread(s): the rollout servers share this machine's "
-            "CPUs and generate while it trains (set OMP_NUM_THREADS to choose)",
-            threads,
-        )
-        torch.set_num_threads(threads)
+    if async_ and "OMP_NUM_THREADS" not in os.environ:
+        threads = overlap_threads(target.urls, ctx.device, torch.get_num_threads())
+        if threads is not None:
+            log.info(
+                "Training with %d torch thread(s): the rollout servers share this machine's "
+                "CPUs and generate while it trains (set OMP_NUM_THREADS to choose)",
+                threads,
+            )
+            torch.set_num_threads(threads)
     tokenizer = load_tokenizer(config.model, inputs.model_ref)
     actor, dtype, export = load_trainable_lm(config, inputs.model_ref, ctx)
     reward = _reward(inputs, tokenizer, ctx)

@@ -32,6 +32,11 @@ A = TypeVar("A")
 B = TypeVar("B")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a container's cpuset sets)."""
+    return len(os.sched_getaffinity(0))
+
+
 def concurrent_updates(
     ctx: DistContext, models: list[nn.Module], threads: int, cpus: int | None = None
 ) -> bool:
@@ -47,7 +52,7 @@ def concurrent_updates(
         return False
     if any(isinstance(m, FSDPModule) for m in models):
         return False
-    return (len(os.sched_getaffinity(0)) if cpus is None else cpus) >= 2 * threads
+    return (usable_cpus() if cpus is None else cpus) >= 2 * threads
 
 
 def run_both(first: Callable[[], A], second: Callable[[], B], concurrent: bool) -> tuple[A, B]:

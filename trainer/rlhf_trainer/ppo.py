@@ -21,7 +21,6 @@ adaptive) and the reward source. Per step, one sample per prompt:
 from __future__ import annotations
 
 import logging
-import os
 import random
 from typing import Any
 
@@ -46,6 +45,7 @@ from rlhf_trainer.online_steps import (
     forward_in_chunks,
     rename,
     run_both,
+    usable_cpus,
 )
 from rlhf_trainer.preflight import StageInputs
 from rlhf_trainer.rewards import (
@@ -108,7 +108,7 @@ class PPO:
         self.concurrent = concurrent_updates(ctx, [setup.actor, self.critic], threads)
         if self.concurrent:
             log.info("The critic and the actor update concurrently (one process, %d CPUs for "
-                     "2 x %d torch threads)", len(os.sched_getaffinity(0)), threads)  # fmt: skip
+                     "2 x %d torch threads)", usable_cpus(), threads)  # fmt: skip
 
     def modules(self) -> nn.Module:
         return nn.ModuleDict({"actor": self.setup.actor, "critic": self.critic})
