@@ -1,14 +1,18 @@
-"""Small builders shared by the operator tests."""
+"""Small builders shared by the tests (operator specs and jobs; a stand-in OnlineSetup)."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from types import ModuleType, SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 from rlhf_operator import api
+
+if TYPE_CHECKING:
+    from rlhf_trainer.distributed import DistContext
+    from rlhf_trainer.online_setup import OnlineSetup
 
 BASE: dict[str, Any] = {
     "apiVersion": "rlhf.dev/v1alpha1",
@@ -54,3 +58,13 @@ def load_generate() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def minibatch_setup(ctx: DistContext, micro: int, **hyperparameters: Any) -> OnlineSetup:
+    """What `online_steps.MinibatchTrainer` reads of an OnlineSetup: the context, the
+    hyperparameters (spec names: batchSize, gradClip, ...) and the micro-batch size."""
+    from rlhf_trainer.config import Hyperparameters
+
+    hp = Hyperparameters.model_validate(hyperparameters)
+    inputs = SimpleNamespace(config=SimpleNamespace(hyperparameters=hp), micro_batch=micro)
+    return cast("OnlineSetup", SimpleNamespace(ctx=ctx, inputs=inputs))

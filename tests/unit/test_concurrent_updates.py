@@ -8,18 +8,15 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Iterator
-from types import SimpleNamespace
-from typing import cast
 
 import pytest
 import torch
 from torch import nn
 
-from rlhf_trainer.config import Hyperparameters
+from helpers import minibatch_setup
 from rlhf_trainer.distributed import DistContext, close_distributed, init_distributed
 from rlhf_trainer.experience import Batch, Experience
 from rlhf_trainer.loop import build_optimizer
-from rlhf_trainer.online_setup import OnlineSetup
 from rlhf_trainer.online_steps import MinibatchTrainer, concurrent_updates, run_both
 
 pytestmark = pytest.mark.unit
@@ -93,12 +90,6 @@ def test_an_error_in_the_concurrent_update_is_raised() -> None:
         run_both(broken, lambda: None, concurrent=True)
 
 
-def setup_for(ctx: DistContext) -> OnlineSetup:
-    hp = Hyperparameters.model_validate({"batchSize": 8, "learningRate": 0.05, "gradClip": 1.0})
-    inputs = SimpleNamespace(config=SimpleNamespace(hyperparameters=hp), micro_batch=4)
-    return cast(OnlineSetup, SimpleNamespace(ctx=ctx, inputs=inputs))
-
-
 def experience(n: int = 16) -> Experience:
     g = torch.Generator().manual_seed(7)
     batch = Batch(
@@ -119,7 +110,8 @@ def fresh(seed: int) -> nn.Module:
 def train_pair(ctx: DistContext, concurrent: bool) -> tuple[dict[str, torch.Tensor], ...]:
     """Two small models (a 'critic' fitting the scores, an 'actor' the advantages), each with
     AdamW, clipping and a scheduler, trained 3 epochs on the same experience."""
-    setup, exp = setup_for(ctx), experience()
+    setup = minibatch_setup(ctx, 4, batchSize=8, learningRate=0.05, gradClip=1.0)
+    exp = experience()
     hp = setup.inputs.config.hyperparameters
     trainers, models = [], []
     for seed, target in ((0, "scores"), (1, "advantages")):

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from rlhf_trainer.config import Hyperparameters
+from helpers import minibatch_setup
 from rlhf_trainer.distributed import DistContext, close_distributed, init_distributed, shard_model
 from rlhf_trainer.experience import Batch, Experience
 from rlhf_trainer.losses import rrhf_loss
-from rlhf_trainer.online_setup import OnlineSetup
 from rlhf_trainer.online_steps import MinibatchTrainer
 from rlhf_trainer.rrhf_online import ranking_inputs
 
@@ -93,14 +91,6 @@ def ctx() -> Iterator[DistContext]:
     close_distributed()
 
 
-def fake_setup(ctx: DistContext, batch_size: int, micro: int) -> OnlineSetup:
-    """What MinibatchTrainer reads of an OnlineSetup: the context, batchSize, gradClip and the
-    micro-batch size."""
-    hp = Hyperparameters(batch_size=batch_size, grad_clip=0.0)
-    inputs = SimpleNamespace(config=SimpleNamespace(hyperparameters=hp), micro_batch=micro)
-    return cast(OnlineSetup, SimpleNamespace(ctx=ctx, inputs=inputs))
-
-
 def experience(ids: torch.Tensor) -> Experience:
     """Samples whose `scores` hold their own index (to see which rows a loss call gets)."""
     n = ids.numel()
@@ -118,7 +108,8 @@ def test_minibatches_keep_each_querys_responses_together(ctx: DistContext) -> No
     model = shard_model(nn.Linear(1, 1), bf16=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    trainer = MinibatchTrainer(fake_setup(ctx, batch_size=2, micro=1), model, optimizer, scheduler)
+    trainer = MinibatchTrainer(minibatch_setup(ctx, 1, batchSize=2, gradClip=0.0), model, optimizer,
+                               scheduler)
     seen: list[list[int]] = []
 
     def loss(exp: Experience) -> tuple[torch.Tensor, dict[str, float]]:
