@@ -101,10 +101,14 @@ def environment() -> str:
     )
 
 
+def shared_machine(load: float) -> bool:
+    """Whether a 1-minute load average before a run says other work shared the machine."""
+    return load > (os.cpu_count() or 1) / 2
+
+
 def load_note(load: float) -> str:
     """What the machine's 1-minute load average before a run says about it, as prose."""
-    busy = load > (os.cpu_count() or 1) / 2
-    shared = " (above half the CPUs: other work shared the machine)" if busy else ""
+    shared = " (above half the CPUs: other work shared the machine)" if shared_machine(load) else ""
     return f"1-minute load average {load:.1f} before the run{shared}"
 
 

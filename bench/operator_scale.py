@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from benchlib import ROOT, environment, median, ratio, table, write_section
+from benchlib import ROOT, environment, median, ratio, shared_machine, table, write_section
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -108,8 +108,7 @@ def report(arms: dict[str, list[Result]], runs: int, namespaces: int,
         ("reconciles", lambda r: r[1]["count"] / runs),
         ("reconcile time, ms", lambda r: 1000 * r[1]["sum"] / runs),
     ])
-    cpus = os.cpu_count() or 1
-    shared = " Shared with other work while this ran." if load[0] > cpus / 2 else ""
+    shared = " Shared with other work while this ran." if shared_machine(load[0]) else ""
     command = f"python bench/operator_scale.py --runs {runs} --repeats {repeats}"
     arm = (" `before` runs an earlier copy of the operator package (`--before DIR`, see "
            "below); its repeats alternate with ours." if before else "")
