@@ -238,7 +238,7 @@ def test_bad_row_under_torchrun_reports_once(
         torchrun(config), env=env_for(workspace), capture_output=True, text=True, timeout=120
     )
     # torchrun itself exits 1 with its own failure summary; the workers exit 2 and only rank 0
-    # prints the error line.
+    # prints the error line (rank 1 waits for it and is stopped by torchrun).
     assert proc.returncode != 0
     assert "exitcode  : 2" in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

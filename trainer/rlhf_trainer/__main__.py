@@ -1,8 +1,8 @@
 """Command line: `python -m rlhf_trainer <stage-type> --config FILE` and `tiny-model DIR`.
 
 Run under torchrun (`torchrun --nproc-per-node N -m rlhf_trainer sft --config FILE`) or as a plain
-process (one rank). A problem the user can fix prints one `error: ...` line (on rank 0 only) and
-exits with status 2 before anything is written.
+process (one rank). A problem the user can fix prints one `error: ...` line (rank 0's) and exits
+with status 2 before anything is written.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from rlhf_trainer.config import STAGE_TYPES, ConfigError, StageConfig, load_stage_config
@@ -29,6 +30,11 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "grpo": ("check_grpo", "rlhf_trainer.grpo:run_grpo"),
 }
 EXIT_USER_ERROR = 2
+# How long another rank that found a user error waits before reporting it itself. Every rank
+# checks the same inputs, and the first rank to exit ends a torchrun job (the others are
+# stopped), so a rank that exited at once could cut rank 0 off before its line was written.
+REPORT_GRACE_ENV = "RLHF_ERROR_GRACE_SECONDS"
+REPORT_GRACE_SECONDS = 10.0
 
 log = logging.getLogger("rlhf_trainer")
 
@@ -114,6 +120,14 @@ def _run_stage(command: str, config_path: str, validate_only: bool, world_size: 
     record(run)(inputs)  # under torchrun, a crash's traceback reaches its failure summary
 
 
+def _report(err: UserError) -> None:
+    """Print the one `error:` line: rank 0 at once; another rank only if it is still running
+    after the grace period, that is when rank 0 did not fail the same way."""
+    if env_rank() != 0:
+        time.sleep(float(os.environ.get(REPORT_GRACE_ENV, REPORT_GRACE_SECONDS)))
+    print(f"error: {err}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
@@ -132,8 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 world_size = args.world_size
             _run_stage(args.command, args.config, args.validate_only, world_size)
     except UserError as err:
-        if env_rank() == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+        _report(err)
         return EXIT_USER_ERROR
     return 0
 
