@@ -20,6 +20,16 @@ def fixtures_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The base of the taught judge: `python -m rlhf_trainer tiny-model DIR --preset judge`."""
+    out = tmp_path_factory.mktemp("tiny-judge") / "model"
+    argv = [sys.executable, "-m", "rlhf_trainer", "tiny-model", str(out), "--preset", "judge"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama and tokenizer written by `python -m rlhf_trainer tiny-model DIR` (seed 0)."""
     out = tmp_path_factory.mktemp("tiny-model") / "model"

@@ -157,6 +157,11 @@ class Stage(ApiModel):
         alias="from",
         description="An earlier stage whose output initialises this one (default: spec.model).",
     )
+    model: ModelSource | None = Field(
+        default=None,
+        description="A model to initialise this stage instead of spec.model (not with `from`): "
+        "e.g. a judge or reward model trained from another base than the policy's.",
+    )
     dataset: DatasetSpec | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     reward: RewardSource | None = None
@@ -215,6 +220,8 @@ PROMPT_ONLY_FORMATS: frozenset[str] = frozenset({"jsonl", "prompts"})
 
 def stage_type_problems(stage: Stage) -> list[str]:
     problems = []
+    if stage.from_ is not None and stage.model is not None:
+        problems.append("set `from` (an earlier stage's output) or `model`, not both")
     if stage.type in NEEDS_DATASET and stage.dataset is None:
         problems.append(f"a `{stage.type}` stage needs `dataset`")
     if stage.type in NEEDS_REWARD and stage.reward is None:

@@ -96,7 +96,10 @@ def stage_output_dir(run: api.RLHFRun, stage: str) -> str:
 
 
 def stage_model(run: api.RLHFRun, stage: api.Stage) -> ModelSource:
-    """The initial weights of a stage: the base model, or the output of its `from` stage."""
+    """The initial weights of a stage: its own `model`, the output of its `from` stage, or else
+    the base model."""
+    if stage.model is not None:
+        return stage.model
     if stage.from_ is None:
         return run.spec.model
     return ModelSource(path=f"{stage_output_dir(run, stage.from_)}/final")
@@ -304,7 +307,7 @@ def _resources(resources: api.ResourceRequirements, gpus: int) -> Obj:
     return out
 
 
-def _env(run: api.RLHFRun) -> list[Obj]:
+def _env(run: api.RLHFRun, stage: api.Stage) -> list[Obj]:
     env: list[Obj] = [
         {"name": "RLHF_WORKSPACE", "value": WORKSPACE_MOUNT},
         {"name": "HF_HOME", "value": f"{WORKSPACE_MOUNT}/.cache/huggingface"},
@@ -316,7 +319,9 @@ def _env(run: api.RLHFRun) -> list[Obj]:
         # Rank 0 hosts the NCCL weight-transfer rendezvous that rollout servers join.
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
-    token = run.spec.model.token_secret_ref
+    # A stage with a `model` of its own reads it with that model's token, else spec.model's.
+    own = stage.model.token_secret_ref if stage.model is not None else None
+    token = own or run.spec.model.token_secret_ref
     if token is not None:
         ref = {"secretKeyRef": {"name": token.name, "key": token.key}}
         env.append({"name": "HF_TOKEN", "valueFrom": ref})
@@ -346,7 +351,7 @@ def trainer_pod_template(run: api.RLHFRun, stage: api.Stage) -> Obj:
         "name": TRAINER_CONTAINER,
         "image": trainer.image,
         "command": trainer_command(run, stage),
-        "env": _env(run),
+        "env": _env(run, stage),
         "volumeMounts": [
             {"name": "workspace", "mountPath": WORKSPACE_MOUNT},
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},

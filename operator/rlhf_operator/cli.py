@@ -159,7 +159,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     # The operator package carries no torch; the trainer builds the model in its own process.
     argv = [sys.executable, "-m", "rlhf_trainer", "tiny-model", args.dir, "--seed", str(args.seed)]
-    return subprocess.call(argv)
+    return subprocess.call([*argv, "--preset", args.preset])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -209,6 +209,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="build a tiny random Llama and tokenizer for tests")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--preset",
+        choices=["tiny", "20m", "judge"],
+        default="tiny",
+        help="tiny; 20m (~20M parameters, for benchmarks); judge (tiny with a 768-token "
+        "vocabulary, the base of the judge in examples/rlaif-tiny.yaml)",
+    )
     p.set_defaults(func=cmd_tiny_model)
     p = sub.add_parser("operator", help="run the Kubernetes operator (kubeconfig or in-cluster)")
     scope = p.add_mutually_exclusive_group(required=True)

@@ -56,6 +56,12 @@ _STAGE_LIST_RULES: list[Schema] = [
 def _stage_rules() -> list[Schema]:
     rules: list[Schema] = [
         {
+            "rule": "!(has(self.from) && has(self.model))",
+            "message": "set `from` (an earlier stage's output) or `model`, not both",
+            "fieldPath": ".model",
+            "reason": "FieldValueForbidden",
+        },
+        {
             "rule": f"!(self.type in {_type_list(api.NEEDS_DATASET)}) || has(self.dataset)",
             "message": "this stage type needs `dataset`",
             "fieldPath": ".dataset",

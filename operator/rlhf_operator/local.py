@@ -347,25 +347,31 @@ def write_status(path: Path, status: api.RunStatus) -> None:
     os.replace(tmp, path)
 
 
+def _model_paths(run: api.RLHFRun) -> list[tuple[str, str]]:
+    """(field, path) of every local model a run reads that no stage of it writes."""
+    paths = [("spec.model.path", run.spec.model.path)]
+    paths += [(f"spec.stages[{i}].model.path", s.model.path if s.model else None)
+              for i, s in enumerate(run.spec.stages)]
+    if run.spec.judge is not None:
+        paths.append(("spec.judge.model.path", run.spec.judge.model.path))
+    # A path under the run's own folder is a stage's output, written during the run.
+    return [(f, p) for f, p in paths if p is not None and not p.startswith(f"{run.metadata.name}/")]
+
+
 def preflight(run: api.RLHFRun, workdir: Path) -> list[str]:
     """Inputs a local run can check before anything starts: local model and dataset paths."""
     def local(path: str) -> Path:
         return Path(path) if Path(path).is_absolute() else workdir / path
 
     problems = []
-    if run.spec.model.path is not None and not local(run.spec.model.path).exists():
-        problems.append(
-            f"spec.model.path: {local(run.spec.model.path)} does not exist; point it at a "
-            "Hugging Face model folder (relative paths are relative to --workdir), or build "
-            f"one with `rlhf tiny-model {local(run.spec.model.path)}`"
-        )
-    judge = run.spec.judge.model.path if run.spec.judge is not None else None
-    stage_output = judge is not None and judge.startswith(f"{run.metadata.name}/")
-    if judge is not None and not stage_output and not local(judge).exists():
-        problems.append(
-            f"spec.judge.model.path: {local(judge)} does not exist; point it at a Hugging "
-            "Face model folder (relative paths are relative to --workdir)"
-        )
+    for where, path in _model_paths(run):
+        if not local(path).exists():
+            build = f", or build one with `rlhf tiny-model {local(path)}`"
+            problems.append(
+                f"{where}: {local(path)} does not exist; point it at a Hugging Face model folder "
+                "(relative paths are relative to --workdir)"
+                + (build if where == "spec.model.path" else "")
+            )
     produced: list[str] = []  # outputs of earlier stages: written during the run
     for index, stage in enumerate(run.spec.stages):
         dataset = stage.dataset

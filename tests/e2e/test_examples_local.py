@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from rlhf_trainer import tasks
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +61,7 @@ def test_local_examples_are_the_ones_on_local_paths() -> None:
         assert f"def {test}(" in (tests / module).read_text(), where
 
 
-def workspace(tmp: Path, model: Path | None) -> Path:
+def workspace(tmp: Path, model: Path | None, judge: Path | None = None) -> Path:
     (tmp / "data").mkdir(parents=True)
     for path in (ROOT / "tests" / "fixtures").glob("*.jsonl"):
         shutil.copy(path, tmp / "data" / path.name)
@@ -68,6 +70,8 @@ def workspace(tmp: Path, model: Path | None) -> Path:
         target.mkdir(parents=True)  # refused before any process reads it
     else:
         shutil.copytree(model, target)
+    if judge is not None:
+        shutil.copytree(judge, tmp / "models" / "tiny-judge")
     return tmp
 
 
@@ -77,7 +81,8 @@ def test_local_example_runs_or_is_listed_as_refused(
 ) -> None:
     refused = name in REFUSED_LOCALLY
     model = None if refused else request.getfixturevalue("tiny_model_dir")
-    workdir = workspace(tmp_path, model)
+    judge = request.getfixturevalue("tiny_judge_dir") if name == "rlaif-tiny.yaml" else None
+    workdir = workspace(tmp_path, model, judge)
     result = subprocess.run(
         [*RLHF, "run", str(EXAMPLES / name), "--workdir", str(workdir)],
         capture_output=True,
@@ -105,6 +110,8 @@ def test_local_example_runs_or_is_listed_as_refused(
             check_online_stage(workdir / run, stage)
         if stage["type"] == "feedback":
             check_feedback_stage(workdir / run, stage, specs[stage["name"]])
+    if name == "rlaif-tiny.yaml":
+        check_taught_judge(workdir / run)
 
 
 def check_feedback_stage(run_dir: Path, stage: dict[str, object], spec: dict[str, Any]) -> None:
@@ -118,12 +125,41 @@ def check_feedback_stage(run_dir: Path, stage: dict[str, object], spec: dict[str
     assert summary["protocol"] == "self-reference"
     assert summary["positionSwap"] == spec["feedback"]["positionSwap"]
     assert 0 < summary["kept_pairs"] == len(rows)
-    prompts = spec["feedback"]["maxPrompts"]
-    assert summary["judged_pairs"] + summary["identical_pairs"] + summary["unsampled_prompts"] \
-        == prompts  # one pair per prompt (two responses each)
+    if "rollout" in spec:
+        prompts = spec["feedback"]["maxPrompts"]
+        assert (
+            summary["judged_pairs"] + summary["identical_pairs"] + summary["unsampled_prompts"]
+            == prompts
+        )  # one pair per prompt (two responses each)
+    else:  # one pair per row of the dataset
+        rows_in = (run_dir.parent / spec["dataset"]["path"]).read_text().splitlines()
+        assert summary["judged_pairs"] == len(rows_in)
     assert all(0.0 <= r["margin"] <= 1.0 and r["judge"]["reference"] for r in rows)
     judge_log = run_dir / "logs" / f"{run_dir.name}-{stage['name']}-judge-0.log"
     assert "Application startup complete" in judge_log.read_text(errors="replace")
+
+
+def check_taught_judge(run_dir: Path) -> None:
+    """rlaif-tiny.yaml's `judge` stage taught the tiny judge the task (SFT on fixture chats).
+    On pairs it never saw, judged in both orders against its own answer, its kept verdicts name
+    the right response (the programmatic label, `tasks.check`) for >= 80% of all the pairs
+    (a dropped pair counts as wrong), and the reward model trained on its labels ranks >= 80%
+    of held-out pairs with programmatic labels right. Seen here: 195 of 200 pairs kept, all of
+    them right; the reward model 92% (48% before training)."""
+    final = run_dir / "feedback" / "final"
+    judged = json.loads((final / "feedback.json").read_text())["judged_pairs"]
+    kept = [json.loads(line) for line in (final / "preference.jsonl").read_text().splitlines()]
+    right = sum(tasks.check(r["prompt"], r["chosen"]) == 1.0 for r in kept)
+    lines = (run_dir / "rm" / "metrics.jsonl").read_text().splitlines()
+    evals = [m for m in map(json.loads, lines) if "eval_accuracy" in m]
+    before, after = evals[0], evals[-1]
+    print(
+        f"taught judge: {right}/{judged} pairs kept and right ({len(kept)} kept); reward model "
+        f"held-out accuracy {before['eval_accuracy']:.2f} -> {after['eval_accuracy']:.2f}"
+    )
+    assert judged == 200 and right >= 0.8 * judged
+    assert before["step"] == 0 and after["step"] == 200
+    assert after["eval_accuracy"] >= 0.8
 
 
 def check_online_stage(run_dir: Path, stage: dict[str, object]) -> None:

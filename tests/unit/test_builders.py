@@ -225,3 +225,23 @@ def test_trainer_pods_run_restricted_as_the_image_user() -> None:
     assert f"--uid {builders.TRAINER_UID} --create-home --home-dir {builders.TRAINER_HOME}" in (
         trainer_stage
     )
+
+
+def test_a_stage_with_its_own_model_starts_from_it_with_its_token() -> None:
+    """`stages[].model` (e.g. a judge's base): the stage's config and HF_TOKEN come from it; the
+    stages after it still start from spec.model or their `from`."""
+    doc = manifest()
+    doc["spec"]["model"] = {"name": "org/policy"}
+    doc["spec"]["stages"][0]["model"] = {
+        "name": "org/judge-base",
+        "tokenSecretRef": {"name": "judge-hf", "key": "token"},
+    }
+    run = make_run(doc)
+    first, second = run.spec.stages[0], run.spec.stages[1]
+    assert builders.stage_model(run, first).name == "org/judge-base"
+    assert builders.stage_model(run, second).path == f"{run.metadata.name}/{second.from_}/final"
+    pod = builders.trainer_pod_template(run, first)
+    token = next(e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "judge-hf", "key": "token"}}
+    pod = builders.trainer_pod_template(run, second)
+    assert not [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "HF_TOKEN"]

@@ -113,6 +113,10 @@ def test_cel_rules_accept_a_valid_spec() -> None:
         (lambda s: s["stages"][0].update({"dpo": {}}), "self.type == 'dpo'"),
         (lambda s: s["model"].update({"name": "org/m"}), "has(self.name) != has(self.path)"),
         (
+            lambda s: s["stages"][1].update({"model": {"path": "models/other"}}),
+            "has(self.from) && has(self.model)",
+        ),
+        (
             lambda s: s["stages"][0].update({"type": "feedback"}),
             "has(self.judge) ||",
         ),

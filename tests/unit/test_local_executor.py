@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import make_run, manifest
+from rlhf_operator import local
 from rlhf_operator.local import expand, failure_message, local_argv, read_progress, remap
 
 pytestmark = pytest.mark.unit
@@ -55,3 +57,21 @@ def test_read_progress_tolerates_torn_and_odd_files(tmp_path: Path) -> None:
     path.write_text(json.dumps({"step": "3", "metrics": ["x"]}))
     odd = read_progress(path)
     assert odd is not None and odd.step is None and odd.loss is None
+
+
+def test_preflight_names_each_missing_model_and_lets_stage_outputs_be(tmp_path: Path) -> None:
+    """Local model paths must exist before the run starts, except a run's own stage outputs
+    (a judge served from an earlier `sft` stage's final/), which are written during it."""
+    (tmp_path / "models" / "policy").mkdir(parents=True)
+    doc = manifest(model={"path": "models/policy"})
+    doc["spec"]["stages"][0]["model"] = {"path": "models/judge-base"}
+    doc["spec"]["stages"][0]["dataset"] = {"path": str(tmp_path / "missing.jsonl")}
+    doc["spec"]["stages"][1]["dataset"] = {"path": f"{doc['metadata']['name']}/sft/final/x.jsonl"}
+    doc["spec"]["judge"] = {"model": {"path": f"{doc['metadata']['name']}/sft/final"}}
+    problems = local.preflight(make_run(doc), tmp_path)
+    assert problems[0].startswith(
+        f"spec.stages[0].model.path: {tmp_path / 'models' / 'judge-base'} does not exist"
+    )
+    assert "relative paths are relative to --workdir" in problems[0]
+    assert problems[1].startswith("spec.stages[0].dataset.path:")
+    assert len(problems) == 2  # the judge and the second dataset come from stage sft

@@ -85,6 +85,14 @@ def test_indivisible_batch_is_refused_with_the_fix() -> None:
     assert "multiple of 4" in str(err.value)
 
 
+def test_unshuffled_stream_keeps_the_file_order_and_resumes_in_it() -> None:
+    a = DataStream(6, seed=3, shuffle=False)
+    assert [a.next_batch(4) for _ in range(3)] == [[0, 1, 2, 3], [4, 5, 0, 1], [2, 3, 4, 5]]
+    resumed = a.at(1, 2)
+    assert not resumed.shuffle and resumed.next_batch(4) == [2, 3, 4, 5]
+    assert DataStream(6, seed=3).at(0, 0).shuffle  # `at` keeps a shuffled order shuffled
+
+
 def test_data_stream_is_seeded_and_resumable() -> None:
     a = DataStream(10, seed=3)
     order = [a.next_batch(4) for _ in range(6)]  # 24 examples: 2.4 epochs

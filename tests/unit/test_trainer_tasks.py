@@ -69,6 +69,33 @@ def test_fixtures_agree_with_the_scorer(fixtures_dir: Path) -> None:
     assert tasks.REWARD_FUNCTIONS["animal_sounds"] is tasks.check
 
 
+def test_judge_fixture_holds_both_orders_of_each_pair_in_one_block(fixtures_dir: Path) -> None:
+    """judge_sft.jsonl, trained in file order with batches of 24 rows: each block holds 8
+    answers (turn 1), then the verdicts on those 8 prompts in both orders, the right response
+    as A and then as B, against the judge's own (right) answer. No prompt of it is among the
+    pairs the judge later relabels or the held-out pairs."""
+    rows = read(fixtures_dir / "judge_sft.jsonl")
+    assert len(rows) % 24 == 0 and len(rows) >= 600
+    for start in range(0, len(rows), 24):
+        answers, verdicts = rows[start : start + 8], rows[start + 8 : start + 24]
+        assert all(str(r["prompt"]).endswith("\n\nAssistant:") for r in answers)
+        assert [r["response"] for r in verdicts] == ["A", "B"] * 8
+        for answer, (a, b) in zip(
+            answers, zip(verdicts[::2], verdicts[1::2], strict=True), strict=True
+        ):
+            question, right = str(answer["prompt"]), str(answer["response"])
+            assert tasks.check(question, right) == 1.0
+            shown_a = str(a["prompt"]).rsplit("\nA: ", 1)[1].split("\nB: ")[0]
+            shown_b = str(b["prompt"]).rsplit("\nB: ", 1)[1].split("\n\nAssistant:")[0]
+            assert shown_a == shown_b == right  # the right one as A, then as B
+            assert str(a["prompt"]).startswith(question + f" {right.strip()}")
+    judged = read(fixtures_dir / "preference.jsonl") + read(fixtures_dir / "preference_eval.jsonl")
+    asked = {
+        str(r["prompt"]).removeprefix("Human: ").removesuffix("\n\nAssistant:") for r in rows[::24]
+    }
+    assert not asked & {str(r["prompt"]) for r in judged}
+
+
 def test_fixtures_regenerate_byte_identical(fixtures_dir: Path, tmp_path: Path) -> None:
     import importlib.util
 

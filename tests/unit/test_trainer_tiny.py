@@ -46,3 +46,19 @@ def test_shape_and_tokenizer(tiny_model_dir: Path) -> None:
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
     for path in tiny_model_dir.iterdir():
         assert path.stat().st_mode & 0o044 == 0o044, path  # readable by a server's user
+
+
+def test_judge_preset_gives_every_sound_one_token(tmp_path: Path) -> None:
+    """The judge's base: the tiny shape with a larger vocabulary, in which each animal sound is
+    a single token (in the tiny model's own, each is 2-5)."""
+    from transformers import AutoTokenizer
+
+    judge = build_tiny_model(tmp_path / "judge", preset="judge")
+    config = json.loads((judge / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (128, 2)
+    tokenizer = AutoTokenizer.from_pretrained(judge)
+    lengths = {
+        s: len(tokenizer(f" {s}", add_special_tokens=False)["input_ids"])
+        for s in tasks.SOUNDS.values()
+    }
+    assert set(lengths.values()) == {1}, lengths

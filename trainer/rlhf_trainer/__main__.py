@@ -63,7 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", metavar="DIR")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument(
-        "--preset", choices=["tiny", "20m"], default="tiny", help="model size (default: tiny)"
+        "--preset",
+        choices=["tiny", "20m", "judge"],
+        default="tiny",
+        help="model size, or the judge's base (default: tiny)",
     )
     return parser
 

@@ -87,16 +87,25 @@ def rank_micro_batches(
 
 
 class DataStream:
-    """Endless example order: epoch e is a permutation of range(n) seeded by seed + e, and a batch
-    that runs past the end of an epoch continues into the next. (epoch, index) is the position."""
+    """Endless example order: epoch e is a permutation of range(n) seeded by seed + e (range(n)
+    itself with shuffle=False), and a batch that runs past the end of an epoch continues into
+    the next. (epoch, index) is the position."""
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0) -> None:
+    def __init__(
+        self, n: int, seed: int, epoch: int = 0, index: int = 0, shuffle: bool = True
+    ) -> None:
         self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
+        self.shuffle = shuffle
         self._order = self._permutation(epoch)
+
+    def at(self, epoch: int, index: int) -> DataStream:
+        """The same order, from another position."""
+        return DataStream(self.n, self.seed, epoch, index, self.shuffle)
 
     def _permutation(self, epoch: int) -> list[int]:
         order = list(range(self.n))
-        random.Random(self.seed + epoch).shuffle(order)
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
         return order
 
     def next_batch(self, size: int) -> list[int]:

@@ -171,6 +171,11 @@ class Hyperparameters(ApiModel):
     gradient_accumulation: int = Field(default=1, gt=0, description="Micro-steps per step.")
     max_length: int = Field(default=512, gt=0, description="Truncate sequences to this length.")
     seed: int = Field(default=42, ge=0, description="Seed for data order, init and sampling.")
+    shuffle: bool = Field(
+        default=True,
+        description="Shuffle the rows every epoch; false keeps the file's order, e.g. so that "
+        "rows meant to be learned together (a judge's pair in both orders) share a batch.",
+    )
     save_every: int = Field(default=50, gt=0, description="Write a checkpoint every N steps.")
     keep_checkpoints: int = Field(default=2, gt=0, description="Checkpoints kept on disk.")
     log_every: int = Field(default=1, gt=0, description="Write progress and metrics every N steps.")

@@ -69,7 +69,7 @@ class RolloutFeed:
         self.recoveries = 0  # server losses survived over the run
 
     def seek(self, epoch: int, index: int) -> None:
-        self.stream = DataStream(self.stream.n, self.stream.seed, epoch, index)
+        self.stream = self.stream.at(epoch, index)
         self.trained = (epoch, index)
 
     def position(self) -> tuple[int, int]:
@@ -109,7 +109,7 @@ class RolloutFeed:
             out = self.pending.result() if self.pending is not None else self._generate(step)
         except ServersLost as err:
             self.pending = None
-            self.stream = DataStream(self.stream.n, self.stream.seed, *self.trained)
+            self.stream = self.stream.at(*self.trained)
             assert self.setup.client is not None
             self.setup.client.wait_ready()  # as long as rollout.startupTimeoutSeconds
             return None, str(err)

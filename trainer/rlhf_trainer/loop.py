@@ -204,7 +204,7 @@ def resume(
 ) -> tuple[int, DataStream]:
     """Load the newest complete checkpoint if there is one; return (step, data stream)."""
     root = inputs.output_dir / "checkpoints"
-    seed = inputs.config.hyperparameters.seed
+    seed, shuffle = inputs.config.hyperparameters.seed, inputs.config.hyperparameters.shuffle
     latest = None
     if ctx.is_main:
         for partial in checkpoint.remove_partial(root):
@@ -213,10 +213,10 @@ def resume(
         latest = str(found) if found else None
     latest = cast(str | None, broadcast_object(latest))
     if latest is None:
-        return 0, DataStream(len(inputs.train_rows), seed)
+        return 0, DataStream(len(inputs.train_rows), seed, shuffle=shuffle)
     state = checkpoint.load_checkpoint(Path(latest), model, optimizer, ctx)
     scheduler.load_state_dict(state["scheduler"])
-    stream = DataStream(len(inputs.train_rows), seed, state["epoch"], state["index"])
+    stream = DataStream(len(inputs.train_rows), seed, state["epoch"], state["index"], shuffle)
     log.info(
         "Resumed from checkpoint %s at step %d (epoch %.3f)",
         Path(latest).name,

@@ -142,7 +142,7 @@ def online_loop(setup: OnlineSetup, algo: Algorithm) -> None:
     """Steps from the last checkpoint (or 0) to the stage's total. Collective."""
     inputs, ctx = setup.inputs, setup.ctx
     hp, total = inputs.config.hyperparameters, inputs.total_steps
-    stream = DataStream(len(inputs.train_rows), hp.seed)
+    stream = DataStream(len(inputs.train_rows), hp.seed, shuffle=hp.shuffle)
     feed = RolloutFeed(setup, stream, algo.sampling, algo.prompts_per_step)
     step = _resume(setup, algo, feed)
     reporter = ProgressReporter(inputs.output_dir, total, ctx.is_main)

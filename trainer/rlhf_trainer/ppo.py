@@ -264,7 +264,7 @@ class PtxSource:
         return self.stream.epoch, self.stream.index
 
     def seek(self, epoch: int, index: int) -> None:
-        self.stream = DataStream(self.stream.n, self.stream.seed, epoch, index)
+        self.stream = self.stream.at(epoch, index)
 
     def loss(self, model: nn.Module, n: int) -> tuple[torch.Tensor, float]:
         """Summed LM loss of the next `n` examples, and their target-token count."""

