@@ -211,9 +211,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--preset",
+        # rlhf_trainer.tiny.PRESETS; the operator imports nothing of the trainer but its config,
+        # and `python -m rlhf_trainer tiny-model` refuses any other name itself.
         choices=["tiny", "20m", "judge"],
         default="tiny",
-        help="tiny; 20m (~20M parameters, for benchmarks); judge (tiny with a 768-token "
+        help="tiny; 20m (~20M parameters, for benchmarks); judge (tiny with a larger "
         "vocabulary, the base of the judge in examples/rlaif-tiny.yaml)",
     )
     p.set_defaults(func=cmd_tiny_model)

@@ -91,8 +91,11 @@ def test_judge_fixture_holds_both_orders_of_each_pair_in_one_block(fixtures_dir:
             assert str(a["prompt"]).startswith(question + f" {right.strip()}")
     judged = read(fixtures_dir / "preference.jsonl") + read(fixtures_dir / "preference_eval.jsonl")
     asked = {
-        str(r["prompt"]).removeprefix("Human: ").removesuffix("\n\nAssistant:") for r in rows[::24]
+        str(r["prompt"]).removeprefix("Human: ").removesuffix("\n\nAssistant:")
+        for r in rows
+        if r["response"] not in ("A", "B")  # the answer rows: one per prompt
     }
+    assert len(asked) == len(rows) // 3
     assert not asked & {str(r["prompt"]) for r in judged}
 
 

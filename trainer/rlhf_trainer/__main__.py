@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from rlhf_trainer.config import STAGE_TYPES, ConfigError, StageConfig, load_stage_config
 from rlhf_trainer.errors import UserError
 from rlhf_trainer.launch_env import env_rank, env_world_size
+from rlhf_trainer.tiny import PRESETS
 
 # Stage type -> (its check in rlhf_trainer.preflight, "module:function" of its trainer).
 TRAINERS: dict[str, tuple[str, str]] = {
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument(
         "--preset",
-        choices=["tiny", "20m", "judge"],
+        choices=sorted(PRESETS),
         default="tiny",
         help="model size, or the judge's base (default: tiny)",
     )

@@ -204,7 +204,8 @@ def resume(
 ) -> tuple[int, DataStream]:
     """Load the newest complete checkpoint if there is one; return (step, data stream)."""
     root = inputs.output_dir / "checkpoints"
-    seed, shuffle = inputs.config.hyperparameters.seed, inputs.config.hyperparameters.shuffle
+    hp = inputs.config.hyperparameters
+    fresh = DataStream(len(inputs.train_rows), hp.seed, shuffle=hp.shuffle)
     latest = None
     if ctx.is_main:
         for partial in checkpoint.remove_partial(root):
@@ -213,10 +214,10 @@ def resume(
         latest = str(found) if found else None
     latest = cast(str | None, broadcast_object(latest))
     if latest is None:
-        return 0, DataStream(len(inputs.train_rows), seed, shuffle=shuffle)
+        return 0, fresh
     state = checkpoint.load_checkpoint(Path(latest), model, optimizer, ctx)
     scheduler.load_state_dict(state["scheduler"])
-    stream = DataStream(len(inputs.train_rows), seed, state["epoch"], state["index"], shuffle)
+    stream = fresh.at(state["epoch"], state["index"])
     log.info(
         "Resumed from checkpoint %s at step %d (epoch %.3f)",
         Path(latest).name,
