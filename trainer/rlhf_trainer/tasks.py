@@ -154,9 +154,9 @@ def wrong_sound(rng: random.Random, animal: str) -> str:
 # stage then asks it (examples/rlaif-tiny.yaml). For this task the response that is best for
 # humanity is the one that gives the asked animal's sound. Keys are the spec's camelCase names of
 # `judge.templates`. The principle comes first and the verdict turn is empty, so the judge's own
-# answer and the two responses sit a few tokens before the verdict. Measured on the tiny judge
-# (2 layers), held-out pairs judged right in both orders: 84% after 1900 steps this way, 51%
-# after 1500 with the responses 30 tokens back behind a separate verdict question.
+# answer and the two responses sit a few tokens before the verdict; with a separate verdict
+# question after the pair, the tiny 2-layer judge did not learn the task (docs/BENCHMARKS.md,
+# "AI feedback").
 JUDGE_PRINCIPLE = "Which response is best for humanity?"
 JUDGE_TEMPLATES: dict[str, str] = {"compare": "{principle}\nA: {a}\nB: {b}", "verdict": ""}
 

@@ -12,9 +12,8 @@ for the per-step compute to outweigh per-step overheads.
 `preset="judge"` is the tiny model with a larger vocabulary (BPE asked for 768 tokens finds 720),
 the base of the judge that an `sft` stage teaches the task (examples/rlaif-tiny.yaml): with that
 many merges every animal sound is one token, so the judge compares its own answer with each
-response token for token.
-With 512 tokens (a sound is 2-5 of them) a 2-layer judge reached 64% of held-out pairs right in
-both orders after 1100 steps, against 84% with 768.
+response token for token (with 512 tokens a sound is 2-5 of them, and the judge learned less:
+docs/BENCHMARKS.md, "AI feedback").
 """
 
 from __future__ import annotations
