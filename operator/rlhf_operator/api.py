@@ -28,6 +28,7 @@ from rlhf_trainer.config import (
     PPOOptions,
     RewardModelOptions,
     RolloutClientOptions,
+    RolloutEngine,
     RRHFOptions,
     SFTOptions,
     StageType,
@@ -129,10 +130,18 @@ class Rollout(RolloutClientOptions):
     """The inference servers that generate rollouts for online stages.
 
     Each replica is its own Deployment and Service, so the trainer can reach (and sync the
-    weights of) every replica by name.
+    weights of) every replica by name. With engine `trainer` there are no servers: the trainer
+    samples from its own weights in its own process.
     """
 
-    engine: Literal["vllm", "lmdeploy"] = "vllm"
+    engine: RolloutEngine = Field(
+        default="vllm",
+        description="vllm or lmdeploy: server Deployments generate, and the trainer sends them "
+        "its weights after every step; trainer: the trainer generates in its own process from "
+        "its live weights (no servers, no weight transfer; for models whose weights fit one "
+        "device, on CPUs or small GPUs), which excludes replicas, tensorParallelSize, "
+        "weightSync nccl, image, async and LoRA.",
+    )
     replicas: int = Field(default=1, ge=1, le=64, description="Server replicas.")
     tensor_parallel_size: int = Field(default=1, ge=1, le=16, description="GPUs per replica.")
     weight_sync: Literal["disk", "nccl"] = Field(
@@ -145,6 +154,34 @@ class Rollout(RolloutClientOptions):
     )
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+
+    @model_validator(mode="after")
+    def _servers_only(self) -> Rollout:
+        for problem in trainer_engine_problems(self):
+            raise ValueError(problem)
+        return self
+
+
+IN_TRAINER = "trainer"
+
+
+def trainer_engine_problems(rollout: Rollout) -> list[str]:
+    """Server settings that mean nothing when the trainer generates (engine `trainer`)."""
+    if rollout.engine != IN_TRAINER:
+        return []
+    problems = []
+    for field, value, default in (
+        ("replicas", rollout.replicas, 1),
+        ("tensorParallelSize", rollout.tensor_parallel_size, 1),
+        ("weightSync", rollout.weight_sync, "disk"),
+        ("image", rollout.image, None),
+    ):
+        if value != default:
+            problems.append(
+                f"rollout.{field}: engine `trainer` runs no servers, so {field} does not apply; "
+                f"remove it or use engine vllm"
+            )
+    return problems
 
 
 class Stage(ApiModel):
@@ -240,6 +277,7 @@ def stage_type_problems(stage: Stage) -> list[str]:
         )
     if stage.type == "evaluate" and (stage.evaluate is None or not stage.evaluate.policies):
         problems.append("an `evaluate` stage needs `evaluate.policies` (the stages to compare)")
+    problems += _in_trainer_problems(stage)
     if (
         stage.type == "feedback"
         and stage.rollout is None
@@ -249,6 +287,28 @@ def stage_type_problems(stage: Stage) -> list[str]:
         problems.append(
             f"a `feedback` stage with a `{stage.dataset.format}` dataset has no responses to "
             "judge: set `rollout` to sample them from the policy, or use ranked or pair data"
+        )
+    return problems
+
+
+def _in_trainer_problems(stage: Stage) -> list[str]:
+    """What a stage cannot combine with `rollout.engine: trainer`."""
+    if stage.rollout is None or stage.rollout.engine != IN_TRAINER:
+        return []
+    problems = []
+    if stage.type == "feedback":
+        problems.append(
+            "rollout.engine: a `feedback` stage samples on servers (engine vllm or lmdeploy); "
+            "`trainer` applies to ppo, grpo and rrhf"
+        )
+    if stage.lora is not None:
+        problems.append("rollout.engine: `trainer` does not generate with LoRA adapters yet; "
+                        "drop `lora` or use engine vllm")  # fmt: skip
+    options = stage.ppo or stage.grpo or stage.rrhf
+    if options is not None and options.async_:
+        problems.append(
+            f"{stage.type}.async: with rollout.engine `trainer` generation and training share the "
+            "trainer's devices and weights; set async to false or use engine vllm"
         )
     return problems
 

@@ -129,7 +129,8 @@ def uses_rollout(stage: api.Stage) -> bool:
 
 
 def rollout_target(run: api.RLHFRun, stage: api.Stage) -> RolloutTarget | None:
-    """How the trainer of an online stage reaches its servers: one Service URL per replica."""
+    """How the trainer of an online stage reaches its servers: one Service URL per replica
+    (none when the trainer generates itself, engine `trainer`)."""
     rollout = stage.rollout
     if not uses_rollout(stage):
         return None
@@ -138,6 +139,7 @@ def rollout_target(run: api.RLHFRun, stage: api.Stage) -> RolloutTarget | None:
     urls = [
         f"http://{rollout_name(run, stage.name, i)}.{namespace}.svc:{SERVER_PORT}"
         for i in range(rollout.replicas)
+        if rollout.engine != api.IN_TRAINER  # the trainer generates; no servers to reach
     ]
     options = {f: getattr(rollout, f) for f in RolloutClientOptions.model_fields}
     return RolloutTarget(

@@ -110,6 +110,7 @@ def _stage_rules() -> list[Schema]:
             "reason": "FieldValueRequired",
         }
     )
+    rules += _in_trainer_rules()
     for field, owner in api.OPTION_BLOCKS.items():
         alias = api.Stage.model_fields[field].alias or field
         rules.append(
@@ -122,6 +123,57 @@ def _stage_rules() -> list[Schema]:
         )
     return rules
 
+
+_IN_TRAINER = "has(self.rollout) && has(self.rollout.engine) && self.rollout.engine == 'trainer'"
+
+
+def _in_trainer_rules() -> list[Schema]:
+    """What a stage cannot combine with `rollout.engine: trainer` (api._in_trainer_problems)."""
+    asynchronous = " || ".join(
+        f"(has(self.{block}) && has(self.{block}.async) && self.{block}.async)"
+        for block in ("ppo", "grpo", "rrhf")
+    )
+    return [
+        {
+            "rule": f"!({_IN_TRAINER}) || self.type != 'feedback'",
+            "message": "a feedback stage samples on servers: rollout.engine vllm or lmdeploy",
+            "fieldPath": ".rollout.engine",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": f"!({_IN_TRAINER}) || !has(self.lora)",
+            "message": "rollout.engine `trainer` does not generate with LoRA adapters yet",
+            "fieldPath": ".lora",
+            "reason": "FieldValueForbidden",
+        },
+        {
+            "rule": f"!({_IN_TRAINER}) || !({asynchronous})",
+            "message": "async overlaps generation on servers with training; with rollout.engine "
+            "`trainer` set it to false",
+            "fieldPath": ".rollout.engine",
+            "reason": "FieldValueInvalid",
+        },
+    ]
+
+
+# api.trainer_engine_problems: server settings with no servers.
+_ROLLOUT_RULES: list[Schema] = [
+    {
+        "rule": f"!has(self.engine) || self.engine != 'trainer' || !has(self.{field}) || "
+        f"self.{field} == {value}",
+        "message": f"engine `trainer` runs no servers, so {field} does not apply",
+        "fieldPath": f".{field}",
+        "reason": "FieldValueForbidden",
+    }
+    for field, value in (("replicas", "1"), ("tensorParallelSize", "1"), ("weightSync", "'disk'"))
+] + [
+    {
+        "rule": "!has(self.engine) || self.engine != 'trainer' || !has(self.image)",
+        "message": "engine `trainer` runs no servers, so image does not apply",
+        "fieldPath": ".image",
+        "reason": "FieldValueForbidden",
+    }
+]
 
 _ONE_SOURCE = [
     {"rule": "has(self.name) != has(self.path)", "message": "set exactly one of `name` or `path`"}
@@ -139,6 +191,7 @@ _MODEL_RULES: dict[str, list[Schema]] = {
         }
     ],
     "Stage": _stage_rules(),
+    "Rollout": _ROLLOUT_RULES,
     "RLHFRunSpec": [
         {
             "rule": "has(self.judge) || !self.stages.exists(s, s.type == 'feedback' || "

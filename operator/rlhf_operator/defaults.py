@@ -60,7 +60,7 @@ def with_install_defaults(run: api.RLHFRun, env: Mapping[str, str]) -> api.RLHFR
         updates["resources"] = resources
     stages = [
         s.model_copy(update={"rollout": _server(s.rollout, env, s.rollout.engine)})
-        if s.rollout is not None
+        if s.rollout is not None and s.rollout.engine in ENGINES  # `trainer`: no servers
         else s
         for s in spec.stages
     ]

@@ -213,10 +213,12 @@ def build_server_service(run: api.RLHFRun, stage: str, name: str, replica: int) 
 
 def rollout_children(run: api.RLHFRun, stage: api.Stage) -> list[Obj]:
     """Every rollout server of an online stage, Deployment then Service per replica; [] for
-    other stage types."""
+    other stage types and when the trainer generates itself (engine `trainer`)."""
     if not builders.uses_rollout(stage):
         return []
     rollout = stage.rollout or api.Rollout()
+    if rollout.engine == api.IN_TRAINER:
+        return []
     model = builders.stage_model(run, stage)
     lora_rank = stage.lora.r if stage.lora is not None else None
     command = (
@@ -312,10 +314,10 @@ def online_stage_problem(run: api.RLHFRun, index: int, stage: api.Stage) -> str 
         return None
     where = f"spec.stages[{index}]"
     rollout = stage.rollout or api.Rollout()
-    if rollout.engine != "vllm":
+    if rollout.engine not in ("vllm", api.IN_TRAINER):
         return (
             f"{where}.rollout.engine: {rollout.engine!r} cannot serve rollouts yet (it has no "
-            "weight-reload API this project drives); use vllm"
+            "weight-reload API this project drives); use vllm or trainer"
         )
     if rollout.weight_sync == "nccl" and run.spec.trainer.gpus_per_node == 0:
         return (

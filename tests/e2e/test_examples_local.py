@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "manifests" / "examples"
 RLHF = [sys.executable, "-m", "rlhf_operator.cli"]
 
-LOCAL = ["ppo-tiny.yaml", "rlaif-tiny.yaml"]
+LOCAL = ["ppo-tiny.yaml", "rlaif-tiny.yaml", "grpo-trainer-engine.yaml"]
 REFUSED_LOCALLY: dict[str, str] = {}
 # Examples that run, with the same checks and then `rlhf eval`, in their own module (so that
 # the pipeline runs once).
@@ -107,7 +107,8 @@ def test_local_example_runs_or_is_listed_as_refused(
         assert (Path(stage["output"]) / produced).exists(), stage
         online_rrhf = (specs[stage["name"]].get("rrhf") or {}).get("online", False)
         if stage["type"] in ("ppo", "grpo") or online_rrhf:
-            check_online_stage(workdir / run, stage)
+            in_trainer = (specs[stage["name"]].get("rollout") or {}).get("engine") == "trainer"
+            check_online_stage(workdir / run, stage, in_trainer)
         if stage["type"] == "feedback":
             check_feedback_stage(workdir / run, stage, specs[stage["name"]])
     if name == "rlaif-tiny.yaml":
@@ -162,8 +163,9 @@ def check_taught_judge(run_dir: Path) -> None:
     assert after["eval_accuracy"] >= 0.8
 
 
-def check_online_stage(run_dir: Path, stage: dict[str, object]) -> None:
-    """An online stage ran against its own vLLM server, and every weight sync passed parity."""
+def check_online_stage(run_dir: Path, stage: dict[str, object], in_trainer: bool) -> None:
+    """An online stage ran against its own vLLM server, or generated in its trainer's process
+    (`rollout.engine: trainer`, no server at all), and every weight sync passed parity."""
     metrics = stage["metrics"]
     assert isinstance(metrics, dict) and {"reward", "loss"} <= set(metrics), metrics
     assert "kl" in metrics or stage["type"] == "rrhf", metrics  # RRHF has no KL term
@@ -174,6 +176,12 @@ def check_online_stage(run_dir: Path, stage: dict[str, object]) -> None:
     worst = max(m["logprob_mismatch_mean"] for m in steps)
     print(f"{run_dir.name}/{stage['name']}: worst mean logprob gap {worst:.2e}")
     assert worst < 0.1
+    if in_trainer:  # the same weights and dtype as the training forward: float rounding only
+        assert worst < 1e-4
+        assert not list((run_dir / "logs").glob(f"*-{stage['name']}-rollout-*"))
+        [trainer_log] = (run_dir / "logs").glob(f"{run_dir.name}-{stage['name']}-[0-9]*.log")
+        assert "Generating in the trainer's process (fused Llama decoder" in trainer_log.read_text()
+        return
     server_log = run_dir / "logs" / f"{run_dir.name}-{stage['name']}-rollout-0.log"
     text = server_log.read_text(errors="replace")
     assert "Application startup complete" in text

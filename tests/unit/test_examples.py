@@ -33,6 +33,7 @@ EXPECTED = {
     "rrhf.yaml",
     "rrhf-online.yaml",
     "grpo-reward-function.yaml",
+    "grpo-trainer-engine.yaml",
     "grpo-judge.yaml",
     "ppo-tiny.yaml",
     "rlaif-self-reference.yaml",

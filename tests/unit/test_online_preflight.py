@@ -46,6 +46,7 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixtures_dir: Pat
 JUDGE: dict[str, Any] = {"urls": ["http://judge:8000"], "servedModel": "judge",
                          "model": {"path": "model"}}  # fmt: skip
 BROKEN_TEMPLATE = JUDGE | {"mode": "pointwise", "chatTemplate": "{% for m in messages %}"}
+IN_TRAINER: dict[str, Any] = {"engine": "trainer", "servedModel": "policy"}
 
 
 @pytest.mark.parametrize("stage_type", ["ppo", "grpo"])
@@ -99,6 +100,9 @@ def test_ppo_with_a_reward_model(workspace: Path) -> None:
         ("grpo", {"judge": JUDGE | {"mode": "pairwise"}}, "reward: set exactly one of"),
         ("ppo", {"rewardFunction": None, "judge": JUDGE}, "judge.mode: the stage config points"),
         ("grpo", {"rewardFunction": None, "judge": BROKEN_TEMPLATE}, "judge chat template"),
+        ("grpo", {"rollout": IN_TRAINER, "grpo": {"async": True}}, "grpo.async: with rollout"),
+        ("ppo", {"rollout": IN_TRAINER, "ppo": {"async": True}}, "ppo.async: with rollout"),
+        ("grpo", {"rollout": IN_TRAINER, "lora": {"r": 4}}, "rollout.engine: `trainer` does not"),
     ],
 )
 def test_bad_online_configs_are_refused(stage_type: str, changes: Any, message: str) -> None:
@@ -142,3 +146,25 @@ def test_overlapped_training_leaves_a_core_to_each_local_server(
     from rlhf_trainer.online_setup import overlap_threads
 
     assert overlap_threads(urls, torch.device(device), threads) == expected
+
+
+def test_the_trainer_engine_needs_no_server_urls_and_servers_need_them() -> None:
+    inputs = preflight.check_grpo(config(rollout=IN_TRAINER), world_size=2)
+    assert inputs.config.rollout is not None and inputs.config.rollout.urls == []
+    with pytest.raises(ValueError, match=r"rollout\.urls: engine `vllm` needs its servers' URLs"):
+        config(rollout={"servedModel": "policy"})
+    with pytest.raises(ValueError, match=r"rollout\.urls: engine `trainer` generates in the"):
+        config(rollout=IN_TRAINER | {"urls": ["http://server:8000"]})
+
+
+def test_stop_tokens_gather_every_eos_the_model_and_tokenizer_name() -> None:
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from rlhf_trainer.online_setup import stop_token_ids
+
+    model = nn.Linear(1, 1)
+    model.config = SimpleNamespace(eos_token_id=[2, 7])  # type: ignore[assignment]
+    model.generation_config = SimpleNamespace(eos_token_id=9)  # type: ignore[assignment]
+    assert stop_token_ids(SimpleNamespace(eos_token_id=2), model) == {2, 7, 9}

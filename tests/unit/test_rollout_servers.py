@@ -297,3 +297,67 @@ def test_servers_keep_root_but_drop_what_root_brings() -> None:
             assert "runAsNonRoot" not in security and "readOnlyRootFilesystem" not in security
             assert "securityContext" not in child["spec"]["template"]["spec"]
             kubernetes_validate.validate(child, "1.34", strict=True)
+
+
+IN_TRAINER: Obj = {**PPO, "rollout": {"engine": "trainer"}}
+
+
+def test_the_trainer_engine_runs_no_servers_and_starts_the_job_at_once() -> None:
+    run = run_with(IN_TRAINER)
+    assert servers.rollout_children(run, run.spec.stages[2]) == []
+    assert servers.online_stage_problem(run, 2, run.spec.stages[2]) is None
+    target = builders.rollout_target(run, run.spec.stages[2])
+    assert target is not None and target.engine == "trainer" and target.urls == []
+    data = builders.build_configmap(run, run.spec.stages[2])["data"]["ppo.yaml"]
+    config = StageConfig.model_validate(yaml.safe_load(data))  # the trainer reads it back
+    assert config.rollout is not None and config.rollout.engine == "trainer"
+    done = [job_with(c, "Succeeded") if c["kind"] == "PyTorchJob" else c
+            for name in ("sft", "rm") for c in backends_children(run, name)]  # fmt: skip
+    first = plan(run, Observed(children=done, now="t1"))
+    ppo = [c["kind"] for c in first.children if name(c).startswith("demo-ppo")]
+    assert sorted(ppo) == ["ConfigMap", "PyTorchJob"]  # no Deployment, no Service, no wait
+
+
+@pytest.mark.parametrize(
+    ("rollout", "stage", "field"),
+    [
+        ({"replicas": 2}, {}, "rollout.replicas"),
+        ({"tensorParallelSize": 2}, {}, "rollout.tensorParallelSize"),
+        ({"weightSync": "nccl"}, {}, "rollout.weightSync"),
+        ({"image": "vllm/vllm-openai:v0.11.0"}, {}, "rollout.image"),
+        ({}, {"ppo": {"async": True}}, "ppo.async"),
+        ({}, {"lora": {"r": 8}}, "rollout.engine"),
+    ],
+)
+def test_what_the_trainer_engine_cannot_combine_is_refused_with_the_field(
+    rollout: Obj, stage: Obj, field: str
+) -> None:
+    from test_crd import cel_failures
+
+    bad = manifest(stages=[*STAGES[:2], {**PPO, "rollout": {"engine": "trainer", **rollout},
+                                         **stage}])  # fmt: skip
+    with pytest.raises(api.SpecError, match=field.replace(".", r"\.")):
+        api.parse_run(bad)
+    assert cel_failures(bad["spec"]), "the CRD's CEL rules let it through"
+    good = manifest(stages=[*STAGES[:2], {**PPO, "rollout": {"engine": "trainer"}}])
+    assert cel_failures(good["spec"]) == []
+
+
+def test_a_feedback_stage_cannot_sample_in_the_trainer() -> None:
+    from test_crd import cel_failures
+
+    feedback = {"name": "fb", "type": "feedback", "from": "sft", "rollout": {"engine": "trainer"},
+                "dataset": {"path": "data/prompts.jsonl", "format": "prompts"}}  # fmt: skip
+    bad = manifest(stages=[STAGES[0], feedback], judge={"model": {"path": "models/judge"}})
+    with pytest.raises(api.SpecError, match="feedback"):
+        api.parse_run(bad)
+    assert any("feedback" in rule for rule in cel_failures(bad["spec"]))
+
+
+def test_install_defaults_give_no_server_image_to_the_trainer_engine() -> None:
+    from rlhf_operator.defaults import with_install_defaults
+
+    run = run_with(IN_TRAINER)
+    env = {"RLHF_DEFAULT_VLLM_IMAGE": "registry/vllm:1", "RLHF_DEFAULT_TRAINER_IMAGE": "t:1"}
+    rollout = with_install_defaults(run, env).spec.stages[2].rollout
+    assert rollout is not None and rollout.image is None

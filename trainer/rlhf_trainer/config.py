@@ -362,11 +362,20 @@ class RolloutClientOptions(ApiModel):
     )
 
 
-class RolloutTarget(RolloutClientOptions):
-    """The rollout servers of an online stage, as rendered for the trainer by the operator."""
+# Who generates an online stage's rollouts: vLLM or lmdeploy servers, or the trainer itself.
+RolloutEngine = Literal["vllm", "lmdeploy", "trainer"]
+IN_TRAINER = "trainer"
 
-    engine: Literal["vllm", "lmdeploy"] = "vllm"
-    urls: list[str] = Field(min_length=1, description="Base URL of each server replica.")
+
+class RolloutTarget(RolloutClientOptions):
+    """The rollout servers of an online stage, as rendered for the trainer by the operator;
+    with engine `trainer`, the trainer's own process generates and there are none."""
+
+    engine: RolloutEngine = "vllm"
+    urls: list[str] = Field(
+        default_factory=list,
+        description="Base URL of each server replica (none with engine `trainer`).",
+    )
     served_model: str = Field(description="The model name the servers answer to.")
     weight_sync: Literal["disk", "nccl"] = Field(default="disk")
     lora_adapter: str | None = Field(
@@ -374,6 +383,14 @@ class RolloutTarget(RolloutClientOptions):
         description="LoRA stages: the name the policy's adapter is loaded under on the servers "
         "(requests ask for it; weight syncs replace it).",
     )
+
+    @model_validator(mode="after")
+    def _urls_for_engine(self) -> RolloutTarget:
+        if self.engine == IN_TRAINER and self.urls:
+            raise ValueError("rollout.urls: engine `trainer` generates in the trainer; no servers")
+        if self.engine != IN_TRAINER and not self.urls:
+            raise ValueError(f"rollout.urls: engine `{self.engine}` needs its servers' URLs")
+        return self
 
 
 class JudgeRequestOptions(ApiModel):

@@ -34,8 +34,15 @@ from rlhf_trainer.loop import (
     evaluate_rounds,
     run_stage,
 )
-from rlhf_trainer.losses import dpo_loss, pairwise_accuracy, sequence_logprobs
+from rlhf_trainer.losses import IGNORE_INDEX, dpo_loss, pairwise_accuracy, sequence_logprobs
 from rlhf_trainer.model import load_causal_lm, load_tokenizer, load_trainable_lm
+from rlhf_trainer.packed import (
+    gathered_logprobs,
+    mask_dtype,
+    pack,
+    packed_logits,
+    supports_packing,
+)
 from rlhf_trainer.preflight import StageInputs
 from rlhf_trainer.reward import pair_tensors
 
@@ -43,6 +50,26 @@ log = logging.getLogger(__name__)
 
 # Sequence log-probs of a batch of pairs: (chosen (B,), rejected (B,), chosen tokens, rejected).
 PairLogps = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def packed_pair_logprobs(
+    model: nn.Module, pairs: list[PairExample], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`losses.sequence_logprobs` of the chosen sequences, then the rejected ones ((2B,) each:
+    summed logprobs, scored tokens), from one packed row per pair that holds their shared
+    prompt once (`packed.py`)."""
+    sequences = [p.chosen.input_ids for p in pairs] + [p.rejected.input_ids for p in pairs]
+    labels = [p.chosen.labels for p in pairs] + [p.rejected.labels for p in pairs]
+    b = len(pairs)
+    packed = pack(sequences, [[i, i + b] for i in range(b)], pad_id, device,
+                  mask_dtype=mask_dtype(model))  # fmt: skip
+    targets = torch.full(packed.source.shape, IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(labels):
+        targets[i, : len(row) - 1] = torch.tensor(row[1:], dtype=torch.long)
+    targets = targets.to(device)
+    per_token = gathered_logprobs(packed_logits(model, packed), packed.source, targets,
+                                  IGNORE_INDEX)  # fmt: skip
+    return per_token.sum(-1), (targets != IGNORE_INDEX).sum(-1).float()
 
 
 class DPOObjective:
@@ -63,9 +90,12 @@ class DPOObjective:
         self.tables: dict[str, torch.Tensor] = {}  # split -> (n, 2) reference log-probs
 
     def _logps(self, model: nn.Module, pairs: list[PairExample]) -> PairLogps:
-        t = pair_tensors(pairs, self.pad_id, self.ctx.device)
-        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-        logp, n = sequence_logprobs(logits, t["labels"])
+        if supports_packing(model):
+            logp, n = packed_pair_logprobs(model, pairs, self.pad_id, self.ctx.device)
+        else:
+            t = pair_tensors(pairs, self.pad_id, self.ctx.device)
+            logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+            logp, n = sequence_logprobs(logits, t["labels"])
         (chosen, rejected), (n_c, n_r) = logp.chunk(2), n.chunk(2)
         return chosen, rejected, n_c, n_r
 

@@ -17,6 +17,14 @@ import torch
 from torch import nn
 
 from rlhf_trainer.losses import entropy_from_logits, token_logprobs
+from rlhf_trainer.packed import (
+    PackedRows,
+    mask_dtype,
+    pack,
+    packed_logits,
+    shared_prompt_groups,
+    supports_packing,
+)
 from rlhf_trainer.rollout import Sample
 
 
@@ -97,7 +105,14 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """(B, R, V): the logits that predict each response token (positions P-1 .. P+R-2)."""
+    """(B, R, V): the logits that predict each response token (positions P-1 .. P+R-2). Samples
+    of one prompt (GRPO's group, online RRHF's k) run packed, their prompt once (`packed.py`),
+    where the model's attention takes the mask."""
+    if supports_packing(model):
+        packed = _packed_responses(model, batch)
+        if packed is not None:
+            rows, where = packed
+            return packed_logits(model, rows)[where]
     out = model(
         input_ids=batch.sequences,
         attention_mask=batch.attention_mask,
@@ -106,6 +121,33 @@ def response_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     p, r = batch.prompt_len, batch.response_mask.size(1)
     logits: torch.Tensor = out.logits[:, p - 1 : p - 1 + r]
     return logits
+
+
+def _packed_responses(
+    model: nn.Module, batch: Batch
+) -> tuple[PackedRows, torch.Tensor] | None:
+    """The batch packed by prompt, and (B, R) where each response token's logit sits in the
+    flattened rows (0 past a response's end); None when no two samples share a prompt."""
+    p = batch.prompt_len
+    real = batch.attention_mask.bool().cpu()
+    ids = batch.sequences.cpu()
+    lengths = batch.response_mask.sum(dim=1).long().cpu().tolist()
+    prompts = [ids[i, :p][real[i, :p]].tolist() for i in range(ids.size(0))]
+    groups = shared_prompt_groups(prompts)
+    if len(groups) == len(prompts):
+        return None
+    sequences = [
+        prompt + ids[i, p : p + n].tolist()
+        for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True))
+    ]
+    # Pad with token 0: padding is never attended.
+    rows = pack(sequences, groups, 0, batch.sequences.device, model, mask_dtype(model))
+    width = batch.response_mask.size(1)
+    column = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True)):
+        column[i, :n] = torch.arange(len(prompt) - 1, len(prompt) - 1 + n)
+    where = rows.source.gather(1, column.to(rows.source.device))
+    return rows, where
 
 
 def policy_logprobs(

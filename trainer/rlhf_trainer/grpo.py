@@ -91,7 +91,7 @@ class GRPO:
         )
         batch = collate_samples(mine, int(setup.tokenizer.pad_token_id), setup.ctx.device)
         old = None
-        if setup.async_:
+        if setup.async_ or (setup.sampled_by_policy and not self.one_update):
             old = batch.behaviour_logprobs
         elif not self.one_update:
             old = forward_in_chunks(setup, batch, lambda b: policy_logprobs(setup.actor, b)[0])

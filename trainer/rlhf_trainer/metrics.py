@@ -36,7 +36,7 @@ DEFAULT_PORT = 9400
 
 # No `<name>_created` series: they are not in docs/METRICS.md and no alert or panel needs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
-SyncBackend = Literal["disk", "nccl"]
+SyncBackend = Literal["disk", "nccl", "trainer"]
 JudgeOutcome = Literal["kept", "disagreed", "unparseable", "timeout", "error"]
 # Disk sync of a small model on CPU takes well under a second; a 70B snapshot on a PVC takes
 # minutes. The buckets span both.

@@ -17,6 +17,7 @@ from torch import nn
 
 from rlhf_trainer.completions import wait_ready
 from rlhf_trainer.config import (
+    IN_TRAINER,
     GRPOOptions,
     JudgeTarget,
     PPOOptions,
@@ -25,6 +26,7 @@ from rlhf_trainer.config import (
 )
 from rlhf_trainer.data import PromptRow
 from rlhf_trainer.distributed import DistContext, all_reduce_sum, broadcast_object
+from rlhf_trainer.engine import EngineSync, TrainerEngine
 from rlhf_trainer.experience import in_chunks, scored_sequences
 from rlhf_trainer.feed import prompt_token_ids
 from rlhf_trainer.judge_reward import JudgeRewardSource
@@ -36,7 +38,7 @@ from rlhf_trainer.parity import Syncer
 from rlhf_trainer.preflight import StageInputs
 from rlhf_trainer.reward_functions import RewardFunction, resolve_reward_function
 from rlhf_trainer.reward_model import last_token_values
-from rlhf_trainer.rollout import RolloutClient, Sample
+from rlhf_trainer.rollout import RolloutClient, RolloutGenerator, Sample
 from rlhf_trainer.weight_sync import DiskWeightSync, LoraWeightSync, WeightSync
 
 log = logging.getLogger(__name__)
@@ -95,12 +97,20 @@ class OnlineSetup:
     actor: nn.Module  # the policy, FSDP-sharded, in train mode
     dtype: torch.dtype  # the dtype of its checkpoint: final/ and weight snapshots use it
     reward: RewardSource
-    client: RolloutClient | None  # rank 0 only
+    client: RolloutGenerator | None  # rank 0 only: the servers' client, or the trainer engine
     syncer: Syncer
     max_prompt: int  # prompt tokens kept (maxLength - maxNewTokens)
     async_: bool
     backend: WeightSync
     export: Exporter  # how final/ is written (merged, or the adapter alone, with LoRA)
+
+    @property
+    def sampled_by_policy(self) -> bool:
+        """Whether the samples' own logprobs are log π_old: the trainer generated them from
+        the current weights in its own process (`engine: trainer`), so a forward pass for
+        π_old would compute them again (to float rounding; the parity probe watches the gap).
+        Servers' logprobs come from their own kernels and dtype, so they are recomputed."""
+        return isinstance(self.backend, EngineSync)
 
     def close(self) -> None:
         self.backend.close()
@@ -179,6 +189,37 @@ def overlap_threads(urls: Sequence[str], device: torch.device, threads: int) -> 
     return max(1, threads - local)
 
 
+def stop_token_ids(tokenizer: Any, model: nn.Module) -> set[int]:
+    """The tokens that end a response: the tokenizer's EOS and the model's (config and
+    generation config), as vLLM stops on them."""
+    found: set[int] = set()
+    configs = [getattr(model, "config", None), getattr(model, "generation_config", None)]
+    for value in [tokenizer.eos_token_id, *(getattr(c, "eos_token_id", None) for c in configs)]:
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, list | tuple):
+            found.update(v for v in value if isinstance(v, int))
+    return found
+
+
+def _generator(
+    inputs: StageInputs[PromptRow], ctx: DistContext, tokenizer: Any, actor: nn.Module
+) -> tuple[RolloutGenerator | None, WeightSync | None]:
+    """Rank 0's generator and the weight sync that feeds it, when the trainer itself generates
+    (`rollout.engine: trainer`; preflight refused async and LoRA); (None, None) for servers."""
+    target = inputs.config.rollout
+    assert target is not None
+    if target.engine != IN_TRAINER:
+        return None, None
+    dtype = torch.bfloat16 if ctx.bf16 else torch.float32
+    engine = None
+    if ctx.is_main:
+        stops = stop_token_ids(tokenizer, actor)
+        model_config = getattr(actor, "config", None)
+        engine = TrainerEngine(model_config, stops, ctx.device, dtype, target.concurrency)
+    return engine, EngineSync(engine, ctx, dtype)
+
+
 def prepare(inputs: StageInputs[PromptRow], ctx: DistContext) -> OnlineSetup:
     """Load and shard the policy, set up rewards, reach the servers. Collective."""
     config = inputs.config
@@ -197,15 +238,20 @@ def prepare(inputs: StageInputs[PromptRow], ctx: DistContext) -> OnlineSetup:
     tokenizer = load_tokenizer(config.model, inputs.model_ref)
     actor, dtype, export = load_trainable_lm(config, inputs.model_ref, ctx)
     reward = _reward(inputs, tokenizer, ctx)
-    # With LoRA, requests ask for the policy's adapter on top of the servers' base weights.
-    served = target.lora_adapter or target.served_model
-    requests = target.model_copy(update={"served_model": served})
-    client = RolloutClient(requests) if ctx.is_main else None
-    if client is not None:
-        log.info("Waiting for %d rollout server(s): %s", len(target.urls), ", ".join(target.urls))
-        client.wait_ready()
+    client, backend = _generator(inputs, ctx, tokenizer, actor)
+    if backend is None:
+        # With LoRA, requests ask for the policy's adapter on top of the servers' base weights.
+        served = target.lora_adapter or target.served_model
+        requests = target.model_copy(update={"served_model": served})
+        client = RolloutClient(requests) if ctx.is_main else None
+        if client is not None:
+            log.info(
+                "Waiting for %d rollout server(s): %s", len(target.urls), ", ".join(target.urls)
+            )
+            client.wait_ready()
+        backend = _backend(target, inputs, ctx, dtype)
+    if ctx.is_main:
         _wait_for_judge(config.judge)
-    backend = _backend(target, inputs, ctx, dtype)
     max_prompt = config.hyperparameters.max_length - max_new
     probe = prompt_token_ids(tokenizer, [inputs.train_rows[0].prompt], max_prompt)[0]
     pad = int(tokenizer.pad_token_id)

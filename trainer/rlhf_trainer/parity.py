@@ -21,7 +21,7 @@ from torch import nn
 from rlhf_trainer import metrics as prom
 from rlhf_trainer.distributed import DistContext, broadcast_object
 from rlhf_trainer.experience import collate_samples, policy_logprobs
-from rlhf_trainer.rollout import RolloutClient, Sample, Sampling
+from rlhf_trainer.rollout import RolloutGenerator, Sample
 from rlhf_trainer.weight_sync import WeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Syncer:
     def __init__(
         self,
         backend: WeightSync,
-        client: RolloutClient | None,
+        client: RolloutGenerator | None,
         probe_prompt: Sequence[int],
         threshold: float,
         ctx: DistContext,
@@ -68,9 +68,9 @@ class Syncer:
             prom.observe_weight_sync(self.backend.backend, seconds)
         parity = self.check(model)
         log.info(
-            "Synced weights of step %d to the rollout servers (%s, %.2fs); logprob gap "
-            "mean %.2e, max %.2e",
+            "Synced weights of step %d to %s (%s, %.2fs); logprob gap mean %.2e, max %.2e",
             step,
+            "the trainer's engine" if self.backend.backend == "trainer" else "the rollout servers",
             self.backend.backend,
             seconds,
             parity.mean_abs,
@@ -104,11 +104,7 @@ class Syncer:
         if self.ctx.is_main:
             assert self.client is not None
             urls = self.client.urls
-            greedy = Sampling(n=1, max_tokens=PROBE_TOKENS, temperature=0.0)
-            samples = [
-                self.client.generate([self.probe_prompt], greedy, urls=[url])[0][0]
-                for url in urls
-            ]
+            samples = [self.client.probe(self.probe_prompt, PROBE_TOKENS, url) for url in urls]
         samples, urls = cast(
             tuple[list[Sample], list[str]], broadcast_object((samples, urls))
         )

@@ -153,7 +153,7 @@ class PPO:
         batch = collate_samples(mine, int(setup.tokenizer.pad_token_id), device)
         mask = batch.response_mask
         old = batch.behaviour_logprobs
-        if not setup.async_:
+        if not setup.async_ and not setup.sampled_by_policy:
             old = forward_in_chunks(setup, batch, lambda b: policy_logprobs(setup.actor, b)[0])
         ref = old
         if self.reference is not None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic
 
 from rlhf_trainer import lora, tasks
 from rlhf_trainer.config import (
+    IN_TRAINER,
     DatasetSpec,
     GRPOOptions,
     ModelSource,
@@ -213,6 +214,25 @@ def _check_reward_source(config: StageConfig) -> None:
         load_chat_format(judge.model, judge.chat_template)  # a broken template fails here
 
 
+def _check_engine(config: StageConfig) -> None:
+    """What generating in the trainer (`rollout.engine: trainer`) cannot combine with."""
+    assert config.rollout is not None
+    if config.rollout.engine != IN_TRAINER:
+        return
+    options = config.ppo or config.grpo or config.rrhf
+    if options is not None and options.async_:
+        raise UserError(
+            f"{config.type}.async: with rollout.engine `trainer` generation and training share "
+            "the trainer's devices and weights; set async to false, or generate on servers "
+            "(engine vllm)"
+        )
+    if config.lora is not None or config.rollout.lora_adapter is not None:
+        raise UserError(
+            "rollout.engine: `trainer` does not generate with LoRA adapters yet; train all "
+            "weights or use engine vllm"
+        )
+
+
 def _check_online(
     config: StageConfig, world_size: int, prompts_per_step: int, per_prompt: int, max_new: int
 ) -> StageInputs[PromptRow]:
@@ -223,6 +243,7 @@ def _check_online(
             "rollout: the stage config names no rollout servers; the operator fills them in, "
             "so run the stage through `rlhf run` or the operator"
         )
+    _check_engine(config)
     if config.lora is not None and config.rollout.lora_adapter is None:
         raise UserError(
             "rollout.loraAdapter: a LoRA stage syncs its adapters under a name the servers "

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from rlhf_trainer import metrics as prom
 from rlhf_trainer.completions import CallFailed, Completion, CompletionsClient, wait_ready
@@ -126,6 +126,29 @@ def _payload(prompt_ids: Sequence[int], sampling: Sampling, index: int) -> dict[
     return payload
 
 
+class RolloutGenerator(Protocol):
+    """What the online loop generates with: `RolloutClient` (servers) or the trainer's own
+    engine (`engine.TrainerEngine`, `rollout.engine: trainer`)."""
+
+    lost_connection: bool  # during the last `generate` (a server may have restarted)
+
+    @property
+    def urls(self) -> list[str]: ...
+
+    def wait_ready(self) -> None: ...
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: Sampling,
+        urls: Sequence[str] | None = None,
+    ) -> list[list[Sample]]: ...
+
+    def probe(self, prompt: Sequence[int], max_tokens: int, url: str) -> Sample:
+        """The parity probe's sample from one replica, with that replica's logprobs."""
+        ...
+
+
 class RolloutClient:
     """Generates on a stage's rollout servers (`RolloutTarget`, rendered by the operator)."""
 
@@ -163,6 +186,11 @@ class RolloutClient:
             time.perf_counter() - started,
         )
         return out
+
+    def probe(self, prompt: Sequence[int], max_tokens: int, url: str) -> Sample:
+        """A greedy answer to `prompt` from the replica at `url`, with its logprobs."""
+        greedy = Sampling(n=1, max_tokens=max_tokens, temperature=0.0)
+        return self.generate([prompt], greedy, urls=[url])[0][0]
 
     async def _generate(
         self, prompts: Sequence[Sequence[int]], sampling: Sampling, urls: list[str]
