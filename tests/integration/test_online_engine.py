@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from test_online_vllm import (
     HELD_OUT,
     MIN_GAIN,

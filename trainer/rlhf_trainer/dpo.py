@@ -3,9 +3,10 @@
 Sequence log-probs are summed over completion tokens (`losses.sequence_logprobs`) for the chosen
 and the rejected response of each pair, for the policy and the reference; `losses.dpo_loss` gives
 the per-pair loss (sigmoid, IPO or hinge; label smoothing for conservative DPO), averaged over the
-global batch. The reference is the initial policy: a second, frozen FSDP-sharded copy, or with
-LoRA the policy itself with its adapters disabled. `dpo.precomputeRefLogprobs` scores every pair
-with it once before training and frees it.
+global batch. A pair runs as one row that holds its prompt once (`packed.py`) where the model's
+attention takes a 4D mask, else as two padded rows. The reference is the initial policy: a
+second, frozen FSDP-sharded copy, or with LoRA the policy itself with its adapters disabled.
+`dpo.precomputeRefLogprobs` scores every pair with it once before training and frees it.
 
 Logged: loss, reward_accuracy (chosen implicit reward above rejected, ties half), chosen_reward,
 rejected_reward and margin (beta * log-ratios, batch means); held out, before training and at each

@@ -123,6 +123,10 @@ def response_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     return logits
 
 
+# Pack when the prompts are at most this share of the samples (GRPO's G = 8 samples: 1/8).
+PACK_BELOW = 0.75
+
+
 def _packed_responses(
     model: nn.Module, batch: Batch
 ) -> tuple[PackedRows, torch.Tensor] | None:
@@ -134,8 +138,8 @@ def _packed_responses(
     lengths = batch.response_mask.sum(dim=1).long().cpu().tolist()
     prompts = [ids[i, :p][real[i, :p]].tolist() for i in range(ids.size(0))]
     groups = shared_prompt_groups(prompts)
-    if len(groups) == len(prompts):
-        return None
+    if len(groups) > PACK_BELOW * len(prompts):
+        return None  # few shared prompts (PPO's one sample each): not worth the packing
     sequences = [
         prompt + ids[i, p : p + n].tolist()
         for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True))

@@ -10,7 +10,9 @@ the whole minibatch. β = 0 loads no reference model.
 When a step's samples fit one minibatch (rolloutBatchSize × G ≤ batchSize) and generation is
 synchronous, the one optimizer step starts from the policy that sampled them: π_old is the
 current policy, so the ratio takes the loss pass's own logprobs, detached, and no separate
-π_old forward pass runs (TRL's GRPOTrainer does the same with one iteration).
+π_old forward pass runs (TRL's GRPOTrainer does the same with one iteration). Otherwise π_old
+is the servers' behaviour logprobs with `async: true`, the samples' own logprobs when the
+trainer generated them (`rollout.engine: trainer`), else a forward pass of its own.
 """
 
 from __future__ import annotations

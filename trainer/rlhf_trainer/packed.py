@@ -118,22 +118,24 @@ def pack(
     built = []
     for prefix, members in rows:
         ids = list(sequences[members[0]][:prefix])
-        positions, segments = list(range(prefix)), [0] * prefix
-        for j, i in enumerate(members, start=1):
+        positions, starts = list(range(prefix)), [0] * prefix
+        for i in members:
             tail = sequences[i][prefix:]
+            starts += [len(ids)] * len(tail)  # where this tail begins in the row
             ids += tail
             positions += range(prefix, prefix + len(tail))
-            segments += [j] * len(tail)
-        built.append((ids, positions, segments))
+        built.append((ids, positions, starts))
     width = max(len(ids) for ids, _, _ in built)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)
-    for r, (ids, positions, segments) in enumerate(built):
+    start = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, positions, starts) in enumerate(built):
         input_ids[r, : len(ids)] = torch.tensor(ids)
         position_ids[r, : len(ids)] = torch.tensor(positions)
-        segment[r, : len(ids)] = torch.tensor(segments)
-    mask = _mask(segment)
+        start[r, : len(ids)] = torch.tensor(starts)
+    prefixes = torch.tensor([prefix for prefix, _ in rows])
+    lengths = torch.tensor([len(ids) for ids, _, _ in built])
+    mask = _mask(start, prefixes, lengths)
     attention: torch.Tensor = mask
     if mask_dtype is not None:
         attention = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill(
@@ -145,15 +147,17 @@ def pack(
     )
 
 
-def _mask(segment: torch.Tensor) -> torch.Tensor:
-    """(G, 1, L, L) bool from segment ids (0 prefix, j tail j, -1 padding): causal, within a
-    segment or onto the prefix; a padding query sees only itself, so no row is empty."""
-    width = segment.size(1)
+def _mask(start: torch.Tensor, prefix: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """(G, 1, L, L) bool: query i of a row sees key j <= i that is in the row's shared prefix
+    (j < prefix) or in i's own segment (j >= start[i], where i's tail begins; 0 in the
+    prefix). A padding query (i >= length) sees only itself, so that no row is empty."""
+    width = start.size(1)
     idx = torch.arange(width)
-    causal = (idx.unsqueeze(1) >= idx.unsqueeze(0)).unsqueeze(0)
-    q, k = segment.unsqueeze(2), segment.unsqueeze(1)
-    allowed = causal & ((q == k) | (k == 0)) & (q >= 0) & (k >= 0)
-    return (allowed | torch.eye(width, dtype=torch.bool).unsqueeze(0)).unsqueeze(1)
+    q, k = idx.view(1, width, 1), idx.view(1, 1, width)
+    allowed = (k < prefix.view(-1, 1, 1)) | (k >= start.unsqueeze(2))
+    allowed &= (k <= q) & (q < length.view(-1, 1, 1))
+    allowed |= q == k
+    return allowed.unsqueeze(1)
 
 
 def _source(
@@ -161,15 +165,15 @@ def _source(
 ) -> torch.Tensor:
     """(N, T): where each position of each sequence sits in the flattened rows."""
     longest = max(len(s) for s in sequences)
-    source = torch.zeros((len(sequences), longest), dtype=torch.long)
+    source = [[0] * longest for _ in sequences]
     for r, (prefix, members) in enumerate(rows):
-        start = prefix
+        base, start = r * width, prefix
         for i in members:
             n = len(sequences[i])
-            positions = list(range(prefix)) + list(range(start, start + n - prefix))
-            source[i, :n] = torch.tensor(positions, dtype=torch.long) + r * width
+            tail = range(base + start, base + start + n - prefix)
+            source[i][:n] = [*range(base, base + prefix), *tail]
             start += n - prefix
-    return source
+    return torch.tensor(source, dtype=torch.long)
 
 
 def packed_logits(model: nn.Module, packed: PackedRows) -> torch.Tensor:

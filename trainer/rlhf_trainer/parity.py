@@ -1,10 +1,12 @@
 """Weight sync with a parity probe: stale weights never pass silently.
 
 After every sync each replica answers a fixed probe prompt greedily, with the logprobs of its
-tokens; the trainer computes its own logprobs of the same tokens. The mean absolute gap of the
-worst replica is checked against `rollout.parityThreshold` (an error above it); the max
-absolute gap is the `rlhf_trainer_logprob_mismatch` gauge. Both go to metrics.jsonl
-(`logprob_mismatch`, `logprob_mismatch_mean`).
+tokens (the trainer's own engine, `engine: trainer`, answers once and then rescores the same
+tokens with each new set of weights); the trainer computes its own logprobs of the same
+tokens. The mean absolute gap of the worst replica is checked against
+`rollout.parityThreshold` (an error above it); the max absolute gap is the
+`rlhf_trainer_logprob_mismatch` gauge. Both go to metrics.jsonl (`logprob_mismatch`,
+`logprob_mismatch_mean`).
 """
 
 from __future__ import annotations

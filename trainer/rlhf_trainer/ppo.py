@@ -6,6 +6,8 @@ Models: the actor (the policy, from the `from` stage), the critic (from the rewa
 frozen reference (a copy of the initial policy; loaded when β > 0 or the KL controller is
 adaptive) and the reward source. Per step, one sample per prompt:
 
+0. log π_old: recomputed by a forward pass, or the samples' own logprobs when they are the
+   policy's (`rollout.engine: trainer`) or one step old (`async: true`);
 1. rewards: the raw score, then `rewardScaling` (÷ running std) or `rewardNormalization`
    (standardise with the running moments), then `rewardClip`; the per-token k1 KL penalty
    -β (log π_old - log π_ref) on every token, the shaped score on the last one;
