@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -272,3 +273,31 @@ def test_engine_sync_loads_the_unsharded_policy_without_a_collective() -> None:
     [[sample]] = engine.generate([[5, 6, 7]], Sampling(n=1, max_tokens=4, temperature=0.0))
     assert torch.allclose(torch.tensor(sample.logprobs), forward_logprobs(model, sample),
                           atol=2e-5)  # fmt: skip
+
+
+@pytest.fixture
+def ctx() -> Iterator[Any]:
+    from rlhf_trainer.distributed import close_distributed, init_distributed
+
+    context = init_distributed(bf16=False)  # a 1-rank gloo group: the Syncer broadcasts
+    yield context
+    close_distributed()
+
+
+def test_a_skipped_engine_sync_is_caught_by_the_parity_probe(ctx: Any) -> None:
+    """The optimizer moves the policy in place; the decoder shares most tensors but holds its
+    own fused q/k/v and gate/up copies, so without the sync after the step it samples from
+    stale weights, and the probe must say so. After the sync the gap is float rounding."""
+    from rlhf_trainer.parity import Syncer
+    from rlhf_trainer.weight_sync import WeightSyncError
+
+    model = model_named("llama")
+    engine = TrainerEngine(model.config, [EOS], torch.device("cpu"), torch.float32, 8)
+    syncer = Syncer(EngineSync(engine, ctx, torch.float32), engine, prompts(1)[0], 0.01, ctx, 0)
+    assert syncer.sync(model, step=0)["logprob_mismatch_mean"] < 1e-5
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    with pytest.raises(WeightSyncError, match="parity probe failed on trainer"):
+        syncer.check(model)
+    assert syncer.sync(model, step=1)["logprob_mismatch_mean"] < 1e-5

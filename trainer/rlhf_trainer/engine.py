@@ -158,12 +158,10 @@ class TrainerEngine:
         device: torch.device,
         dtype: torch.dtype,
         prompts_per_batch: int,
-        seed_offset: int = 0,
     ) -> None:
         self.config, self.device, self.dtype = config, device, dtype
         self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         self.prompts_per_batch = prompts_per_batch
-        self.seed_offset = seed_offset
         self.decoder: Decoder | None = None
         self.probe_sample: Sample | None = None  # the parity probe's tokens, once generated
         self.failures: collections.Counter[str] = collections.Counter()  # never any
@@ -216,7 +214,7 @@ class TrainerEngine:
         generator = None
         if sampling.temperature > 0:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(sampling.seed + self.seed_offset)
+            generator.manual_seed(sampling.seed)
         out: list[list[Sample]] = []
         for start in range(0, len(prompts), self.prompts_per_batch):
             chunk = prompts[start : start + self.prompts_per_batch]

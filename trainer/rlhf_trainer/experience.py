@@ -61,6 +61,8 @@ class Experience:
     ref_logprobs: torch.Tensor | None = None  # (B, R): log π_ref (None when no KL is used)
     values: torch.Tensor | None = None  # (B, R): critic values at sampling time (PPO)
     returns: torch.Tensor | None = None  # (B, R): GAE returns A + V (PPO)
+    rewards: torch.Tensor | None = None  # (B, R): per-token rewards, KL penalty included (PPO)
+    row: torch.Tensor | None = None  # (B,) int64: each sample's place in the step's experience
 
     def select(self, index: Sequence[int]) -> Experience:
         """The rows `index` of every tensor."""

@@ -11,7 +11,10 @@ adaptive) and the reward source. Per step, one sample per prompt:
 1. rewards: the raw score, then `rewardScaling` (÷ running std) or `rewardNormalization`
    (standardise with the running moments), then `rewardClip`; the per-token k1 KL penalty
    -β (log π_old - log π_ref) on every token, the shaped score on the last one;
-2. GAE (γ, λ) over response tokens, returns = A + V; `advantageWhitening` with global stats;
+2. GAE (γ, λ) over response tokens, returns = A + V; `advantageWhitening` with global stats.
+   V is the critic's value at sampling time: a forward pass of its own, or, when the step makes
+   one critic update on the whole batch (one minibatch, one epoch), that update's own pass,
+   detached (`fold_values`; the value clip is then inactive, as on any first epoch);
 3. `ppoEpochs` passes in minibatches of `batchSize`: the critic on the clipped value loss
    (`valueClip`), and, after `criticWarmupSteps`, the actor on the clipped surrogate
    (`policyClip`), minus `entropyCoef` × entropy, plus `ptxCoef` × an LM loss on `ptxDataset`;
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -111,6 +115,10 @@ class PPO:
         if self.concurrent:
             log.info("The critic and the actor update concurrently (one process, %d CPUs for "
                      "2 x %d torch threads)", usable_cpus(), threads)  # fmt: skip
+        # One critic update per step, on the whole batch: its values at sampling time are those
+        # of the critic it is about to update, so its update pass gives them (detached) and no
+        # forward pass of its own runs. The actor then waits for the critic (advantages).
+        self.fold_values = per_step == 1 and not self.concurrent
 
     def modules(self) -> nn.Module:
         return nn.ModuleDict({"actor": self.setup.actor, "critic": self.critic})
@@ -148,8 +156,10 @@ class PPO:
             shaped = clip_rewards(shaped, opts.reward_clip)
         return shaped
 
-    def experience(self, rollouts: StepRollouts) -> tuple[Experience, dict[str, float]]:
-        setup, opts, device = self.setup, self.opts, self.setup.ctx.device
+    def experience(self, rollouts: StepRollouts) -> tuple[Experience, torch.Tensor]:
+        """The step's experience and shaped scores. Values, returns and advantages are left
+        for the critic's update pass when `fold_values`; else a forward pass gives them."""
+        setup, device = self.setup, self.setup.ctx.device
         mine = shard(rollouts.samples, setup.ctx)
         scores = setup.reward.score(mine, rollouts.prompts).to(device)
         batch = collate_samples(mine, int(setup.tokenizer.pad_token_id), device)
@@ -161,16 +171,26 @@ class PPO:
         if self.reference is not None:
             reference = self.reference
             ref = forward_in_chunks(setup, batch, lambda b: policy_logprobs(reference, b)[0])
-        values = forward_in_chunks(setup, batch, lambda b: critic_values(self.critic, b))
         shaped = self.shape(scores)
         rewards = kl_penalized_rewards(shaped, old, ref, mask, self.kl_ctl.beta)
-        advantages, returns = gae(rewards, values, mask, opts.gamma, opts.lam)
+        row = torch.arange(len(mine), device=device)
+        exp = Experience(batch, old, torch.zeros_like(mask), scores, ref, rewards=rewards, row=row)
+        if not self.fold_values:
+            values = forward_in_chunks(setup, batch, lambda b: critic_values(self.critic, b))
+            exp = self.with_values(exp, values)
+        return exp, shaped
+
+    def with_values(self, exp: Experience, values: torch.Tensor) -> Experience:
+        """The experience with the critic's values at sampling time, GAE's returns and the
+        advantages (whitened over all ranks when `advantageWhitening`). Collective."""
+        opts, device, mask = self.opts, self.setup.ctx.device, exp.batch.response_mask
+        assert exp.rewards is not None
+        advantages, returns = gae(exp.rewards, values, mask, opts.gamma, opts.lam)
         if opts.advantage_whitening:
             sums = masked_sums(advantages, mask).to(device)
             total = torch.tensor(all_reduce_sum(sums.tolist(), device), dtype=torch.float64)
             advantages = whiten(advantages, mask, total)
-        exp = Experience(batch, old, advantages, scores, ref, values, returns)
-        return exp, self._stats(exp, shaped)
+        return replace(exp, advantages=advantages, values=values, returns=returns)
 
     def _stats(self, exp: Experience, shaped: torch.Tensor) -> dict[str, float]:
         device, mask = self.setup.ctx.device, exp.batch.response_mask
@@ -197,11 +217,19 @@ class PPO:
         }
 
     def train(self, step: int, rollouts: StepRollouts) -> tuple[dict[str, float], bool]:
-        exp, metrics = self.experience(rollouts)
-        self.kl_ctl.update(metrics["kl"], len(rollouts.samples))
+        exp, shaped = self.experience(rollouts)
         seed = self.setup.inputs.config.hyperparameters.seed + step
         epochs = self.opts.ppo_epochs
         critic_rng, actor_rng = random.Random(seed), random.Random(~seed)
+        folded: dict[str, float] | None = None
+        if self.fold_values:
+            sampled = torch.zeros_like(exp.batch.response_mask)
+            folded = self.critic_steps.run(
+                exp, lambda sub: self._folded_value_loss(sub, sampled), critic_rng
+            )
+            exp = self.with_values(exp, sampled)
+        metrics = self._stats(exp, shaped)
+        self.kl_ctl.update(metrics["kl"], len(rollouts.samples))
 
         def critic_update() -> dict[str, float]:
             return self.critic_steps.run(exp, self._value_loss, critic_rng, epochs)
@@ -210,7 +238,11 @@ class PPO:
             return self.actor_steps.run(exp, self._policy_loss, actor_rng, epochs)
 
         moved = step >= self.opts.critic_warmup_steps
-        if moved:  # the two models share nothing but the experience, which both only read
+        if folded is not None:
+            critic = folded
+            if moved:
+                metrics |= rename(actor_update())
+        elif moved:  # the two models share nothing but the experience, which both only read
             critic, actor = run_both(critic_update, actor_update, self.concurrent)
             metrics |= rename(actor)
         else:
@@ -218,6 +250,21 @@ class PPO:
         metrics |= {"value_loss": critic["value_loss"], "critic_grad_norm": critic["grad_norm"]}
         metrics["loss"] = metrics.get("policy_loss", 0.0) + metrics["value_loss"]
         return metrics, moved
+
+    def _folded_value_loss(
+        self, exp: Experience, sampled: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The value loss when the critic's update pass also gives its values at sampling time
+        (`fold_values`): V_old = V (detached), so the clip is inactive, as on a first epoch;
+        they go to `sampled` at the micro-batch's rows, for the actor's advantages."""
+        assert exp.rewards is not None and exp.row is not None
+        mask = exp.batch.response_mask
+        values = critic_values(self.critic, exp.batch)
+        old = values.detach()
+        sampled[exp.row] = old
+        _, returns = gae(exp.rewards, old, mask, self.opts.gamma, self.opts.lam)
+        loss = clipped_value_loss(values, old, returns, mask, self.opts.value_clip)
+        return loss, {"value_loss": float(loss.detach())}
 
     def _value_loss(self, exp: Experience) -> tuple[torch.Tensor, dict[str, float]]:
         assert exp.values is not None and exp.returns is not None
