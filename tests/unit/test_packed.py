@@ -12,10 +12,10 @@ import torch
 
 from rlhf_trainer.batching import Example, PairExample
 from rlhf_trainer.dpo import packed_pair_logprobs
-from rlhf_trainer.experience import _packed_responses, collate_samples, policy_logprobs
+from rlhf_trainer.experience import _packed, collate_samples, policy_logprobs
 from rlhf_trainer.losses import IGNORE_INDEX, sequence_logprobs
 from rlhf_trainer.packed import (
-    _rows,
+    best_layout,
     common_prefix,
     mask_dtype,
     pack,
@@ -84,18 +84,38 @@ def test_every_packed_logit_equals_the_sequence_alone(attention: str) -> None:
 
 
 def test_large_groups_are_split_when_attention_would_cost_more() -> None:
-    """A wide model with long tails pays more for an L^2 row than for repeating a short
-    prompt; the layout is the same k for every group (rows are padded to the longest)."""
+    """A narrow model with long tails pays more for an L^2 row than for repeating a short
+    prompt; the split is the same k for every group (rows are padded to the longest)."""
     sequences = [[5] * 4 + [6 + j] * 60 for j in range(8)]
     sequences += [[9] * 4 + [6 + j] * 5 for j in range(8)]
     groups = [list(range(8)), list(range(8, 16))]
-    rows = _rows(sequences, groups, tiny(hidden=32))
-    assert max(len(members) for _, members in rows) < 8
-    sizes = {len(members) for _, members in rows}
-    assert len(sizes) == 1  # one k for the batch
-    short = [[5] * 40 + [6 + j] * 2 for j in range(8)]  # long prompt, short tails: one row
-    assert _rows(short, [list(range(8))], tiny(hidden=32)) == [(40, list(range(8)))]
-    assert _rows(short, [list(range(8))], None) == [(40, list(range(8)))]
+    layout = best_layout(sequences, groups, tiny(hidden=32))
+    assert layout is not None
+    units = [unit for row in layout for unit in row]
+    assert max(len(members) for _, members in units) < 8
+    assert sorted(i for _, members in units for i in members) == list(range(16))
+    short = [[5] * 40 + [6 + j] * 2 for j in range(8)]  # long prompt, short tails: one unit
+    assert best_layout(short, [list(range(8))], tiny(hidden=32)) == [[(40, list(range(8)))]]
+    assert best_layout(short, [list(range(8))], None) is None  # no cost model: no choice
+
+
+def test_short_sequences_share_rows_when_that_saves_padding() -> None:
+    """Sequence packing: one long sequence and many short ones, each its own group (PPO's one
+    sample per prompt); the short ones fill rows as long as the long one instead of each
+    being padded to it."""
+    sequences = [[5] * 64] + [[6] * n for n in (9, 12, 15, 10, 20, 14, 11, 16)]
+    groups = [[i] for i in range(len(sequences))]
+    layout = best_layout(sequences, groups, tiny(hidden=32))
+    assert layout is not None and len(layout) < len(sequences)
+    width = max(sum(len(sequences[m[0]]) for _, m in row) for row in layout)
+    assert width == 64  # no row longer than the longest sequence needs
+    model = tiny(hidden=32)
+    packed = pack(sequences, groups, 0, torch.device("cpu"), model)
+    with torch.no_grad():
+        flat = packed_logits(model, packed)
+    for i, sequence in enumerate(sequences):
+        got = flat[packed.source[i, : len(sequence)]]
+        assert torch.allclose(got, alone(model, sequence), atol=1e-5), i
 
 
 def test_common_prefix_leaves_every_sequence_a_tail() -> None:
@@ -149,7 +169,7 @@ def test_online_response_logprobs_are_the_same_packed_or_not() -> None:
     model = tiny()
     order = [5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6]  # minibatches take shuffled rows
     batch = collate_samples([samples(3, 4, seed=3)[i] for i in order], 0, torch.device("cpu"))
-    assert _packed_responses(model, batch) is not None
+    assert _packed(model, batch) is not None
     with torch.no_grad():
         packed, entropy = policy_logprobs(model, batch, with_entropy=True)
     rows = [alone_response(model, batch, i) for i in range(batch.sequences.size(0))]
@@ -171,6 +191,47 @@ def alone_response(model: Any, batch: Any, i: int) -> tuple[torch.Tensor, int]:
     return picked.gather(1, torch.tensor(response).unsqueeze(1)).squeeze(1), n
 
 
-def test_samples_of_distinct_prompts_run_unpacked() -> None:
-    batch = collate_samples(samples(4, 1, seed=4), 0, torch.device("cpu"))
-    assert _packed_responses(tiny(), batch) is None
+def test_a_batch_with_nothing_to_save_runs_unpacked() -> None:
+    """Distinct prompts, all one length: no prompt to share, no padding to fill."""
+    same = [Sample(i, (4 + i,) * 6, (9, 10, 11), (0.0,) * 3, "length") for i in range(4)]
+    assert _packed(tiny(), collate_samples(same, 0, torch.device("cpu"))) is None
+    varied = collate_samples(samples(6, 1, seed=4), 0, torch.device("cpu"))
+    model = tiny()
+    model.config._attn_implementation = "flash_attention_2"  # its kernels take no 4D mask
+    assert _packed(model, varied) is None
+
+
+def test_distinct_prompts_of_varied_length_pack_and_match() -> None:
+    """PPO's batch (one sample per prompt): short sequences share rows."""
+    model = tiny()
+    batch = collate_samples(samples(12, 1, seed=5), 0, torch.device("cpu"))
+    packed = _packed(model, batch)
+    assert packed is not None and packed[0].input_ids.size(0) < 12
+    with torch.no_grad():
+        logprobs, _ = policy_logprobs(model, batch)
+    for i in range(batch.sequences.size(0)):
+        expected, n = alone_response(model, batch, i)
+        assert torch.allclose(logprobs[i, :n], expected, atol=1e-5), i
+
+
+def test_critic_values_are_the_same_packed_or_alone() -> None:
+    from torch import nn
+
+    from rlhf_trainer.experience import critic_values
+    from rlhf_trainer.online_models import ValueModel
+
+    torch.manual_seed(0)
+    critic = ValueModel(tiny().model, nn.Linear(32, 1))
+    batch = collate_samples(samples(3, 4, seed=6) + samples(5, 1, seed=7), 0, torch.device("cpu"))
+    assert _packed(critic, batch) is not None
+    with torch.no_grad():
+        values = critic_values(critic, batch)
+        for i in range(batch.sequences.size(0)):
+            p, n = batch.prompt_len, int(batch.response_mask[i].sum())
+            real = batch.attention_mask[i].bool()
+            prompt = batch.sequences[i, :p][real[:p]].tolist()
+            sequence = torch.tensor([prompt + batch.sequences[i, p : p + n].tolist()])
+            alone_values = critic(input_ids=sequence, attention_mask=torch.ones_like(sequence))
+            expected = alone_values[0, len(prompt) - 1 : len(prompt) - 1 + n]
+            assert torch.allclose(values[i, :n], expected, atol=1e-5), i
+            assert torch.all(values[i, n:] == 0)

@@ -62,8 +62,8 @@ def packed_pair_logprobs(
     sequences = [p.chosen.input_ids for p in pairs] + [p.rejected.input_ids for p in pairs]
     labels = [p.chosen.labels for p in pairs] + [p.rejected.labels for p in pairs]
     b = len(pairs)
-    packed = pack(sequences, [[i, i + b] for i in range(b)], pad_id, device,
-                  mask_dtype=mask_dtype(model))  # fmt: skip
+    packed = pack(sequences, [[i, i + b] for i in range(b)], pad_id, device, model,
+                  mask_dtype(model))  # fmt: skip
     targets = torch.full(packed.source.shape, IGNORE_INDEX, dtype=torch.long)
     for i, row in enumerate(labels):
         targets[i, : len(row) - 1] = torch.tensor(row[1:], dtype=torch.long)

@@ -19,6 +19,8 @@ from torch import nn
 from rlhf_trainer.losses import entropy_from_logits, token_logprobs
 from rlhf_trainer.packed import (
     PackedRows,
+    best_layout,
+    layout_cost,
     mask_dtype,
     pack,
     packed_logits,
@@ -107,14 +109,13 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """(B, R, V): the logits that predict each response token (positions P-1 .. P+R-2). Samples
-    of one prompt (GRPO's group, online RRHF's k) run packed, their prompt once (`packed.py`),
-    where the model's attention takes the mask."""
-    if supports_packing(model):
-        packed = _packed_responses(model, batch)
-        if packed is not None:
-            rows, where = packed
-            return packed_logits(model, rows)[where]
+    """(B, R, V): the logits that predict each response token (positions P-1 .. P+R-2). The
+    samples run packed (`packed.py`: a prompt once for all its samples, short sequences sharing
+    a row) where the model's attention takes the mask and packing pays."""
+    packed = _packed(model, batch)
+    if packed is not None:
+        rows, where = packed
+        return packed_logits(model, rows)[where]
     out = model(
         input_ids=batch.sequences,
         attention_mask=batch.attention_mask,
@@ -125,35 +126,42 @@ def response_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     return logits
 
 
-# Pack when the prompts are at most this share of the samples (GRPO's G = 8 samples: 1/8).
-PACK_BELOW = 0.75
+# Packing must save at least this share of the estimated FLOPs to be worth building the rows.
+PACKING_SAVES = 0.1
 
 
-def _packed_responses(
-    model: nn.Module, batch: Batch
-) -> tuple[PackedRows, torch.Tensor] | None:
-    """The batch packed by prompt, and (B, R) where each response token's logit sits in the
-    flattened rows (0 past a response's end); None when no two samples share a prompt."""
+def _packed(model: nn.Module, batch: Batch) -> tuple[PackedRows, torch.Tensor] | None:
+    """The batch packed, and (B, R) where the output at each response token's predicting
+    position sits in the flattened rows (0 past a response's end); None where packing does
+    not apply (`supports_packing`) or saves less than `PACKING_SAVES`."""
+    if not supports_packing(model):
+        return None
     p = batch.prompt_len
     real = batch.attention_mask.bool().cpu()
     ids = batch.sequences.cpu()
     lengths = batch.response_mask.sum(dim=1).long().cpu().tolist()
     prompts = [ids[i, :p][real[i, :p]].tolist() for i in range(ids.size(0))]
-    groups = shared_prompt_groups(prompts)
-    if len(groups) > PACK_BELOW * len(prompts):
-        return None  # few shared prompts (PPO's one sample each): not worth the packing
     sequences = [
         prompt + ids[i, p : p + n].tolist()
         for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True))
     ]
+    groups = shared_prompt_groups(prompts)
+    layout = best_layout(sequences, groups, model)
+    if layout is None:
+        return None
+    packed_cost = layout_cost(layout, sequences, model)
+    alone = [[(0, [i])] for i in range(len(sequences))]
+    padded_cost = layout_cost(alone, sequences, model, width=batch.sequences.size(1))
+    if packed_cost is None or padded_cost is None:
+        return None
+    if packed_cost > (1 - PACKING_SAVES) * padded_cost:
+        return None
     # Pad with token 0: padding is never attended.
-    rows = pack(sequences, groups, 0, batch.sequences.device, model, mask_dtype(model))
-    width = batch.response_mask.size(1)
-    column = torch.zeros((len(prompts), width), dtype=torch.long)
+    rows = pack(sequences, groups, 0, batch.sequences.device, model, mask_dtype(model), layout)
+    column = torch.zeros(batch.response_mask.shape, dtype=torch.long)
     for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True)):
         column[i, :n] = torch.arange(len(prompt) - 1, len(prompt) - 1 + n)
-    where = rows.source.gather(1, column.to(rows.source.device))
-    return rows, where
+    return rows, rows.source.gather(1, column.to(rows.source.device))
 
 
 def policy_logprobs(
@@ -168,7 +176,11 @@ def policy_logprobs(
 
 def critic_values(critic: nn.Module, batch: Batch) -> torch.Tensor:
     """V(s_t) for each response token (B, R) float32: the critic's value at the position
-    before the token (the state it is sampled in), as for the logits."""
+    before the token (the state it is sampled in), as for the logits; packed as they are."""
+    packed = _packed(critic, batch)
+    if packed is not None:
+        rows, where = packed
+        return packed_logits(critic, rows)[where].float() * batch.response_mask
     values = critic(
         input_ids=batch.sequences,
         attention_mask=batch.attention_mask,

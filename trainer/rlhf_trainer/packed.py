@@ -1,21 +1,23 @@
-"""Sequences that share a prompt, run as one row that holds the prompt once.
+"""Sequences packed into rows: those that share a prompt hold it once, and short ones share a row.
 
 DPO scores a chosen and a rejected response to the same prompt; GRPO and online RRHF score G or
 k samples of one prompt. Run as separate rows, the model goes over that prompt again for every
-sequence. Here a group of sequences becomes one row: `prefix + tail_1 + tail_2 + ...`, where
-`prefix` is the group's longest common prefix. An attention mask lets each tail see the prefix
-and itself (causally) but no other tail, and each tail's position ids continue from the end of
-the prefix, so every logit equals the one that sequence gives alone (to float rounding; a test
-holds them to it). With short answers to long prompts this cuts the tokens of a forward and
-backward by up to the group size. Prefix sharing for DPO: Wang et al. 2024, "Accelerating Direct
-Preference Optimization with Prefix Sharing"; for sampled groups, the same idea as vLLM's prefix
-cache, at training time.
+sequence. Here a group of sequences becomes one unit: `prefix + tail_1 + tail_2 + ...`, where
+`prefix` is the group's longest common prefix. Units then share rows where that saves padding
+(sequence packing, as TRL's and OpenRLHF's padding-free training does): PPO's one sample per
+prompt leaves a quarter of a padded batch empty. An attention mask lets each tail see its unit's
+prefix and itself (causally) and nothing else, and position ids start again in every unit and
+continue from the prefix in every tail, so every logit equals the one that sequence gives alone
+(to float rounding; a test holds them to it). Prefix sharing for DPO: Wang et al. 2024,
+"Accelerating Direct Preference Optimization with Prefix Sharing"; for sampled groups, the same
+idea as vLLM's prefix cache, at training time.
 
-Attention grows with the square of a row's length, so large groups are split over several rows
-when that costs less (`row_cost`, a FLOP estimate from the model config). The mask is a 4D
-(rows, 1, L, L) tensor that transformers passes to the attention as it is; only the `sdpa`
-(boolean mask) and `eager` (additive float mask) implementations take one, so
-`supports_packing` gates its use. Torch only.
+Without a varlen attention kernel the mask is dense, so attention costs the square of a row's
+length, masked pairs included: large groups are split over several units, and units share rows,
+only as far as a FLOP estimate from the model config says pays (`row_cost`, padding to the
+longest row counted). The mask is a 4D (rows, 1, L, L) tensor that transformers passes to the
+attention as it is; only the `sdpa` (boolean mask) and `eager` (additive float mask)
+implementations take one, so `supports_packing` gates its use. Torch only.
 """
 
 from __future__ import annotations
@@ -79,27 +81,66 @@ def _split(group: Sequence[int], k: int) -> list[list[int]]:
     return [list(group[j : j + size]) for j in range(0, len(group), size)]
 
 
-def _rows(
-    sequences: Sequence[Sequence[int]], groups: Sequence[Sequence[int]], model: nn.Module | None
-) -> list[tuple[int, list[int]]]:
-    """(shared prefix length, member sequence indices) of every row. Every group is split into
-    rows of at most k tails, with the one k for the whole batch that costs the fewest estimated
-    FLOPs (`row_cost`), padding to the longest row included; one row per group without a cost."""
-    prefixes = [common_prefix([sequences[i] for i in g]) for g in groups]
+Unit = tuple[int, list[int]]  # (shared prefix length, member sequence indices)
+
+
+def _first_fit(units: list[Unit], lengths: list[int], capacity: int) -> list[list[int]]:
+    """Unit indices per row: longest first, each into the first row with room (first-fit
+    decreasing), rows in the order they opened."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for u in sorted(range(len(units)), key=lambda u: -lengths[u]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[u]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(u)
+        room[row] -= lengths[u]
+    return rows
+
+
+def layout_cost(
+    rows: list[list[Unit]], sequences: Sequence[Sequence[int]], model: nn.Module | None,
+    width: int | None = None,
+) -> float | None:
+    """Estimated FLOPs of a layout (`row_cost`), every row padded to the longest one (or to
+    `width`); None without a cost model."""
     cost = row_cost(model)
-    largest = max(len(g) for g in groups)
-    if cost is None or largest == 1:
-        return [(p, list(g)) for p, g in zip(prefixes, groups, strict=True)]
+    if cost is None:
+        return None
     per_token, per_pair = cost
+    longest = max(
+        sum(p + sum(len(sequences[i]) - p for i in run) for p, run in row) for row in rows
+    )
+    width = longest if width is None else width
+    return len(rows) * (per_token * width + per_pair * width * width)
 
-    def layout(k: int) -> list[tuple[int, list[int]]]:
-        return [(p, run) for p, g in zip(prefixes, groups, strict=True) for run in _split(g, k)]
 
-    def estimate(rows: list[tuple[int, list[int]]]) -> float:
-        width = max(p + sum(len(sequences[i]) - p for i in run) for p, run in rows)
-        return len(rows) * (per_token * width + per_pair * width * width)
+def best_layout(
+    sequences: Sequence[Sequence[int]], groups: Sequence[Sequence[int]], model: nn.Module | None
+) -> list[list[Unit]] | None:
+    """The rows, each a list of units. Every group is split into units of at most k tails and
+    the units are first-fit into rows of at most m times the longest unit, with the one (k, m)
+    for the whole batch that costs the fewest estimated FLOPs (`layout_cost`). None without a
+    cost model."""
+    if row_cost(model) is None:
+        return None
+    prefixes = [common_prefix([sequences[i] for i in g]) for g in groups]
 
-    return min((layout(k) for k in range(1, largest + 1)), key=estimate)
+    def rows_for(k: int, m: int) -> list[list[Unit]]:
+        units = [(p, run) for p, g in zip(prefixes, groups, strict=True) for run in _split(g, k)]
+        lengths = [p + sum(len(sequences[i]) - p for i in run) for p, run in units]
+        rows = _first_fit(units, lengths, m * max(lengths))
+        return [[units[u] for u in row] for row in rows]
+
+    largest = max(len(g) for g in groups)
+    layouts = [rows_for(k, m) for k in range(1, largest + 1) for m in range(1, MAX_UNITS_ROW + 1)]
+    return min(layouts, key=lambda rows: layout_cost(rows, sequences, model) or 0.0)
+
+
+# Rows up to this many times the longest unit: beyond it attention's square outgrows the saving.
+MAX_UNITS_ROW = 4
 
 
 def pack(
@@ -109,33 +150,25 @@ def pack(
     device: torch.device,
     model: nn.Module | None = None,
     mask_dtype: torch.dtype | None = None,
+    layout: list[list[Unit]] | None = None,
 ) -> PackedRows:
     """Pack `sequences`, grouped by `groups` (lists of indices whose sequences share a prefix;
-    every index in exactly one group), as the module docstring says. `model`: split large
-    groups by its cost (None: one row per group). `mask_dtype` None gives a boolean mask
+    every index in exactly one group), as the module docstring says: in `layout`, else in
+    `best_layout` for `model`, else one row per group. `mask_dtype` None gives a boolean mask
     (sdpa); a float dtype an additive one (0 or the dtype's minimum; eager attention)."""
-    rows = _rows(sequences, groups, model)
-    built = []
-    for prefix, members in rows:
-        ids = list(sequences[members[0]][:prefix])
-        positions, starts = list(range(prefix)), [0] * prefix
-        for i in members:
-            tail = sequences[i][prefix:]
-            starts += [len(ids)] * len(tail)  # where this tail begins in the row
-            ids += tail
-            positions += range(prefix, prefix + len(tail))
-        built.append((ids, positions, starts))
-    width = max(len(ids) for ids, _, _ in built)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    start = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, (ids, positions, starts) in enumerate(built):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        position_ids[r, : len(ids)] = torch.tensor(positions)
-        start[r, : len(ids)] = torch.tensor(starts)
-    prefixes = torch.tensor([prefix for prefix, _ in rows])
-    lengths = torch.tensor([len(ids) for ids, _, _ in built])
-    mask = _mask(start, prefixes, lengths)
+    rows = layout or best_layout(sequences, groups, model)
+    if rows is None:
+        rows = [[(common_prefix([sequences[i] for i in g]), list(g))] for g in groups]
+    built = [_row(sequences, units) for units in rows]
+    width = max(len(columns[0]) for columns in built)
+    tensors = [torch.zeros((len(rows), width), dtype=torch.long) for _ in range(5)]
+    input_ids, position_ids, unit_lo, shared_hi, seg_lo = tensors
+    input_ids.fill_(pad_id)
+    for r, columns in enumerate(built):
+        for tensor, column in zip(tensors, columns, strict=True):
+            tensor[r, : len(column)] = torch.tensor(column)
+    lengths = torch.tensor([len(columns[0]) for columns in built])
+    mask = _mask(unit_lo, shared_hi, seg_lo, lengths)
     attention: torch.Tensor = mask
     if mask_dtype is not None:
         attention = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill(
@@ -147,44 +180,74 @@ def pack(
     )
 
 
-def _mask(start: torch.Tensor, prefix: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """(G, 1, L, L) bool: query i of a row sees key j <= i that is in the row's shared prefix
-    (j < prefix) or in i's own segment (j >= start[i], where i's tail begins; 0 in the
-    prefix). A padding query (i >= length) sees only itself, so that no row is empty."""
-    width = start.size(1)
+def _row(sequences: Sequence[Sequence[int]], units: list[Unit]) -> list[list[int]]:
+    """One row's columns: token ids, position ids, and for the mask where each token's unit
+    starts, where its shared prefix ends and where its own segment (prefix or tail) starts."""
+    ids: list[int] = []
+    positions: list[int] = []
+    unit_lo: list[int] = []
+    shared_hi: list[int] = []
+    seg_lo: list[int] = []
+    for prefix, members in units:
+        lo = len(ids)
+        ids += sequences[members[0]][:prefix]
+        positions += range(prefix)
+        seg_lo += [lo] * prefix
+        for i in members:
+            tail = sequences[i][prefix:]
+            seg_lo += [len(ids)] * len(tail)
+            ids += tail
+            positions += range(prefix, prefix + len(tail))
+        unit_lo += [lo] * (len(ids) - lo)
+        shared_hi += [lo + prefix] * (len(ids) - lo)
+    return [ids, positions, unit_lo, shared_hi, seg_lo]
+
+
+def _mask(
+    unit_lo: torch.Tensor, shared_hi: torch.Tensor, seg_lo: torch.Tensor, length: torch.Tensor
+) -> torch.Tensor:
+    """(G, 1, L, L) bool: query i sees key j <= i in its unit's shared prefix
+    (unit_lo[i] <= j < shared_hi[i]) or in its own segment (j >= seg_lo[i]). A padding query
+    (i >= length) sees only itself, so that no row is empty."""
+    width = seg_lo.size(1)
     idx = torch.arange(width)
     q, k = idx.view(1, width, 1), idx.view(1, 1, width)
-    allowed = (k < prefix.view(-1, 1, 1)) | (k >= start.unsqueeze(2))
+    allowed = (k >= unit_lo.unsqueeze(2)) & (k < shared_hi.unsqueeze(2))
+    allowed |= k >= seg_lo.unsqueeze(2)
     allowed &= (k <= q) & (q < length.view(-1, 1, 1))
     allowed |= q == k
     return allowed.unsqueeze(1)
 
 
 def _source(
-    sequences: Sequence[Sequence[int]], rows: list[tuple[int, list[int]]], width: int
+    sequences: Sequence[Sequence[int]], rows: list[list[Unit]], width: int
 ) -> torch.Tensor:
     """(N, T): where each position of each sequence sits in the flattened rows."""
     longest = max(len(s) for s in sequences)
     source = [[0] * longest for _ in sequences]
-    for r, (prefix, members) in enumerate(rows):
-        base, start = r * width, prefix
-        for i in members:
-            n = len(sequences[i])
-            tail = range(base + start, base + start + n - prefix)
-            source[i][:n] = [*range(base, base + prefix), *tail]
-            start += n - prefix
+    for r, units in enumerate(rows):
+        base = r * width
+        for prefix, members in units:
+            start = prefix
+            for i in members:
+                n = len(sequences[i])
+                tail = range(base + start, base + start + n - prefix)
+                source[i][:n] = [*range(base, base + prefix), *tail]
+                start += n - prefix
+            base += start
     return torch.tensor(source, dtype=torch.long)
 
 
 def packed_logits(model: nn.Module, packed: PackedRows) -> torch.Tensor:
-    """The model over the packed rows: logits flattened to (G * L, V)."""
+    """The model over the packed rows, its output flattened over rows and positions: a causal
+    LM's logits (G * L, V), or a value model's values (G * L,)."""
     out: Any = model(
         input_ids=packed.input_ids,
         attention_mask=packed.attention_mask,
         position_ids=packed.position_ids,
     )
-    logits: torch.Tensor = out.logits
-    return logits.reshape(-1, logits.size(-1))
+    values: torch.Tensor = getattr(out, "logits", out)
+    return values.reshape(-1, *values.shape[2:])
 
 
 def mask_dtype(model: nn.Module) -> torch.dtype | None:
