@@ -81,7 +81,6 @@ manifests: venv
 docs: venv
 	$(RLHF) docs -o docs/API.md
 
-# Benchmarks (not part of `make test`); each rewrites its section of docs/BENCHMARKS.md.
 # Benchmarks against TRL and the physical limits, measured in one run; they rewrite the
 # tables in docs/BENCHMARKS.md. Not part of `make test`.
 bench: venv

@@ -2,8 +2,9 @@
 
 1. One large concurrent batch (what `rollout.RolloutClient` sends) against the same requests
    sent as many small batches one after another, to the same vLLM server.
-2. The vLLM server against Hugging Face `generate` in the trainer's process, for the same
-   rollouts (same prompts, samples per prompt and number of new tokens).
+2. The vLLM server against Hugging Face `generate` in the trainer's process and against the
+   trainer's own decoder (`rollout.engine: trainer`), for the same rollouts (same prompts,
+   samples per prompt and number of new tokens).
 3. The parity probe's logprob gap for a bfloat16 server against the float32 trainer (a float32
    server matches to ~1e-7), which is what `rollout.parityThreshold` must allow for.
 
@@ -136,6 +137,21 @@ def hf_generate(model_dir: Path, ids: list[list[int]], repeats: int) -> float:
     return median_seconds(run, repeats)
 
 
+def trainer_engine(model_dir: Path, ids: list[list[int]], repeats: int) -> float:
+    """`rollout.engine: trainer`: the trainer's own decoder over the model's weights, the same
+    samples and lengths (no stop token, as HF's min_new_tokens forces it)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_trainer.engine import TrainerEngine, live_state
+
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    engine = TrainerEngine(model.config, [], torch.device("cpu"), torch.float32, len(ids))
+    engine.load(live_state(model) or {})
+    sampling = Sampling(n=SAMPLES, max_tokens=NEW_TOKENS, temperature=1.0, seed=0)
+    engine.generate(ids[:4], sampling)  # warm-up
+    return median_seconds(lambda: engine.generate(ids, sampling), repeats)
+
+
 def bf16_parity(model_dir: Path, url: str) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,7 +170,8 @@ def bf16_parity(model_dir: Path, url: str) -> float:
 
 
 def report(
-    timings: dict[str, float], hf: float, parity: float, repeats: int, load: float
+    timings: dict[str, float], hf: float, engine: float, parity: float, repeats: int,
+    load: float,
 ) -> str:
     tokens = PROMPTS * SAMPLES * NEW_TOKENS
     one = timings["one concurrent batch"]
@@ -170,6 +187,7 @@ def report(
     ]
     rows = [(f"vLLM, {label}", seconds) for label, seconds in timings.items()]
     rows.append((f"HF `generate` in the trainer, one batch of {PROMPTS * SAMPLES}", hf))
+    rows.append(("`rollout.engine: trainer` (the trainer's own decoder), one batch", engine))
     for label, seconds in rows:
         ratio = f"{seconds / one:.1f}x the time"
         lines.append(f"| {label} | {seconds:.2f} | {tokens / seconds:.0f} | {ratio} |")
@@ -207,9 +225,10 @@ def main() -> None:
         with vllm(model_dir, "float32", Path(tmp) / "vllm.log") as url:
             timings = batching(url, ids, args.repeats)
         hf = hf_generate(model_dir, ids, args.repeats)
+        engine = trainer_engine(model_dir, ids, args.repeats)
         with vllm(model_dir, "bfloat16", Path(tmp) / "vllm-bf16.log") as url:
             parity = bf16_parity(model_dir, url)
-    text = report(timings, hf, parity, args.repeats, load)
+    text = report(timings, hf, engine, parity, args.repeats, load)
     write_section(text)
     print(text)
 
