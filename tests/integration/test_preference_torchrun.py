@@ -207,7 +207,10 @@ def test_killed_dpo_run_resumes_and_matches(dpo_run: Run, workspace: Path) -> No
     assert "saveEvery: 20" in config
     (workspace / "dpo-killed.yaml").write_text(config)
     out = workspace / "runs" / "dpo-killed"
-    kill_at = random.Random().choice([25, 30, 35, 40, 45, 50, 55])
+    # Metrics are logged every 10 steps, so a kill at step k waits for the first line at or
+    # after k: at most step 50, ten steps before the end (55 meant the last step, 60, and
+    # raced the final save).
+    kill_at = random.Random().choice([25, 30, 35, 40, 45, 50])
     print(f"dpo: SIGKILL once step {kill_at} is logged")
     proc = start_in_own_group(torchrun_argv("dpo", workspace / "dpo-killed.yaml"),
                               env_for(workspace))  # fmt: skip
