@@ -6,8 +6,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from rlhf_trainer.distributed import DistContext
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -52,3 +56,13 @@ def tiny_judge_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     log = tmp_path_factory.mktemp("judge-vllm") / "vllm.log"
     with vllm_server(tiny_model_dir, log) as url:
         yield url
+
+
+@pytest.fixture
+def ctx() -> Iterator[DistContext]:
+    """A one-rank gloo group, as a plain trainer process makes (collectives run on it)."""
+    from rlhf_trainer.distributed import close_distributed, init_distributed
+
+    context = init_distributed(bf16=False)
+    yield context
+    close_distributed()

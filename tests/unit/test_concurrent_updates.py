@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
 
 from helpers import minibatch_setup
-from rlhf_trainer.distributed import DistContext, close_distributed, init_distributed
+from rlhf_trainer.distributed import DistContext
 from rlhf_trainer.experience import Batch, Experience
 from rlhf_trainer.loop import build_optimizer
 from rlhf_trainer.online_steps import MinibatchTrainer, concurrent_updates, run_both
@@ -22,13 +21,6 @@ from rlhf_trainer.online_steps import MinibatchTrainer, concurrent_updates, run_
 pytestmark = pytest.mark.unit
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def ctx() -> Iterator[DistContext]:
-    context = init_distributed(bf16=False)
-    yield context
-    close_distributed()
 
 
 def context(world_size: int, device: str = "cpu") -> DistContext:

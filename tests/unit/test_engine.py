@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -273,15 +272,6 @@ def test_engine_sync_loads_the_unsharded_policy_without_a_collective() -> None:
     [[sample]] = engine.generate([[5, 6, 7]], Sampling(n=1, max_tokens=4, temperature=0.0))
     assert torch.allclose(torch.tensor(sample.logprobs), forward_logprobs(model, sample),
                           atol=2e-5)  # fmt: skip
-
-
-@pytest.fixture
-def ctx() -> Iterator[Any]:
-    from rlhf_trainer.distributed import close_distributed, init_distributed
-
-    context = init_distributed(bf16=False)  # a 1-rank gloo group: the Syncer broadcasts
-    yield context
-    close_distributed()
 
 
 def test_a_skipped_engine_sync_is_caught_by_the_parity_probe(ctx: Any) -> None:

@@ -5,7 +5,6 @@ run of the whole stage is in tests/integration/test_online_vllm.py."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from helpers import minibatch_setup
-from rlhf_trainer.distributed import DistContext, close_distributed, init_distributed, shard_model
+from rlhf_trainer.distributed import DistContext, shard_model
 from rlhf_trainer.experience import Batch, Experience
 from rlhf_trainer.losses import rrhf_loss
 from rlhf_trainer.online_steps import MinibatchTrainer
@@ -82,13 +81,6 @@ def test_the_gradient_ranks_the_better_response_up() -> None:
     assert logprobs.grad is not None
     stepped = logprobs.detach() - 2.0 * logprobs.grad
     assert stepped[1].mean() > stepped[0].mean()
-
-
-@pytest.fixture
-def ctx() -> Iterator[DistContext]:
-    context = init_distributed(bf16=False)
-    yield context
-    close_distributed()
 
 
 def experience(ids: torch.Tensor) -> Experience:

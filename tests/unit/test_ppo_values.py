@@ -6,7 +6,6 @@ forward pass they replace: the same advantages, losses and updated actor and cri
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from rlhf_trainer.config import StageConfig
-from rlhf_trainer.distributed import DistContext, close_distributed, init_distributed
+from rlhf_trainer.distributed import DistContext
 from rlhf_trainer.feed import StepRollouts
 from rlhf_trainer.ppo import PPO
 from rlhf_trainer.rollout import Sample
@@ -23,13 +22,6 @@ from rlhf_trainer.rollout import Sample
 pytestmark = pytest.mark.unit
 
 PROMPTS = 8
-
-
-@pytest.fixture(scope="module")
-def ctx() -> Iterator[DistContext]:
-    context = init_distributed(bf16=False)
-    yield context
-    close_distributed()
 
 
 @pytest.fixture(scope="module")

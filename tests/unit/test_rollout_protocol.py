@@ -18,7 +18,7 @@ from torch import nn
 
 from fake_rollout_server import FakeServer, fake_server
 from rlhf_trainer.config import RolloutTarget
-from rlhf_trainer.distributed import DistContext, close_distributed, init_distributed
+from rlhf_trainer.distributed import DistContext
 from rlhf_trainer.nccl_sync import NcclWeightSync
 from rlhf_trainer.rollout import RolloutClient, RolloutError, Sampling
 from rlhf_trainer.weight_sync import DiskWeightSync, LoraWeightSync, WeightSyncError
@@ -30,14 +30,6 @@ DISK_ROUTES = ["/pause", "/collective_rpc", "/reset_prefix_cache", "/resume"]
 
 def target(*urls: str, **options: Any) -> RolloutTarget:
     return RolloutTarget(urls=list(urls), served_model="policy", **options)
-
-
-@pytest.fixture
-def ctx() -> Iterator[DistContext]:
-    """A one-rank gloo group, as a plain trainer process makes."""
-    context = init_distributed(bf16=False)
-    yield context
-    close_distributed()
 
 
 class TinyLM(nn.Module):

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
 from rlhf_trainer import checkpoint
-from rlhf_trainer.distributed import DistContext, close_distributed, init_distributed, shard_model
+from rlhf_trainer.distributed import DistContext, shard_model
 from rlhf_trainer.errors import UserError
 
 pytestmark = pytest.mark.unit
@@ -64,13 +64,6 @@ class TwoLayers(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(self.b(torch.relu(self.a(x))))
-
-
-@pytest.fixture
-def ctx() -> Iterator[DistContext]:
-    context = init_distributed(bf16=False)
-    yield context
-    close_distributed()
 
 
 def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

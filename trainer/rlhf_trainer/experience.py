@@ -24,6 +24,7 @@ from rlhf_trainer.packed import (
     mask_dtype,
     pack,
     packed_logits,
+    row_cost,
     shared_prompt_groups,
     supports_packing,
 )
@@ -146,15 +147,12 @@ def _packed(model: nn.Module, batch: Batch) -> tuple[PackedRows, torch.Tensor] |
         for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True))
     ]
     groups = shared_prompt_groups(prompts)
-    layout = best_layout(sequences, groups, model)
-    if layout is None:
+    cost, layout = row_cost(model), best_layout(sequences, groups, model)
+    if cost is None or layout is None:
         return None
-    packed_cost = layout_cost(layout, sequences, model)
     alone = [[(0, [i])] for i in range(len(sequences))]
-    padded_cost = layout_cost(alone, sequences, model, width=batch.sequences.size(1))
-    if packed_cost is None or padded_cost is None:
-        return None
-    if packed_cost > (1 - PACKING_SAVES) * padded_cost:
+    padded_cost = layout_cost(alone, sequences, cost, width=batch.sequences.size(1))
+    if layout_cost(layout, sequences, cost) > (1 - PACKING_SAVES) * padded_cost:
         return None
     # Pad with token 0: padding is never attended.
     rows = pack(sequences, groups, 0, batch.sequences.device, model, mask_dtype(model), layout)

@@ -100,19 +100,20 @@ def _first_fit(units: list[Unit], lengths: list[int], capacity: int) -> list[lis
     return rows
 
 
+def unit_length(unit: Unit, sequences: Sequence[Sequence[int]]) -> int:
+    """Tokens of a unit in its row: the shared prefix once, then every member's tail."""
+    prefix, members = unit
+    return prefix + sum(len(sequences[i]) - prefix for i in members)
+
+
 def layout_cost(
-    rows: list[list[Unit]], sequences: Sequence[Sequence[int]], model: nn.Module | None,
+    rows: list[list[Unit]], sequences: Sequence[Sequence[int]], cost: tuple[float, float],
     width: int | None = None,
-) -> float | None:
-    """Estimated FLOPs of a layout (`row_cost`), every row padded to the longest one (or to
-    `width`); None without a cost model."""
-    cost = row_cost(model)
-    if cost is None:
-        return None
+) -> float:
+    """Estimated FLOPs of a layout by `cost` (`row_cost`), every row padded to the longest one
+    (or to `width`)."""
     per_token, per_pair = cost
-    longest = max(
-        sum(p + sum(len(sequences[i]) - p for i in run) for p, run in row) for row in rows
-    )
+    longest = max(sum(unit_length(unit, sequences) for unit in row) for row in rows)
     width = longest if width is None else width
     return len(rows) * (per_token * width + per_pair * width * width)
 
@@ -124,19 +125,20 @@ def best_layout(
     the units are first-fit into rows of at most m times the longest unit, with the one (k, m)
     for the whole batch that costs the fewest estimated FLOPs (`layout_cost`). None without a
     cost model."""
-    if row_cost(model) is None:
+    cost = row_cost(model)
+    if cost is None:
         return None
     prefixes = [common_prefix([sequences[i] for i in g]) for g in groups]
 
     def rows_for(k: int, m: int) -> list[list[Unit]]:
         units = [(p, run) for p, g in zip(prefixes, groups, strict=True) for run in _split(g, k)]
-        lengths = [p + sum(len(sequences[i]) - p for i in run) for p, run in units]
+        lengths = [unit_length(unit, sequences) for unit in units]
         rows = _first_fit(units, lengths, m * max(lengths))
         return [[units[u] for u in row] for row in rows]
 
     largest = max(len(g) for g in groups)
     layouts = [rows_for(k, m) for k in range(1, largest + 1) for m in range(1, MAX_UNITS_ROW + 1)]
-    return min(layouts, key=lambda rows: layout_cost(rows, sequences, model) or 0.0)
+    return min(layouts, key=lambda rows: layout_cost(rows, sequences, cost))
 
 
 # Rows up to this many times the longest unit: beyond it attention's square outgrows the saving.
