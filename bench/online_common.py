@@ -1,5 +1,5 @@
 """What bench/online.py gives both sides: the Setup (steps, prompts, samples, lengths, learning
-rate, PPO's KL) and the prompts file."""
+rate, PPO's KL, precision) and the prompts file."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class Setup:
     lr: float
     ppo_kl: float  # PPO: β of the per-token KL penalty against the reference
     seed: int = 42
+    bf16: bool = False  # bf16 mixed precision on both sides; else float32
 
     def per_step(self, algo: str) -> tuple[int, int]:
         """(prompts, samples per prompt) of one step; all of them make one optimizer step."""

@@ -3,8 +3,10 @@ prompts, batch and reward function as ours, one repeat per process:
 
     python bench/trl_online.py trl-grpo|trl-ppo --model DIR --workdir DIR --setup JSON
 
-prints {"seconds": [...], "tokens": [...]}: each step's wall time between TrainerCallback
-events and the completion tokens its reward function received. Also `probe_trl_vllm`: TRL's
+prints {"seconds": [...], "tokens": [...], "mixed_precision": ..., "dtypes": [...]}: each step's
+wall time between TrainerCallback events, the completion tokens its reward function received,
+the trainer's accelerate mixed-precision mode and the dtypes the policy's output layer computed
+in (bf16 among them when TRL's autocast is in effect). Also `probe_trl_vllm`: TRL's
 `use_vllm=True, vllm_mode="server"` tried once, reported in a line.
 """
 
@@ -34,6 +36,18 @@ def generated_clock() -> Any:
 
         generated = 0
 
+        def __init__(self) -> None:
+            super().__init__()
+            self.dtypes: set[str] = set()
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            super().on_train_begin(args, state, control, **kw)
+            model = kw["model"]
+            if not hasattr(model, "get_output_embeddings"):  # TRL's PPO: policy and critic
+                model = model.policy
+            head = model.get_output_embeddings()
+            head.register_forward_hook(lambda _m, _i, out: self.dtypes.add(str(out.dtype)))
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             super().on_step_end(args, state, control, **kw)
             self.tokens[-1], self.generated = float(self.generated), 0
@@ -46,7 +60,7 @@ def trl_common(setup: Setup, workdir: str) -> dict[str, Any]:
         "output_dir": workdir, "learning_rate": setup.lr, "lr_scheduler_type": "cosine",
         "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
         "gradient_accumulation_steps": 1, "temperature": 1.0, "seed": setup.seed,
-        "use_cpu": True, "bf16": False, "report_to": [], "save_strategy": "no",
+        "use_cpu": True, "bf16": setup.bf16, "report_to": [], "save_strategy": "no",
         "logging_steps": 1, "disable_tqdm": True, "dataloader_num_workers": 0,
     }  # fmt: skip
 
@@ -74,13 +88,14 @@ def trl_grpo(model_dir: str, workdir: str, setup: Setup, vllm_url: str | None) -
                         max_completion_length=setup.max_new_tokens, top_p=1.0, beta=0.0,
                         epsilon=0.2, loss_type="dapo", scale_rewards="group",
                         log_completions=False)  # fmt: skip
-    GRPOTrainer(
+    trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         reward_funcs=animal_sounds, args=config, callbacks=[clock],
         train_dataset=datasets.load_dataset("json", data_files=str(PROMPTS), split="train"),
         processing_class=AutoTokenizer.from_pretrained(model_dir, padding_side="left"),
-    ).train()  # fmt: skip
-    return clock
+    )  # fmt: skip
+    trainer.train()
+    return clock, trainer.accelerator.mixed_precision
 
 
 def function_reward_model(tokenizer: Any, clock: Any, ppo_module: Any) -> Any:
@@ -134,13 +149,14 @@ def trl_ppo(model_dir: str, workdir: str, setup: Setup) -> Any:
     def load(cls: Any, **kw: Any) -> Any:
         return cls.from_pretrained(model_dir, dtype=torch.float32, **kw)
 
-    PPOTrainer(
+    trainer = PPOTrainer(
         args=config, processing_class=tokenizer, model=load(CausalLM), ref_model=load(CausalLM),
         reward_model=function_reward_model(tokenizer, clock, ppo_trainer),
         value_model=load(ValueHead, num_labels=1), train_dataset=data, eval_dataset=data,
         callbacks=[clock],
-    ).train()  # fmt: skip
-    return clock
+    )  # fmt: skip
+    trainer.train()
+    return clock, trainer.accelerator.mixed_precision
 
 
 def worker(argv: list[str]) -> None:
@@ -159,10 +175,11 @@ def worker(argv: list[str]) -> None:
     os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
     setup = Setup(**json.loads(args.setup))
     if args.arm == "trl-grpo":
-        clock = trl_grpo(args.model, args.workdir, setup, args.vllm_url)
+        clock, precision = trl_grpo(args.model, args.workdir, setup, args.vllm_url)
     else:
-        clock = trl_ppo(args.model, args.workdir, setup)
-    print(json.dumps({"seconds": clock.seconds, "tokens": clock.tokens}))
+        clock, precision = trl_ppo(args.model, args.workdir, setup)
+    print(json.dumps({"seconds": clock.seconds, "tokens": clock.tokens,
+                      "mixed_precision": precision, "dtypes": sorted(clock.dtypes)}))  # fmt: skip
 
 
 # --- TRL with vLLM: tried once --------------------------------------------------------------

@@ -4,9 +4,9 @@ on the day someone measures. The figures mean nothing at this size and nothing i
 them; each section goes to a scratch copy of docs/BENCHMARKS.md, never the real one.
 
 Covered: DPO and SFT against TRL (`trainers.py`, the tiny model), GRPO end to end against TRL
-(`online.py`, the tiny model, with a real vLLM server) and the operator at scale
-(`operator_scale.py`, a few runs). The online bench runs both of our rollout engines (the
-trainer's own and a vLLM server). Not run here, for CI time: `fsdp_memory.py` (the 20M
+(`online.py`, the tiny model, with a real vLLM server; and both sides in bf16) and the operator
+at scale (`operator_scale.py`, a few runs). The online bench runs both of our rollout engines
+(the trainer's own and a vLLM server). Not run here, for CI time: `fsdp_memory.py` (the 20M
 model), `rollout.py` and `weight_sync.py` (a vLLM server each), and `online.py`'s PPO arm
 (it installs TRL 1.12.0 into a cache folder first).
 """
@@ -72,6 +72,21 @@ def test_online_bench_runs_grpo_against_trl(doc: Path) -> None:
         assert re.search(shape + rf" [\d.]+ \| [\d.]+ \| {RATIO} \|", body, re.M), body
         phases = rf"^\| tiny \(0\.46M\) \| GRPO \| {re.escape(ours)} \| [\d.]+ \| [\d.]+ \|"
         assert re.search(phases, body, re.M), body
+
+
+def test_online_bench_runs_both_sides_in_bf16(doc: Path) -> None:
+    """`--precision bf16`: each side's own report says it computed in bf16 (the bench refuses a
+    run that did not), and the results go to their own section."""
+    run_bench("online.py", "--models", "tiny", "--algos", "grpo", "--repeats", "1", "--steps",
+              "3", "--warmup", "1", "--prompts", "2", "--generations", "2",
+              "--max-new-tokens", "4", "--no-trl-vllm", "--engines", "trainer",
+              "--precision", "bf16", "--doc", str(doc))  # fmt: skip
+    body = section(doc, "online-bf16")
+    shape = r"^\| tiny \(0\.46M\) \| GRPO, 2 prompts x 2 \| ours, `engine: trainer` \|"
+    assert re.search(shape + rf" [\d.]+ \| [\d.]+ \| {RATIO} \|", body, re.M), body
+    assert "bf16 mixed precision" in body and "--precision bf16" in body
+    assert "ours, vLLM server" not in body
+    assert section(doc, "online") == section(ROOT / "docs" / "BENCHMARKS.md", "online")
 
 
 def test_operator_scale_bench_runs_a_few_runs() -> None:

@@ -235,3 +235,23 @@ def test_critic_values_are_the_same_packed_or_alone() -> None:
             expected = alone_values[0, len(prompt) - 1 : len(prompt) - 1 + n]
             assert torch.allclose(values[i, :n], expected, atol=1e-5), i
             assert torch.all(values[i, n:] == 0)
+
+
+def test_bf16_on_cpu_trains_with_eager_attention_and_packs_alike(ctx: Any) -> None:
+    """`distributed.shard_model` with bf16 on CPU swaps sdpa for eager attention (faster there,
+    docs/BENCHMARKS.md); float32 keeps sdpa. The eager bf16 forward still packs, and its packed
+    logprobs agree with the sdpa bf16 model's unpacked ones to bf16 rounding."""
+    from rlhf_trainer.distributed import shard_model
+
+    kept = shard_model(tiny(), bf16=False)
+    assert kept.config._attn_implementation == "sdpa"
+    batch = collate_samples(samples(3, 4, seed=3), 0, torch.device("cpu"))
+    reference = tiny().to(torch.bfloat16)  # plain bf16 weights, sdpa, each row alone
+    rows = [alone_response(reference, batch, i) for i in range(batch.sequences.size(0))]
+    model = shard_model(tiny(), bf16=True)
+    assert model.config._attn_implementation == "eager"
+    assert mask_dtype(model) == torch.float32 and _packed(model, batch) is not None
+    with torch.no_grad():
+        packed, _ = policy_logprobs(model, batch)
+    for i, (logprobs, n) in enumerate(rows):
+        assert torch.allclose(packed[i, :n], logprobs.float(), atol=0.05), i

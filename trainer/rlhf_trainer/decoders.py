@@ -7,8 +7,10 @@ token per row at a time (`decode`). Two implementations:
 - `LlamaDecoder`, for the Llama family (`llama`, `mistral` without a sliding window in reach,
   `qwen2`): the decoder layers written out over the checkpoint's own tensors, q/k/v and
   gate/up fused into one matmul each, a preallocated cache written in place, and no per-step
-  mask building. On a 2-CPU machine it decodes the tiny model about 2.5x faster than the same
-  model's Hugging Face forward (docs/BENCHMARKS.md, "Online RL").
+  mask building. The prompt pass runs in buckets of similar lengths (`prefill_buckets`), so
+  short prompts are not padded to the longest one; a decode step attends with two batched
+  matmuls over the cache. On a 2-CPU machine it decodes the tiny model about 2.5x faster than
+  the same model's Hugging Face forward (docs/BENCHMARKS.md, "Online RL").
 - `HFDecoder`, any other causal LM: the model's own forward with a `DynamicCache`.
 
 Both are built from a full state dict (the trainer's gathered weights) and the model config,
@@ -18,6 +20,7 @@ forward's within float rounding, and the parity probe checks it again after ever
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_trainer.packed import config_row_cost
+
 FUSED_TYPES = frozenset({"llama", "mistral", "qwen2"})
+# What one more prompt-pass bucket costs a layer beyond its tokens' FLOPs (the fixed costs of a
+# layer's dozen ops, ~0.3 ms on a 2-CPU machine), in FLOPs: ~8 tokens' worth on the 20m
+# bench model, ~150 on the tiny test one, whose passes are all overhead.
+BUCKET_FLOPS = 5e7
 
 
 class Decoder(Protocol):
@@ -61,6 +70,35 @@ def prefill_mask(real: torch.Tensor) -> torch.Tensor:
     mask = causal.unsqueeze(0) & real.unsqueeze(1)
     eye = torch.eye(width, dtype=torch.bool, device=real.device)
     return (mask | eye.unsqueeze(0)).unsqueeze(1)
+
+
+def prefill_buckets(
+    lengths: Sequence[int], cost: tuple[float, float], overhead: float
+) -> list[list[int]]:
+    """The rows of a prompt batch in buckets of similar length, each to run as one pass padded
+    to its longest prompt: the split of the rows, by length, that costs the fewest estimated
+    FLOPs (`cost` = per token and per token pair, as `packed.row_cost`; `overhead` per
+    bucket). Shortest bucket first; rows in order within each."""
+    per_token, per_pair = cost
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    ends = [k + 1 for k in range(len(order)) if k + 1 == len(order) or
+            lengths[order[k]] != lengths[order[k + 1]]]  # fmt: skip
+    # best[j]: the cheapest split of the first ends[j] rows (sorted), and where its last
+    # bucket starts; buckets break only between different lengths.
+    best: list[tuple[float, int]] = []
+    for j, end in enumerate(ends):
+        width = lengths[order[end - 1]]
+        row = per_token * width + per_pair * width * width
+        options = [((best[i][0] if i >= 0 else 0.0) + (end - (ends[i] if i >= 0 else 0)) * row
+                    + overhead, i) for i in range(-1, j)]  # fmt: skip
+        best.append(min(options))
+    buckets: list[list[int]] = []
+    j = len(ends) - 1
+    while j >= 0:
+        start = ends[best[j][1]] if best[j][1] >= 0 else 0
+        buckets.append(sorted(order[start : ends[j]]))
+        j = best[j][1]
+    return buckets[::-1]
 
 
 @dataclass(frozen=True)
@@ -145,10 +183,14 @@ class LlamaDecoder:
             )
         self.norm = get("model.norm.weight")
         self.head = get("lm_head.weight") if "lm_head.weight" in state else self.embed  # tied
+        self.scale = self.head_dim**-0.5
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.cos = self.sin = self.embed[:0]  # (positions, head_dim) once a prefill set them
         self.filled = 0
+        cost = config_row_cost(config)
+        self.cost = cost if cost is not None else (1.0, 0.0)
+        self.bucket_flops = BUCKET_FLOPS  # what a bucket costs a layer beyond its tokens
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # As LlamaRMSNorm: normalise in float32, scale in the model's dtype.
@@ -161,46 +203,86 @@ class LlamaDecoder:
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, every: bool = False
-    ) -> torch.Tensor:
-        """ids, positions (B, T); writes the cache at [filled, filled + T); mask (B, 1, T, S)
-        over the cache up to filled + T. Returns the last position's logits (B, V) float32, or
-        with `every` all positions' (B, T, V)."""
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+        rows: torch.Tensor | None = None, every: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
+        """ids, positions (B, T). A prompt pass (`rows`: the cache rows it fills, its prompts
+        ending at column `filled`) attends over its own tokens, mask (B, 1, T, T) bool; a
+        decode step (T = 1, every row) over the cache, mask (B, 1, 1, S) additive over the
+        cache up to filled + 1, and advances `filled`. Returns the last position's logits (B, V)
+        float32, or with `every` all positions' (B, T, V)."""
         b, t = ids.shape
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids, self.embed)
         # (B, T, 1, d): every head alike
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
-        start, end = self.filled, self.filled + t
+        start, end = (self.filled - t, self.filled) if rows is not None else (
+            self.filled, self.filled + 1)  # fmt: skip
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._rms(x, layer.attn_norm)).view(b, t, h + 2 * kv, d)
             qk = self._rotate(qkv[:, :, : h + kv], cos, sin)  # q and k heads in one go
             q = qk[:, :, :h].transpose(1, 2)
-            self.keys[i][:, :, start:end] = qk[:, :, h:].transpose(1, 2)
-            self.values[i][:, :, start:end] = qkv[:, :, h + kv :].transpose(1, 2)
-            attended = F.scaled_dot_product_attention(
-                q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask=mask,
-                enable_gqa=h != kv,
-            )  # fmt: skip
+            k, v = qk[:, :, h:].transpose(1, 2), qkv[:, :, h + kv :].transpose(1, 2)
+            if rows is not None:
+                # Columns left of a bucket's width are padding no pass writes: zeros, as the
+                # masked-out softmax weights multiply them (uninitialised memory may hold NaN).
+                self.keys[i][rows, :, :start] = 0
+                self.values[i][rows, :, :start] = 0
+                self.keys[i][rows, :, start:end] = k
+                self.values[i][rows, :, start:end] = v
+                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                          enable_gqa=h != kv)  # fmt: skip
+            else:
+                self.keys[i][:, :, start:end] = k
+                self.values[i][:, :, start:end] = v
+                attended = self._attend_cache(q, i, end, mask)
             x = x + layer.out(attended.transpose(1, 2).reshape(b, t, h * d))
             gate, up = layer.gate_up(self._rms(x, layer.mlp_norm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        self.filled = end
+        if rows is None:
+            self.filled = end
         return F.linear(self._rms(x if every else x[:, -1], self.norm), self.head).float()
+
+    def _attend_cache(self, q: torch.Tensor, i: int, end: int, bias: torch.Tensor) -> torch.Tensor:
+        """One query per row (B, H, 1, d) over layer i's cache up to `end`, bias (B, 1, 1, S)
+        additive: softmax(q k^T * scale + bias) v as two batched matmuls, the query heads of a
+        key/value head side by side (grouped-query attention without copying the cache)."""
+        b, h, kv, d = q.size(0), self.heads, self.kv_heads, self.head_dim
+        keys, values = self.keys[i][:, :, :end], self.values[i][:, :, :end]
+        grouped = q.reshape(b, kv, h // kv, d)
+        scores = torch.matmul(grouped, keys.transpose(2, 3)) * self.scale + bias
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        return torch.matmul(weights, values).reshape(b, h, 1, d)
 
     def prefill(
         self, ids: torch.Tensor, real: torch.Tensor, capacity: int, every: bool = False
     ) -> torch.Tensor:
+        """With `every`, one pass over the whole (B, P) batch; else a pass per bucket of
+        similar prompt lengths (`prefill_buckets`), each padded only to its longest prompt."""
         shape = (ids.size(0), self.kv_heads, capacity, self.head_dim)
         self.keys = [torch.empty(shape, dtype=self.dtype, device=ids.device) for _ in self.layers]
         self.values = [torch.empty_like(k) for k in self.keys]
-        self.filled = 0
         # Rotary tables for every position a row can reach (static frequencies only:
         # `fused_supported` leaves dynamic scaling to the model's own forward).
         table = torch.arange(capacity, device=ids.device).unsqueeze(0)
         cos, sin = self.rotary(self.embed[:1], table)
         self.cos, self.sin = cos[0], sin[0]
-        return self._forward(ids, prompt_positions(real), prefill_mask(real), every)
+        width = self.filled = ids.size(1)
+        everyone = torch.arange(ids.size(0), device=ids.device)
+        if every:
+            return self._forward(ids, prompt_positions(real), prefill_mask(real), everyone, True)
+        lengths = real.sum(dim=1).tolist()
+        logits: torch.Tensor | None = None
+        for bucket in prefill_buckets(lengths, self.cost, self.bucket_flops):
+            rows = everyone[bucket] if len(bucket) < ids.size(0) else everyone
+            cut = width - max(max(lengths[r] for r in bucket), 1)
+            part = real[rows, cut:]
+            out = self._forward(ids[rows, cut:], prompt_positions(part), prefill_mask(part), rows)
+            if logits is None:
+                logits = out.new_empty((ids.size(0), out.size(-1)))
+            logits[rows] = out
+        assert logits is not None
+        return logits
 
     def fork(self, n: int) -> None:
         self.keys = [c.repeat_interleave(n, dim=0) for c in self.keys]
@@ -209,8 +291,9 @@ class LlamaDecoder:
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor
     ) -> torch.Tensor:
-        mask = visible[:, None, None, :]
-        return self._forward(tokens.unsqueeze(1), positions.unsqueeze(1), mask)
+        bias = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
+        bias = bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        return self._forward(tokens.unsqueeze(1), positions.unsqueeze(1), bias)
 
 
 class HFDecoder:

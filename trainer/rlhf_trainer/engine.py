@@ -121,6 +121,9 @@ def generate_batch(
             break
         logits = decoder.decode(tokens[:, t], positions, visible[:, : width + t + 1])
         positions = positions + 1
+    if not bool(torch.isfinite(logprobs[:, :steps]).all()):  # as `rollout.parse_sample` asks
+        raise RolloutError("the trainer's engine computed a logprob that is not a finite "
+                           "number (a NaN or infinity in the policy's weights or activations)")
     return _samples(prompts, n, tokens[:, :steps].cpu(), logprobs[:, :steps].cpu(), stop.cpu())
 
 

@@ -66,7 +66,11 @@ def row_cost(model: nn.Module | None) -> tuple[float, float] | None:
     """Estimated FLOPs per layer of a row of L tokens as (per token, per token pair):
     `2 * params * L` for the linear layers and `4 * hidden * L^2` for attention scores and
     values (the mask skips no pair). None without a Llama-like config."""
-    config = getattr(model, "config", None)
+    return config_row_cost(getattr(model, "config", None))
+
+
+def config_row_cost(config: Any) -> tuple[float, float] | None:
+    """`row_cost` from a model config."""
     hidden = getattr(config, "hidden_size", None)
     inter = getattr(config, "intermediate_size", None)
     if not isinstance(hidden, int) or not isinstance(inter, int):
