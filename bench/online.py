@@ -177,9 +177,6 @@ def runner(arm: str, model: Path, url: str, root: Path, args: argparse.Namespace
             argv = [sys.executable, str(BENCH / "trl_online.py"), arm, "--model", str(model),
                     "--workdir", str(workdir), "--setup", json.dumps(asdict(setup))]  # fmt: skip
             env = trainer_env(args)
-            if setup.bf16:  # as `accelerate launch --mixed_precision bf16` sets it: TRL's
-                # PPOTrainer builds its own Accelerator, which reads only this
-                env["ACCELERATE_MIXED_PRECISION"] = "bf16"
             if algo == "ppo":
                 env["PYTHONPATH"] = str(trl_ppo_path(args.cache))
             result = run_json(argv, env)
@@ -229,8 +226,7 @@ def run_all(args: argparse.Namespace, setup: Setup, root: Path) -> dict[str, Any
         with contextlib.ExitStack() as stack:
             url = ""
             if "vllm" in args.engines:
-                dtype = "bfloat16" if setup.bf16 else "float32"
-                url = stack.enter_context(vllm(model, dtype, root / f"vllm-{preset}.log"))
+                url = stack.enter_context(vllm(model, setup.dtype, root / f"vllm-{preset}.log"))
             print(f"online on {preset}:", file=sys.stderr, flush=True)
             arms = {f"{side}-{algo}": runner(f"{side}-{algo}", model, url, root, args, setup)
                     for algo in args.algos for side in sides(args)}  # fmt: skip
@@ -385,7 +381,7 @@ def section(
         probe_model=args.models[0], probe=probe.rstrip(".") + ".", load=load_note(load),
         overlap=OVERLAP if args.overlap else "",
         precision=BF16 if setup.bf16 else "float32",
-        vllm_dtype="bfloat16" if setup.bf16 else "float32",
+        vllm_dtype=setup.dtype,
     )  # fmt: skip
 
 
@@ -423,11 +419,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-online-") as tmp:
         found = run_all(args, setup, Path(tmp))
     body = section(args, setup, found["rounds"], found["probe"], load)
-    if setup.bf16:
-        write_section("online-bf16", "Online RL in bf16: GRPO and PPO tokens/s against TRL",
-                      body, args.doc)  # fmt: skip
-    else:
-        write_section("online", "Online RL: GRPO and PPO tokens/s against TRL", body, args.doc)
+    name, title = ("online-bf16", "Online RL in bf16") if setup.bf16 else ("online", "Online RL")
+    write_section(name, f"{title}: GRPO and PPO tokens/s against TRL", body, args.doc)
     print(body)
     if args.raw:
         args.raw.write_text(json.dumps(RAW, indent=1))

@@ -24,6 +24,11 @@ class Setup:
     seed: int = 42
     bf16: bool = False  # bf16 mixed precision on both sides; else float32
 
+    @property
+    def dtype(self) -> str:
+        """The compute dtype's name, as vLLM's `--dtype` takes it."""
+        return "bfloat16" if self.bf16 else "float32"
+
     def per_step(self, algo: str) -> tuple[int, int]:
         """(prompts, samples per prompt) of one step; all of them make one optimizer step."""
         return (self.prompts, self.generations) if algo == "grpo" else (self.ppo_prompts, 1)

@@ -174,6 +174,9 @@ def worker(argv: list[str]) -> None:
     logging.basicConfig(level=logging.ERROR)
     os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
     setup = Setup(**json.loads(args.setup))
+    if setup.bf16:  # as `accelerate launch --mixed_precision bf16` sets it: TRL 1.12.0's
+        # PPOTrainer builds its own Accelerator, which ignores `bf16=True` and reads only this
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     if args.arm == "trl-grpo":
         clock, precision = trl_grpo(args.model, args.workdir, setup, args.vllm_url)
     else:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_trainer.packed import config_row_cost
+from rlhf_trainer.packed import config_row_cost, width_cost
 
 FUSED_TYPES = frozenset({"llama", "mistral", "qwen2"})
 # What one more prompt-pass bucket costs a layer beyond its tokens' FLOPs (the fixed costs of a
@@ -79,7 +79,6 @@ def prefill_buckets(
     to its longest prompt: the split of the rows, by length, that costs the fewest estimated
     FLOPs (`cost` = per token and per token pair, as `packed.row_cost`; `overhead` per
     bucket). Shortest bucket first; rows in order within each."""
-    per_token, per_pair = cost
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     ends = [k + 1 for k in range(len(order)) if k + 1 == len(order) or
             lengths[order[k]] != lengths[order[k + 1]]]  # fmt: skip
@@ -87,8 +86,7 @@ def prefill_buckets(
     # bucket starts; buckets break only between different lengths.
     best: list[tuple[float, int]] = []
     for j, end in enumerate(ends):
-        width = lengths[order[end - 1]]
-        row = per_token * width + per_pair * width * width
+        row = width_cost(cost, lengths[order[end - 1]])
         options = [((best[i][0] if i >= 0 else 0.0) + (end - (ends[i] if i >= 0 else 0)) * row
                     + overhead, i) for i in range(-1, j)]  # fmt: skip
         best.append(min(options))
@@ -272,16 +270,13 @@ class LlamaDecoder:
         if every:
             return self._forward(ids, prompt_positions(real), prefill_mask(real), everyone, True)
         lengths = real.sum(dim=1).tolist()
-        logits: torch.Tensor | None = None
+        logits = torch.empty((ids.size(0), self.head.size(0)), device=ids.device)
         for bucket in prefill_buckets(lengths, self.cost, self.bucket_flops):
             rows = everyone[bucket] if len(bucket) < ids.size(0) else everyone
             cut = width - max(max(lengths[r] for r in bucket), 1)
             part = real[rows, cut:]
-            out = self._forward(ids[rows, cut:], prompt_positions(part), prefill_mask(part), rows)
-            if logits is None:
-                logits = out.new_empty((ids.size(0), out.size(-1)))
-            logits[rows] = out
-        assert logits is not None
+            logits[rows] = self._forward(ids[rows, cut:], prompt_positions(part),
+                                         prefill_mask(part), rows)  # fmt: skip
         return logits
 
     def fork(self, n: int) -> None:

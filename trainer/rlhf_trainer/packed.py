@@ -116,10 +116,14 @@ def layout_cost(
 ) -> float:
     """Estimated FLOPs of a layout by `cost` (`row_cost`), every row padded to the longest one
     (or to `width`)."""
-    per_token, per_pair = cost
     longest = max(sum(unit_length(unit, sequences) for unit in row) for row in rows)
-    width = longest if width is None else width
-    return len(rows) * (per_token * width + per_pair * width * width)
+    return len(rows) * width_cost(cost, longest if width is None else width)
+
+
+def width_cost(cost: tuple[float, float], width: int) -> float:
+    """Estimated FLOPs per layer of one row `width` tokens wide, by `cost` (`row_cost`)."""
+    per_token, per_pair = cost
+    return per_token * width + per_pair * width * width
 
 
 def best_layout(
