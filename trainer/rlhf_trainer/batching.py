@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
+from rlhf_trainer.chat_data import end_of_turn
 from rlhf_trainer.data import PreferenceRow, SFTRow
+from rlhf_trainer.errors import DataError
 from rlhf_trainer.losses import IGNORE_INDEX
 from rlhf_trainer.preflight import micro_batch_size
 
@@ -22,19 +24,67 @@ class Example:
     labels: list[int]
 
 
-def tokenize_sft(rows: Sequence[SFTRow], tokenizer: Any, max_length: int) -> list[Example]:
-    """prompt (with the tokenizer's own special tokens, e.g. BOS) + response + EOS.
+def stop_ids(tokenizer: Any) -> set[int]:
+    """Tokens that end a response: EOS and the chat template's end-of-turn token."""
+    found = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    template = getattr(tokenizer, "chat_template", None)
+    marker = end_of_turn(template, getattr(tokenizer, "eos_token", None) or "")
+    if marker:
+        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            found.add(int(ids[0]))
+    return found
 
-    Too long: the response keeps up to max_length tokens and the prompt loses tokens from its
-    start, so truncation never hides what the model should learn to say.
+
+def too_long(where: str, length: int, max_length: int) -> DataError:
+    return DataError(
+        f"{where}: the rendered conversation is {length} tokens, longer than "
+        f"hyperparameters.maxLength {max_length}; raise maxLength, shorten the row, or set "
+        "dataset.skipInvalid to leave such rows out"
+    )
+
+
+def _chat_example(row: SFTRow, tokenizer: Any, max_length: int, ends: set[int]) -> Example:
+    """A chat row as the ids of its whole rendering, so the prompt/response boundary is the
+    one the tokenizer draws on the conversation (tokenizing the parts apart can split the
+    text around the boundary differently). A token is trained when it starts in the response
+    or in an earlier assistant turn (`trained_spans`)."""
+    cut = len(row.prompt)
+    text = row.prompt + row.response
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [
+        t if start >= cut or any(a <= start < b for a, b in row.trained_spans) else IGNORE_INDEX
+        for t, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
+    ]
+    eos = tokenizer.eos_token_id
+    if eos is not None and ids[-1] not in ends:
+        ids, labels = [*ids, eos], [*labels, eos]
+    if len(ids) > max_length:
+        raise too_long(row.where, len(ids), max_length)
+    return Example(ids, labels)
+
+
+def tokenize_sft(rows: Sequence[SFTRow], tokenizer: Any, max_length: int) -> list[Example]:
+    """prompt + response + EOS (unless it already ends with EOS or the end-of-turn token).
+
+    Plain rows: the prompt gets the tokenizer's own special tokens (e.g. BOS); too long, the
+    response keeps up to max_length tokens and the prompt loses tokens from its start, so
+    truncation never hides what the model should learn to say. Chat rows (`SFTRow.chat`) were
+    rendered by the template with all their special tokens, so none are added, and one that is
+    too long is refused: cutting it would cut the template (`_chat_example`).
     """
-    prompts = tokenizer([r.prompt for r in rows])["input_ids"]
-    responses = tokenizer([r.response for r in rows], add_special_tokens=False)["input_ids"]
+    ends = stop_ids(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
-    for p, r in zip(prompts, responses, strict=True):
-        r = (list(r) + eos)[:max_length]
-        p = list(p)[len(p) - (max_length - len(r)) :] if len(p) + len(r) > max_length else list(p)
+    for row in rows:
+        if row.chat:
+            out.append(_chat_example(row, tokenizer, max_length, ends))
+            continue
+        p = list(tokenizer(row.prompt)["input_ids"])
+        r = list(tokenizer(row.response, add_special_tokens=False)["input_ids"])
+        r = (r + eos if not r or r[-1] not in ends else r)[:max_length]
+        p = p[len(p) - (max_length - len(r)) :] if len(p) + len(r) > max_length else p
         out.append(Example(p + r, [IGNORE_INDEX] * len(p) + r))
     return out
 
@@ -52,8 +102,16 @@ def tokenize_pairs(
     rows: Sequence[PreferenceRow], tokenizer: Any, max_length: int
 ) -> list[PairExample]:
     """Each side tokenized as an SFT example (prompt + response + EOS, response labels only)."""
-    chosen = tokenize_sft([SFTRow(r.prompt, r.chosen) for r in rows], tokenizer, max_length)
-    rejected = tokenize_sft([SFTRow(r.prompt, r.rejected) for r in rows], tokenizer, max_length)
+    chosen = tokenize_sft(
+        [SFTRow(r.prompt, r.chosen, chat=r.chat, where=r.where) for r in rows],
+        tokenizer,
+        max_length,
+    )
+    rejected = tokenize_sft(
+        [SFTRow(r.prompt, r.rejected, chat=r.chat, where=r.where) for r in rows],
+        tokenizer,
+        max_length,
+    )
     return [
         PairExample(c, r, row.margin) for c, r, row in zip(chosen, rejected, rows, strict=True)
     ]

@@ -26,7 +26,7 @@ from rlhf_trainer.errors import UserError
 if TYPE_CHECKING:
     import jinja2
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 
 
 class Message(TypedDict):
@@ -34,7 +34,12 @@ class Message(TypedDict):
     content: str
 
 
-PLAIN_ROLES: dict[str, str] = {"system": "", "user": "\n\nHuman: ", "assistant": "\n\nAssistant: "}
+PLAIN_ROLES: dict[str, str] = {
+    "system": "",
+    "user": "\n\nHuman: ",
+    "assistant": "\n\nAssistant: ",
+    "tool": "\n\nHuman: ",
+}
 PLAIN_GENERATION_PROMPT = "\n\nAssistant:"
 
 
@@ -46,10 +51,14 @@ class ChatFormat:
     bos_token: str = ""
     eos_token: str = ""
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[Message], add_generation_prompt: bool = True, keep_bos: bool = False
+    ) -> str:
         """The prompt text for a completion that continues as the assistant.
 
-        A leading BOS is dropped: servers add it when they tokenize a completion prompt.
+        A leading BOS is dropped unless `keep_bos`: servers add it when they tokenize a
+        completion prompt. The trainer keeps it and tokenizes without special tokens, as
+        vLLM's chat route does, since whether a tokenizer adds a BOS is not in its files.
         """
         if self.template is None:
             plain = "".join(PLAIN_ROLES[m["role"]] + m["content"] for m in messages)
@@ -62,7 +71,7 @@ class ChatFormat:
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
-        if self.bos_token and text.startswith(self.bos_token):
+        if not keep_bos and self.bos_token and text.startswith(self.bos_token):
             text = text[len(self.bos_token) :]
         return text
 

@@ -25,7 +25,7 @@ from pydantic.alias_generators import to_camel
 StageType = Literal["sft", "reward", "dpo", "rrhf", "ppo", "grpo", "feedback", "evaluate"]
 STAGE_TYPES: tuple[str, ...] = typing.get_args(StageType)
 
-DatasetFormat = Literal["jsonl", "hh", "preference", "ranked", "prompts", "shp", "tldr"]
+DatasetFormat = Literal["jsonl", "hh", "preference", "ranked", "prompts", "shp", "tldr", "chat"]
 
 # Environment variable that tells a trainer where the workspace volume is mounted. Relative
 # paths in a StageConfig (model.path, dataset.path, outputDir) are resolved against it.
@@ -97,7 +97,17 @@ class DatasetSpec(ApiModel):
             "rewards} (rewards may be left out when a reward model scores them); prompts: "
             "{prompt, answer?}; shp: Stanford SHP {history, human_ref_A, human_ref_B, labels}; "
             "tldr: OpenAI TL;DR comparisons {info: {post, title?, subreddit?}, summaries: "
-            "[{text}, {text}], choice}."
+            "[{text}, {text}], choice}; chat: TRL's conversational rows of {role, content} "
+            "messages ({messages} or {prompt, completion} for sft; {prompt, chosen, rejected} "
+            "or whole chosen/rejected conversations for pairs; {prompt, responses, rewards?}; "
+            "{prompt, answer?} for prompts), rendered with the model's chat template."
+        ),
+    )
+    apply_chat_template: bool = Field(
+        default=True,
+        description=(
+            "Render hh, shp and tldr rows as chat turns with the model's chat template when "
+            "it has one (as chat rows always are); false keeps their raw text."
         ),
     )
     fields: dict[str, str] | None = Field(
@@ -669,3 +679,83 @@ def resolve_path(path: str) -> Path:
     """Resolve a spec path: absolute paths stay, relative ones hang off the workspace."""
     p = Path(path)
     return p if p.is_absolute() else workspace_root() / p
+
+
+# -- bf16 on CPU (docs/DESIGN.md, "bf16 on CPU") ------------------------------------------------
+# Here rather than in either package because both sides of a local run decide: the trainer its
+# own precision, the local executor its vLLM servers' dtype. The same function on the same facts
+# keeps the parity probe comparing like with like.
+
+CPU_BF16_ENV = "RLHF_CPU_BF16"
+CPU_BF16_FORCE = "force"
+# Flags of bf16 arithmetic in hardware: x86 (Cooper Lake, Sapphire Rapids, Zen 4 and later) and
+# aarch64 (Armv8.6 `bf16`). Without one torch emulates bf16 matmuls, 10-100x slower than float32.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+class CpuBf16(typing.NamedTuple):
+    """What is known of a CPU's bf16: `native` is None when nothing says either way."""
+
+    native: bool | None
+    evidence: str
+
+
+class Bf16Choice(typing.NamedTuple):
+    """The precision a trainer computes in; `fallback` says why a requested bf16 is off."""
+
+    bf16: bool
+    fallback: str | None = None
+
+
+def read_cpuinfo(path: str = "/proc/cpuinfo") -> str:
+    """The text of /proc/cpuinfo, or "" where there is none (macOS, Windows)."""
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu_bf16_from_cpuinfo(text: str) -> CpuBf16:
+    """Read the first `flags` (x86) or `Features` (aarch64) line of /proc/cpuinfo."""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep or key.strip() not in ("flags", "Features"):
+            continue
+        flags = set(value.split())
+        found = sorted(NATIVE_BF16_FLAGS & flags)
+        if found:
+            return CpuBf16(True, f"{' and '.join(found)} in /proc/cpuinfo")
+        if key.strip() == "Features":
+            return CpuBf16(False, "aarch64 without the bf16 feature in /proc/cpuinfo")
+        level = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "pre-AVX2"
+        return CpuBf16(False, f"{level} only: no avx512_bf16 or amx_bf16 flag in /proc/cpuinfo")
+    return CpuBf16(None, "no CPU flags in /proc/cpuinfo")
+
+
+def cpu_bf16_kept(cpu: CpuBf16, override: str | None) -> bool:
+    """Whether bf16 stays on for this CPU: unless it is known to lack native bf16 and
+    `RLHF_CPU_BF16` is not `force`. Unknown CPUs keep what was asked for."""
+    return cpu.native is not False or (override or "").strip().lower() == CPU_BF16_FORCE
+
+
+def cpu_bf16_fallback_message(
+    cpu: CpuBf16, setting: str = "hyperparameters.bf16: true", quiet: str = "bf16: false"
+) -> str:
+    """Why `setting` became float32 here, and the two ways out."""
+    return (
+        f"{setting} fell back to float32: this CPU has no native bf16 ({cpu.evidence}), where "
+        f"bf16 matmuls run 10-100x slower than float32; set {CPU_BF16_ENV}={CPU_BF16_FORCE} to "
+        f"keep bf16 anyway, or {quiet} to silence this"
+    )
+
+
+def resolve_bf16(
+    requested: bool | None, gpu: bool, cpu: CpuBf16, override: str | None
+) -> Bf16Choice:
+    """Training precision from `hyperparameters.bf16` (unset: bf16 with a GPU, float32 without),
+    the device, this CPU's bf16 facts and `$RLHF_CPU_BF16`. GPUs get what was asked for."""
+    if requested is None:
+        return Bf16Choice(gpu)
+    if not requested or gpu or cpu_bf16_kept(cpu, override):
+        return Bf16Choice(requested)
+    return Bf16Choice(False, cpu_bf16_fallback_message(cpu))

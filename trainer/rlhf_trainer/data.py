@@ -15,6 +15,9 @@ Formats (`DatasetSpec.format`):
   the prompt is the history, the responses " " + the reference comment.
 - `tldr`: OpenAI summarize-from-feedback comparisons `{info: {post, title, subreddit}, summaries:
   [{text}, {text}], choice}`; the prompt is "SUBREDDIT: r/..\n\nTITLE: ..\n\nPOST: ..\n\nTL;DR:".
+- `chat`: TRL's conversational rows, lists of `{role, content}` messages, rendered with the
+  policy's chat template (`chat_data`). `hh`, `shp` and `tldr` rows become chat turns too when
+  the loader is given a template (the model has one and `dataset.applyChatTemplate` is on).
 
 `dataset.fields` renames columns (format field -> column in the data) before a row is parsed.
 Every row is checked when read, and a bad one raises `DataError` naming the file, the line and the
@@ -24,14 +27,17 @@ validated before any trainer starts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from rlhf_trainer.config import DatasetSpec, resolve_path
+from rlhf_trainer import chat_data
+from rlhf_trainer.chat_format import ChatFormat, Message, load_chat_format
+from rlhf_trainer.config import DatasetSpec, ModelSource, resolve_path
 from rlhf_trainer.errors import DataError
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -43,6 +49,12 @@ log = logging.getLogger(__name__)
 class SFTRow:
     prompt: str
     response: str
+    # Chat rows: character spans of earlier assistant turns in `prompt`, trained as well.
+    trained_spans: tuple[tuple[int, int], ...] = ()
+    # Rendered with a chat template: tokenized without the tokenizer's own special tokens (the
+    # template wrote them), and never cut: one longer than maxLength is refused, naming `where`.
+    chat: bool = False
+    where: str = dataclasses.field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,8 @@ class PreferenceRow:
     chosen: str
     rejected: str
     margin: float | None = None
+    chat: bool = False  # as SFTRow.chat
+    where: str = dataclasses.field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -58,12 +72,17 @@ class RankedRow:
     prompt: str
     responses: tuple[str, ...]
     rewards: tuple[float, ...] | None  # None: to be scored by a reward model or function
+    chat: bool = False  # as SFTRow.chat
+    where: str = dataclasses.field(default="", compare=False)
 
 
 @dataclass(frozen=True)
 class PromptRow:
     prompt: str
     answer: str | None = None
+    messages: tuple[Message, ...] | None = None  # chat rows: the prompt before rendering
+    chat: bool = False  # as SFTRow.chat
+    where: str = dataclasses.field(default="", compare=False)
 
 
 Record = dict[str, Any]
@@ -91,6 +110,7 @@ NEEDS: dict[str, str] = {
     "shp": 'each row needs {"history", "human_ref_A", "human_ref_B", "labels": 0 or 1}',
     "tldr": 'each row needs {"info": {"post", "title"?, "subreddit"?}, "summaries": '
     '[{"text"}, {"text"}], "choice": 0 or 1}',
+    "chat": chat_data.NEEDS_CHAT,
 }
 KNOWN_FIELDS: dict[str, tuple[str, ...]] = {
     "jsonl": ("prompt", "response"),
@@ -100,6 +120,8 @@ KNOWN_FIELDS: dict[str, tuple[str, ...]] = {
     "prompts": ("prompt", "answer"),
     "shp": ("history", "human_ref_A", "human_ref_B", "labels"),
     "tldr": ("info", "summaries", "choice"),
+    "chat": ("messages", "prompt", "completion", "chosen", "rejected", "responses", "rewards",
+             "answer", "margin"),
 }
 
 
@@ -234,7 +256,10 @@ def expand_pairs(row: RankedRow) -> list[PreferenceRow]:
     assert row.rewards is not None
     scored = list(zip(row.responses, row.rewards, strict=True))
     return [
-        PreferenceRow(row.prompt, a, b, ra - rb) for a, ra in scored for b, rb in scored if ra > rb
+        PreferenceRow(row.prompt, a, b, ra - rb, row.chat, row.where)
+        for a, ra in scored
+        for b, rb in scored
+        if ra > rb
     ]
 
 
@@ -357,53 +382,168 @@ def _derived(rows: Rows[Any], new: list[Row]) -> Rows[Row]:
     return out
 
 
-def load_sft_rows(spec: DatasetSpec) -> Rows[SFTRow]:
-    """Supervised rows: jsonl as is; pairwise formats train on the chosen response."""
+def _renderer(chat: ChatFormat | None) -> chat_data.Renderer:
+    return chat_data.Renderer(chat if chat is not None else ChatFormat())
+
+
+def parse_chat_sft(rec: Record, where: str, r: chat_data.Renderer) -> SFTRow:
+    prompt, response, spans = r.conversation(chat_data.sft_messages(rec, where), where)
+    return SFTRow(prompt, response, tuple(spans), chat=True, where=where)
+
+
+def parse_chat_pair(rec: Record, where: str, r: chat_data.Renderer) -> PreferenceRow:
+    prompt, chosen, rejected = chat_data.pair_messages(rec, where)
+    text, chosen_text = r.reply(prompt, chosen, where)
+    margin = parse_preference({"prompt": "", "chosen": "", "rejected": "", **rec}, where).margin
+    return PreferenceRow(
+        text, chosen_text, r.reply(prompt, rejected, where)[1], margin, chat=True, where=where
+    )
+
+
+def parse_chat_ranked(
+    rec: Record, where: str, r: chat_data.Renderer, need_rewards: bool = True
+) -> RankedRow:
+    prompt, replies = chat_data.ranked_messages(rec, where)
+    texts = [r.reply(prompt, reply, where)[1] for reply in replies]
+    plain = {"prompt": r.prompt(prompt), "responses": texts, "rewards": rec.get("rewards")}
+    row = parse_ranked(plain, where, need_rewards)
+    return RankedRow(row.prompt, row.responses, row.rewards, chat=True, where=where)
+
+
+def parse_chat_prompt(rec: Record, where: str, r: chat_data.Renderer) -> PromptRow:
+    prompt, answer = chat_data.prompt_messages(rec, where)
+    return PromptRow(r.prompt(prompt), answer, tuple(prompt), chat=True, where=where)
+
+
+def as_chat(row: PreferenceRow, fmt: str, r: chat_data.Renderer, where: str) -> PreferenceRow:
+    """An hh, shp or tldr pair as chat turns: the prompt as the user's (hh: every turn), the
+    responses as the assistant's, rendered with the template."""
+    if fmt == "hh":
+        prompt = chat_data.hh_messages(row.prompt)
+    else:
+        prompt = [cast(Message, {"role": "user", "content": row.prompt.strip()})]
+    chosen, rejected = (
+        cast(Message, {"role": "assistant", "content": text.strip()})
+        for text in (row.chosen, row.rejected)
+    )
+    text, chosen_text = r.reply(prompt, chosen, where)
+    rejected_text = r.reply(prompt, rejected, where)[1]
+    return PreferenceRow(text, chosen_text, rejected_text, row.margin, chat=True, where=where)
+
+
+def _pair_parser(
+    spec: DatasetSpec, chat: ChatFormat | None
+) -> Callable[[Record, str], PreferenceRow]:
+    """The format's pair parser; with a chat template, one whose rows are rendered with it."""
+    if spec.format == "chat":
+        return functools.partial(parse_chat_pair, r=_renderer(chat))
+    parse = PAIR_PARSERS[spec.format]
+    if chat is None or spec.format not in CHAT_CONVERTIBLE:
+        return parse
+    renderer = _renderer(chat)
+    return lambda rec, where: as_chat(parse(rec, where), spec.format, renderer, where)
+
+
+CHAT_CONVERTIBLE = ("hh", "shp", "tldr")
+PAIRS = (*PAIR_PARSERS, "chat")
+
+
+def load_sft_rows(spec: DatasetSpec, chat: ChatFormat | None = None) -> Rows[SFTRow]:
+    """Supervised rows: jsonl as is; chat conversations; pairwise formats train on the chosen
+    response. `chat`: the policy's template (`dataset_chat`), for chat rows and conversions."""
     if spec.format == "jsonl":
         return _read(spec, parse_jsonl)
+    if spec.format == "chat":
+        return _read(spec, functools.partial(parse_chat_sft, r=_renderer(chat)))
     if spec.format in PAIR_PARSERS:
-        pairs = _read(spec, PAIR_PARSERS[spec.format])
-        return _derived(pairs, [SFTRow(r.prompt, r.chosen) for r in pairs])
-    raise _unsupported(spec, "sft", ("jsonl", *PAIR_PARSERS))
+        pairs = _read(spec, _pair_parser(spec, chat))
+        sft = [SFTRow(r.prompt, r.chosen, chat=r.chat, where=r.where) for r in pairs]
+        return _derived(pairs, sft)
+    raise _unsupported(spec, "sft", ("jsonl", *PAIRS))
 
 
-def load_preference_rows(spec: DatasetSpec) -> Rows[PreferenceRow]:
+def load_preference_rows(
+    spec: DatasetSpec, chat: ChatFormat | None = None
+) -> Rows[PreferenceRow]:
     """Pairs for reward models and DPO; ranked rows expand into all their ordered pairs."""
-    if spec.format in PAIR_PARSERS:
-        return _read(spec, PAIR_PARSERS[spec.format])
+    if spec.format == "chat":  # pairs, or ranked rows (with `responses`) expanded
+        r = _renderer(chat)
+        rows = _read(
+            spec,
+            lambda rec, where: expand_pairs(parse_chat_ranked(rec, where, r))
+            if "responses" in rec
+            else [parse_chat_pair(rec, where, r)],
+        )
+        return _derived(rows, [pair for group in rows for pair in group])
+    if spec.format in PAIRS:
+        return _read(spec, _pair_parser(spec, chat))
     if spec.format == "ranked":
         ranked = _read(spec, parse_ranked)
         return _derived(ranked, [pair for row in ranked for pair in expand_pairs(row)])
-    raise _unsupported(spec, "preference", (*PAIR_PARSERS, "ranked"))
+    raise _unsupported(spec, "preference", (*PAIRS, "ranked"))
 
 
-def load_ranked_rows(spec: DatasetSpec, need_rewards: bool = True) -> Rows[RankedRow]:
+def load_ranked_rows(
+    spec: DatasetSpec, need_rewards: bool = True, chat: ChatFormat | None = None
+) -> Rows[RankedRow]:
     """k responses per prompt (RRHF). A pair becomes k = 2 with rewards (1, 0). Without
-    `need_rewards`, ranked rows may leave out `rewards` (None) for a scorer to fill in."""
+    `need_rewards`, ranked rows may leave out `rewards` (None) for a scorer to fill in. Chat
+    rows with `responses` are ranked rows; chat rows with chosen/rejected are pairs."""
     if spec.format == "ranked":
         return _read(spec, functools.partial(parse_ranked, need_rewards=need_rewards))
+    if spec.format == "chat":
+        r = _renderer(chat)
+
+        def parse(rec: Record, where: str) -> RankedRow:
+            if "responses" in rec:
+                return parse_chat_ranked(rec, where, r, need_rewards)
+            pair = parse_chat_pair(rec, where, r)
+            return RankedRow(pair.prompt, (pair.chosen, pair.rejected), (1.0, 0.0), True, where)
+
+        return _read(spec, parse)
     if spec.format in PAIR_PARSERS:
-        pairs = _read(spec, PAIR_PARSERS[spec.format])
-        ranked = [RankedRow(r.prompt, (r.chosen, r.rejected), (1.0, 0.0)) for r in pairs]
+        pairs = _read(spec, _pair_parser(spec, chat))
+        ranked = [
+            RankedRow(r.prompt, (r.chosen, r.rejected), (1.0, 0.0), r.chat, r.where) for r in pairs
+        ]
         return _derived(pairs, ranked)
-    raise _unsupported(spec, "ranked", ("ranked", *PAIR_PARSERS))
+    raise _unsupported(spec, "ranked", ("ranked", *PAIRS))
 
 
-def load_prompt_rows(spec: DatasetSpec) -> Rows[PromptRow]:
+def load_prompt_rows(spec: DatasetSpec, chat: ChatFormat | None = None) -> Rows[PromptRow]:
     """Prompts for on-policy stages and evaluation; any format with a prompt will do."""
     if spec.format == "prompts":
         return _read(spec, parse_prompts)
+    if spec.format == "chat":
+        return _read(spec, functools.partial(parse_chat_prompt, r=_renderer(chat)))
     parse: Callable[[Record, str], SFTRow | PreferenceRow | RankedRow]
     if spec.format == "jsonl":
         parse = parse_jsonl
     elif spec.format == "ranked":
         parse = functools.partial(parse_ranked, need_rewards=False)
     else:
-        parse = PAIR_PARSERS[spec.format]
+        parse = _pair_parser(spec, chat)
     rows: Rows[SFTRow | PreferenceRow | RankedRow] = _read(spec, parse)
     # A pair's chosen response is the reference answer (the judge's pairwise rewards use it).
-    answers = [r.chosen if isinstance(r, PreferenceRow) else None for r in rows]
-    return _derived(rows, [PromptRow(r.prompt, a) for r, a in zip(rows, answers, strict=True)])
+    prompts = [
+        PromptRow(
+            r.prompt, r.chosen if isinstance(r, PreferenceRow) else None, None, r.chat, r.where
+        )
+        for r in rows
+    ]
+    return _derived(rows, prompts)
+
+
+def dataset_chat(spec: DatasetSpec, model: ModelSource) -> ChatFormat | None:
+    """The chat template a dataset's rows are rendered with: the model's, for `chat` rows (a
+    model without one is refused when they are read) and, with `dataset.applyChatTemplate`,
+    for hh, shp and tldr rows when the model has one; None for plain rows."""
+    if spec.format == "chat":
+        return load_chat_format(model)
+    if spec.format in CHAT_CONVERTIBLE and spec.apply_chat_template:
+        chat = load_chat_format(model)
+        return chat if chat.template is not None else None
+    return None
 
 
 def split_eval(rows: list[Row], fraction: float) -> tuple[list[Row], list[Row]]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from rlhf_trainer import tasks
-from rlhf_trainer.batching import collate, tokenize_sft
+from rlhf_trainer.batching import collate, stop_ids, tokenize_sft
 from rlhf_trainer.config import ModelSource
 from rlhf_trainer.data import SFTRow
 from rlhf_trainer.distributed import (
@@ -63,19 +63,31 @@ def _mine(items: list[Any], ctx: DistContext) -> list[Any]:
 
 @torch.no_grad()
 def generate(
-    model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    chat: bool = False,
 ) -> list[str]:
-    """Greedy completions, cut at EOS, decoded without special tokens."""
+    """Greedy completions, cut at EOS or the chat template's end-of-turn token, decoded without
+    special tokens. `chat`: the prompts were rendered by the template (no special tokens added)."""
     tokenizer.padding_side = "left"
+    stops = sorted(stop_ids(tokenizer))
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+        enc = tokenizer(
+            prompts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=not chat,
+        )
         ids = model.generate(  # type: ignore[operator]
             **enc,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops or None,
         )
         for row in ids[:, enc["input_ids"].shape[1] :]:
             out.append(str(tokenizer.decode(row, skip_special_tokens=True)))
@@ -119,13 +131,14 @@ def _policy_report(
     tokenizer = load_tokenizer(source, inputs.policies[name])
     model, _ = load_causal_lm(source, inputs.policies[name])
     model.eval()
-    prompts = [r.prompt for r in _mine(inputs.prompts, ctx)]
-    responses = generate(model, tokenizer, prompts, inputs.max_new_tokens, inputs.batch_size)
-    rows = [SFTRow(p, r) for p, r in zip(prompts, responses, strict=True)]
+    mine = _mine(inputs.prompts, ctx)
+    prompts, chat = [r.prompt for r in mine], any(r.chat for r in mine)
+    responses = generate(model, tokenizer, prompts, inputs.max_new_tokens, inputs.batch_size, chat)
+    rows = [SFTRow(p, r, chat=chat) for p, r in zip(prompts, responses, strict=True)]
     own = nll_and_kl(model, ref, rows, tokenizer, inputs)
     sums = {"n": float(len(rows)), "kl": own["kl"], "response_tokens": own["tokens"]}
     if scorer is not None:
-        sums["rm"] = sum(scorer.score(prompts, responses, inputs.batch_size))
+        sums["rm"] = sum(scorer.score(prompts, responses, inputs.batch_size, chat))
     if inputs.reward_function is not None:
         function: Callable[[str, str], float] = tasks.REWARD_FUNCTIONS[inputs.reward_function]
         sums["fn"] = sum(function(p, r) for p, r in zip(prompts, responses, strict=True))
@@ -148,9 +161,9 @@ def _policy_report(
 
 def _pairs_report(inputs: EvalInputs, scorer: RewardScorer, ctx: DistContext) -> dict[str, float]:
     pairs = _mine(inputs.pairs, ctx)
-    prompts = [p.prompt for p in pairs]
-    chosen = scorer.score(prompts, [p.chosen for p in pairs], inputs.batch_size)
-    rejected = scorer.score(prompts, [p.rejected for p in pairs], inputs.batch_size)
+    prompts, chat = [p.prompt for p in pairs], any(p.chat for p in pairs)
+    chosen = scorer.score(prompts, [p.chosen for p in pairs], inputs.batch_size, chat)
+    rejected = scorer.score(prompts, [p.rejected for p in pairs], inputs.batch_size, chat)
     correct = float(pairwise_accuracy(torch.tensor(chosen), torch.tensor(rejected)).sum())
     total = _reduce({"correct": correct, "n": float(len(pairs))}, ctx)
     return {"pairwise_accuracy": total["correct"] / max(total["n"], 1.0), "pairs": total["n"]}

@@ -9,7 +9,7 @@ the rollout server's, which sees no padding).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -190,14 +190,20 @@ def critic_values(critic: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def scored_sequences(
-    samples: Sequence[Sample], eos_id: int | None, pad_id: int, device: torch.device
+    samples: Sequence[Sample],
+    eos_id: int | None,
+    pad_id: int,
+    device: torch.device,
+    stops: Collection[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """prompt + response (+ EOS when the response lacks it: reward models learn to read the
-    end-of-sequence token, as `batching.tokenize_sft` trains them), right-padded; (ids, mask)."""
+    """prompt + response (+ EOS when the response ends with neither EOS nor another of `stops`,
+    such as a chat template's end-of-turn token: reward models learn to read the last token,
+    as `batching.tokenize_sft` trains them), right-padded; (ids, mask)."""
+    ends = {eos_id, *stops}
     rows = []
     for s in samples:
         ids = list(s.prompt_ids) + list(s.response_ids)
-        if eos_id is not None and (not s.response_ids or s.response_ids[-1] != eos_id):
+        if eos_id is not None and (not s.response_ids or s.response_ids[-1] not in ends):
             ids.append(eos_id)
         rows.append(ids)
     width = max(len(r) for r in rows)

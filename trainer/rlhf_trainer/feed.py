@@ -24,7 +24,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
 from rlhf_trainer.batching import DataStream
+from rlhf_trainer.data import PromptRow
 from rlhf_trainer.distributed import broadcast_object
+from rlhf_trainer.errors import DataError
 from rlhf_trainer.rollout import RolloutError, Sample, Sampling
 
 if TYPE_CHECKING:
@@ -40,10 +42,21 @@ class ServersLost(RolloutError):
     """A batch lost a connection to a rollout server, which may have restarted since."""
 
 
-def prompt_token_ids(tokenizer: Any, prompts: Sequence[str], max_len: int) -> list[list[int]]:
-    """Token ids with the tokenizer's special tokens; long prompts lose their start."""
-    ids = tokenizer(list(prompts))["input_ids"]
-    return [list(row)[-max_len:] for row in ids]
+def prompt_token_ids(tokenizer: Any, rows: Sequence[PromptRow], max_len: int) -> list[list[int]]:
+    """Token ids of prompts. Plain ones get the tokenizer's special tokens and lose their start
+    when long; chat ones (rendered with every special token by the template) get none, and one
+    longer than `max_len` is refused: cutting it would cut the template."""
+    out = []
+    for row in rows:
+        ids = list(tokenizer(row.prompt, add_special_tokens=not row.chat)["input_ids"])
+        if row.chat and len(ids) > max_len:
+            raise DataError(
+                f"{row.where}: the rendered prompt is {len(ids)} tokens, more than the "
+                f"{max_len} that hyperparameters.maxLength leaves after maxNewTokens; raise "
+                "maxLength, shorten the prompt, or set dataset.skipInvalid"
+            )
+        out.append(ids[-max_len:])
+    return out
 
 
 @dataclass(frozen=True)
@@ -144,7 +157,7 @@ class RolloutFeed:
         assert setup.client is not None
         rows = [setup.inputs.train_rows[i] for i in self.stream.next_batch(self.per_step)]
         prompts = [row.prompt for row in rows]
-        ids = prompt_token_ids(setup.tokenizer, prompts, setup.max_prompt)
+        ids = prompt_token_ids(setup.tokenizer, rows, setup.max_prompt)
         sampling = replace(
             self.sampling, seed=setup.inputs.config.hyperparameters.seed + step * SEED_STRIDE
         )

@@ -82,7 +82,7 @@ def evaluate(setup: OnlineSetup, rows: Sequence[PromptRow], max_tokens: int) -> 
     samples: list[Sample] | None = None
     if setup.ctx.is_main:
         assert setup.client is not None
-        prompts = prompt_token_ids(setup.tokenizer, [r.prompt for r in rows], setup.max_prompt)
+        prompts = prompt_token_ids(setup.tokenizer, rows, setup.max_prompt)
         greedy = Sampling(n=1, max_tokens=max_tokens, temperature=0.0)
         samples = [group[0] for group in setup.client.generate(prompts, greedy)]
     samples = cast(list[Sample], broadcast_object(samples))

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
+from rlhf_trainer.batching import stop_ids
 from rlhf_trainer.completions import wait_ready
 from rlhf_trainer.config import (
     IN_TRAINER,
@@ -36,7 +37,11 @@ from rlhf_trainer.nccl_sync import NcclWeightSync, free_port
 from rlhf_trainer.online_models import ValueModel, load_value_model
 from rlhf_trainer.parity import Syncer
 from rlhf_trainer.preflight import StageInputs
-from rlhf_trainer.reward_functions import RewardFunction, resolve_reward_function
+from rlhf_trainer.reward_functions import (
+    RewardFunction,
+    accepts_messages,
+    resolve_reward_function,
+)
 from rlhf_trainer.reward_model import last_token_values
 from rlhf_trainer.rollout import RolloutClient, RolloutGenerator, Sample
 from rlhf_trainer.weight_sync import DiskWeightSync, LoraWeightSync, WeightSync
@@ -54,19 +59,29 @@ class RewardSource(Protocol):
 
 
 class FunctionReward:
-    """A Python reward function of (prompt, decoded response)."""
+    """A Python reward function of (prompt as rendered, response decoded without special
+    tokens, so without the end-of-turn token). A function with a `messages` parameter also
+    gets a chat prompt's messages (None for a plain prompt)."""
 
-    def __init__(self, function: RewardFunction, tokenizer: Any) -> None:
+    def __init__(
+        self, function: RewardFunction, tokenizer: Any, rows: Sequence[PromptRow] = ()
+    ) -> None:
         self.function, self.tokenizer = function, tokenizer
+        self.messages = {r.prompt: r.messages for r in rows if r.messages is not None}
+        self.wants_messages = accepts_messages(function)
 
     def score(self, samples: Sequence[Sample], prompts: Sequence[str]) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(
             [list(s.response_ids) for s in samples], skip_special_tokens=True
         )
-        values = [
-            float(self.function(prompts[s.prompt_index], text))
-            for s, text in zip(samples, texts, strict=True)
-        ]
+        values = []
+        for s, text in zip(samples, texts, strict=True):
+            prompt = prompts[s.prompt_index]
+            if self.wants_messages:
+                extra = self.messages.get(prompt)
+                values.append(float(self.function(prompt, text, messages=extra)))  # type: ignore[call-arg]
+            else:
+                values.append(float(self.function(prompt, text)))
         return torch.tensor(values, dtype=torch.float32)
 
 
@@ -76,11 +91,12 @@ class ModelReward:
     def __init__(self, model: ValueModel, tokenizer: Any, device: torch.device) -> None:
         self.model, self.device = model, device
         self.eos, self.pad = tokenizer.eos_token_id, int(tokenizer.pad_token_id)
+        self.stops = stop_ids(tokenizer)
 
     @torch.no_grad()
     def score(self, samples: Sequence[Sample], prompts: Sequence[str]) -> torch.Tensor:
         del prompts
-        ids, mask = scored_sequences(samples, self.eos, self.pad, self.device)
+        ids, mask = scored_sequences(samples, self.eos, self.pad, self.device, self.stops)
 
         def chunk(rows: slice) -> torch.Tensor:
             values = self.model(input_ids=ids[rows], attention_mask=mask[rows])
@@ -148,7 +164,8 @@ def _reward(inputs: StageInputs[PromptRow], tokenizer: Any, ctx: DistContext) ->
         references = {r.prompt: r.answer for r in rows if r.answer is not None}
         return JudgeRewardSource(config.judge, tokenizer, references)
     assert config.reward_function is not None  # preflight: exactly one source
-    return FunctionReward(resolve_reward_function(config.reward_function), tokenizer)
+    function = resolve_reward_function(config.reward_function)
+    return FunctionReward(function, tokenizer, [*inputs.train_rows, *inputs.eval_rows])
 
 
 def _wait_for_judge(judge: JudgeTarget | None) -> None:
@@ -190,11 +207,11 @@ def overlap_threads(urls: Sequence[str], device: torch.device, threads: int) -> 
 
 
 def stop_token_ids(tokenizer: Any, model: nn.Module) -> set[int]:
-    """The tokens that end a response: the tokenizer's EOS and the model's (config and
-    generation config), as vLLM stops on them."""
-    found: set[int] = set()
+    """The tokens that end a response: the tokenizer's EOS, the chat template's end-of-turn
+    token, and the model's EOS ids (config and generation config), as vLLM stops on them."""
+    found: set[int] = stop_ids(tokenizer)  # EOS and the chat template's end-of-turn token
     configs = [getattr(model, "config", None), getattr(model, "generation_config", None)]
-    for value in [tokenizer.eos_token_id, *(getattr(c, "eos_token_id", None) for c in configs)]:
+    for value in [getattr(c, "eos_token_id", None) for c in configs]:
         if isinstance(value, int):
             found.add(value)
         elif isinstance(value, list | tuple):
@@ -243,7 +260,8 @@ def prepare(inputs: StageInputs[PromptRow], ctx: DistContext) -> OnlineSetup:
         # With LoRA, requests ask for the policy's adapter on top of the servers' base weights.
         served = target.lora_adapter or target.served_model
         requests = target.model_copy(update={"served_model": served})
-        client = RolloutClient(requests) if ctx.is_main else None
+        stops = stop_token_ids(tokenizer, actor)
+        client = RolloutClient(requests, stop_token_ids=stops) if ctx.is_main else None
         if client is not None:
             log.info(
                 "Waiting for %d rollout server(s): %s", len(target.urls), ", ".join(target.urls)
@@ -253,7 +271,7 @@ def prepare(inputs: StageInputs[PromptRow], ctx: DistContext) -> OnlineSetup:
     if ctx.is_main:
         _wait_for_judge(config.judge)
     max_prompt = config.hyperparameters.max_length - max_new
-    probe = prompt_token_ids(tokenizer, [inputs.train_rows[0].prompt], max_prompt)[0]
+    probe = prompt_token_ids(tokenizer, [inputs.train_rows[0]], max_prompt)[0]
     pad = int(tokenizer.pad_token_id)
     syncer = Syncer(backend, client, probe, target.parity_threshold, ctx, pad)
     return OnlineSetup(

@@ -36,7 +36,7 @@ from torch import nn
 from rlhf_trainer.advantages import gae, masked_sums, whiten
 from rlhf_trainer.batching import DataStream, collate, tokenize_sft
 from rlhf_trainer.config import PPOOptions
-from rlhf_trainer.data import PromptRow, load_sft_rows
+from rlhf_trainer.data import PromptRow, dataset_chat, load_sft_rows
 from rlhf_trainer.distributed import all_reduce_sum
 from rlhf_trainer.experience import Experience, collate_samples, critic_values, policy_logprobs
 from rlhf_trainer.feed import StepRollouts
@@ -304,7 +304,8 @@ class PtxSource:
     def __init__(self, setup: OnlineSetup, opts: PPOOptions) -> None:
         assert opts.ptx_dataset is not None  # preflight
         hp = setup.inputs.config.hyperparameters
-        rows = load_sft_rows(opts.ptx_dataset)
+        chat = dataset_chat(opts.ptx_dataset, setup.inputs.config.model)
+        rows = load_sft_rows(opts.ptx_dataset, chat)
         self.examples = tokenize_sft(rows, setup.tokenizer, hp.max_length)
         self.stream = DataStream(len(self.examples), hp.seed + 1)
         self.pad, self.device = int(setup.tokenizer.pad_token_id), setup.ctx.device

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic
 
 from rlhf_trainer import lora, tasks
+from rlhf_trainer.chat_format import ChatFormat
 from rlhf_trainer.config import (
     IN_TRAINER,
     DatasetSpec,
@@ -29,6 +30,7 @@ from rlhf_trainer.data import (
     RankedRow,
     Row,
     SFTRow,
+    dataset_chat,
     load_preference_rows,
     load_prompt_rows,
     load_ranked_rows,
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from rlhf_trainer.feedback import FeedbackInputs
 
 FINAL_DIR = "final"
+Loader = Callable[[DatasetSpec, ChatFormat | None], list[Row]]  # a data.load_*_rows
 
 
 def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
@@ -104,9 +107,12 @@ def total_steps(max_steps: int | None, epochs: float, n_rows: int, batch_size: i
 
 
 def _stage_inputs(
-    config: StageConfig, world_size: int, load: Callable[[DatasetSpec], list[Row]]
+    config: StageConfig,
+    world_size: int,
+    load: Loader[Row],
 ) -> StageInputs[Row]:
-    """Batch split, model source, every row (train and held out), step count."""
+    """Batch split, model source, every row (train and held out, chat rows rendered with the
+    model's template), step count."""
     hp = config.hyperparameters
     if config.dataset is None:
         raise UserError(
@@ -115,10 +121,11 @@ def _stage_inputs(
         )
     micro = micro_batch_size(hp.batch_size, world_size, hp.gradient_accumulation)
     model_ref = check_model_source(config.model)
-    rows = load(config.dataset)
+    chat = dataset_chat(config.dataset, config.model)
+    rows = load(config.dataset, chat)
     explicit = config.dataset.held_out()
     if explicit is not None:
-        train, held_out = rows, load(explicit)
+        train, held_out = rows, load(explicit, chat)
     else:
         train, held_out = split_eval(rows, config.dataset.eval_fraction)
     steps = total_steps(hp.max_steps, hp.epochs, len(train), hp.batch_size)
@@ -179,7 +186,9 @@ def check_rrhf(
             f"{', '.join(sorted(tasks.REWARD_FUNCTIONS))}"
         )
     inputs = _stage_inputs(
-        config, world_size, lambda spec: load_ranked_rows(spec, need_rewards=scorer is None)
+        config,
+        world_size,
+        lambda spec, chat: load_ranked_rows(spec, need_rewards=scorer is None, chat=chat),
     )
     if function is not None:
         train, held_out = _scored(inputs.train_rows, function), _scored(inputs.eval_rows, function)
@@ -280,7 +289,7 @@ def check_ppo(config: StageConfig, world_size: int) -> StageInputs[PromptRow]:
                 "ppo.ptxDataset: ppo.ptxCoef > 0 mixes in an LM loss on supervised data; set "
                 "ppo.ptxDataset, or ptxCoef to 0"
             )
-        load_sft_rows(options.ptx_dataset)
+        load_sft_rows(options.ptx_dataset, dataset_chat(options.ptx_dataset, config.model))
     if options.kl_controller == "adaptive" and options.kl_target is None:
         raise UserError("ppo.klTarget: the adaptive KL controller needs a target KL; set klTarget")
     return _check_online(
@@ -329,19 +338,23 @@ def check_evaluate(config: StageConfig, world_size: int) -> EvalInputs:
     if config.reward_function and config.reward_function not in tasks.REWARD_FUNCTIONS:
         raise UserError(f"reward.function: unknown reward function {config.reward_function!r}")
     rm = config.reward_model_path
+
+    def rows(spec: DatasetSpec, load: Loader[Row]) -> list[Row]:
+        return load(spec, dataset_chat(spec, config.model))
+
     return EvalInputs(
         policies={
             name: check_model_source(ModelSource(path=path))
             for name, path in config.policies.items()
         },
-        prompts=load_prompt_rows(config.dataset),
+        prompts=rows(config.dataset, load_prompt_rows),
         reference_model=check_model_source(config.model),
         reward_model=check_model_source(ModelSource(path=rm)) if rm else None,
         reward_function=config.reward_function,
-        reference_rows=load_sft_rows(options.reference_dataset)
+        reference_rows=rows(options.reference_dataset, load_sft_rows)
         if options.reference_dataset
         else [],
-        pairs=load_preference_rows(options.preference_dataset)
+        pairs=rows(options.preference_dataset, load_preference_rows)
         if options.preference_dataset
         else [],
         max_new_tokens=options.max_new_tokens,

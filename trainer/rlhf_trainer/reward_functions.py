@@ -6,12 +6,16 @@ comma-separated module prefixes in `$RLHF_REWARD_FUNCTION_MODULES` (empty by def
 allow-list belongs to whoever builds the trainer image or starts the trainer, not to the
 RLHFRun spec, so a spec alone cannot make a trainer import arbitrary code.
 
-A reward function takes (prompt, response) strings and returns a float. Torch-free.
+A reward function takes (prompt, response) strings and returns a float. With chat data the
+prompt is as the policy's template rendered it and the response is decoded without its
+end-of-turn token; a function that has a `messages` parameter (or **kwargs) also gets the chat
+prompt's messages, a list of {role, content} (None for a plain prompt). Torch-free.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable, Mapping
 
@@ -57,3 +61,12 @@ def resolve_reward_function(name: str, env: Mapping[str, str] | None = None) -> 
     if not callable(function):
         raise UserError(f"reward.function: {module_name!r} has no callable {attr!r}")
     return function  # type: ignore[no-any-return]
+
+
+def accepts_messages(function: RewardFunction) -> bool:
+    """Whether `function` takes a `messages` keyword (by name or through **kwargs)."""
+    try:
+        params = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return any(p.name == "messages" or p.kind is p.VAR_KEYWORD for p in params)

@@ -158,12 +158,17 @@ class RewardScorer:
 
     @torch.no_grad()
     def score(
-        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        batch_size: int = 16,
+        chat: bool = False,
     ) -> list[float]:
-        """One reward per (prompt, response), in order."""
+        """One reward per (prompt, response), in order; `chat`: the prompts were rendered with
+        a chat template (`SFTRow.chat`)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        rows = [SFTRow(p, r) for p, r in zip(prompts, responses, strict=True)]
+        rows = [SFTRow(p, r, chat=chat) for p, r in zip(prompts, responses, strict=True)]
         out: list[float] = []
         for start in range(0, len(rows), batch_size):
             examples = tokenize_sft(

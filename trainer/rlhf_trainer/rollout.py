@@ -24,7 +24,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -111,7 +111,9 @@ def parse_group(
     return [parse_sample(prompt_index, prompt_ids, c, sampling.max_tokens) for c in choices]
 
 
-def _payload(prompt_ids: Sequence[int], sampling: Sampling, index: int) -> dict[str, Any]:
+def _payload(
+    prompt_ids: Sequence[int], sampling: Sampling, index: int, stops: Sequence[int] = ()
+) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "prompt": list(prompt_ids),
         "n": sampling.n,
@@ -123,6 +125,8 @@ def _payload(prompt_ids: Sequence[int], sampling: Sampling, index: int) -> dict[
     }
     if sampling.temperature > 0:
         payload["seed"] = sampling.seed + index  # reproducible, and distinct per prompt
+    if stops:
+        payload["stop_token_ids"] = list(stops)
     return payload
 
 
@@ -152,8 +156,13 @@ class RolloutGenerator(Protocol):
 class RolloutClient:
     """Generates on a stage's rollout servers (`RolloutTarget`, rendered by the operator)."""
 
-    def __init__(self, target: RolloutTarget, backoff_s: float = 0.5) -> None:
+    def __init__(
+        self, target: RolloutTarget, backoff_s: float = 0.5, stop_token_ids: Iterable[int] = ()
+    ) -> None:
         self.target = target
+        # Sent with every request: the chat template's end-of-turn token may not be among the
+        # EOS ids of the served model's generation config, where vLLM stops by itself.
+        self.stop_token_ids = sorted(stop_token_ids)
         self.backoff_s = backoff_s  # first retry delay, doubling (completions.MAX_BACKOFF_S)
         self.failures: collections.Counter[str] = collections.Counter()  # attempts, by outcome
         self.lost_connection = False  # during the last `generate`
@@ -207,7 +216,10 @@ class RolloutClient:
         self.lost_connection = False
         try:
             async with client:
-                calls = [client.complete(_payload(p, sampling, i)) for i, p in enumerate(prompts)]
+                stops = self.stop_token_ids
+                calls = [
+                    client.complete(_payload(p, sampling, i, stops)) for i, p in enumerate(prompts)
+                ]
                 results = await asyncio.gather(*calls)
             return [
                 parse_group(i, prompts[i], choices, sampling) for i, choices in enumerate(results)

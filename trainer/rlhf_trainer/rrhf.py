@@ -51,7 +51,7 @@ class QueryExample:
 
 
 def tokenize_queries(rows: list[RankedRow], tokenizer: Any, max_length: int) -> list[QueryExample]:
-    flat = [SFTRow(r.prompt, y) for r in rows for y in r.responses]
+    flat = [SFTRow(r.prompt, y, chat=r.chat, where=r.where) for r in rows for y in r.responses]
     examples = iter(tokenize_sft(flat, tokenizer, max_length) if flat else [])
     out = []
     for row in rows:
@@ -69,7 +69,8 @@ def score_rows(
     flat = [(i, r.prompt, y) for i, r in enumerate(rows) for y in r.responses]
     scores = torch.zeros(len(flat), dtype=torch.float64, device=ctx.device)
     mine = list(range(ctx.rank, len(flat), ctx.world_size))
-    values = scorer.score([flat[j][1] for j in mine], [flat[j][2] for j in mine])
+    chat = any(r.chat for r in rows)
+    values = scorer.score([flat[j][1] for j in mine], [flat[j][2] for j in mine], chat=chat)
     scores[mine] = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(scores)
     it = iter(scores.tolist())
