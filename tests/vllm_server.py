@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from rlhf_operator.local_precision import host_bf16_kept
 from rlhf_operator.local_servers import local_server_argv, local_server_env
 
 START_TIMEOUT_S = 600
@@ -48,7 +49,7 @@ def start_vllm(model: Path, log: Path, port: int, *extra: str) -> subprocess.Pop
     without GPUs (`local_servers`). The served model name is `served` unless `extra` says
     otherwise."""
     command = ["vllm", "serve", str(model), "--served-model-name", "served", *extra]
-    argv = local_server_argv(command, port, gpu=False)
+    argv = local_server_argv(command, port, gpu=False, bf16_kept=host_bf16_kept(gpu=False))
     env = {**os.environ, **local_server_env(argv)}
     with log.open("ab") as out:
         return subprocess.Popen(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_operator import api, backends
+from rlhf_operator.local_precision import bf16_fallback_events, host_cpu_bf16
 from rlhf_operator.local_servers import SERVER_KINDS, LocalServers, local_server_env
 from rlhf_operator.metrics import RunMetrics
 from rlhf_operator.planner import Event, Observed, Plan, config_hash, plan
@@ -267,6 +268,9 @@ class LocalExecutor:
 
     def execute(self) -> api.RunStatus:
         """Reconcile until the run succeeds, fails or is refused; returns the final status."""
+        # The trainers warn in their own logs; this says it where the user is looking.
+        for event in bf16_fallback_events(self.run, host_cpu_bf16(), self.servers.bf16_kept):
+            self.on_event(event)
         try:
             while True:
                 desired = self.reconcile()

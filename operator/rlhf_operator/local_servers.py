@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf_operator.local_precision import host_bf16_kept, local_vllm_dtype
+
 Obj = dict[str, Any]
 SERVER_KINDS = ("Deployment", "Service")
 
@@ -66,16 +68,31 @@ def _set_flag(argv: list[str], flag: str, value: str) -> list[str]:
     return [*out, flag, value]
 
 
-def local_server_argv(argv: list[str], port: int, gpu: bool) -> list[str]:
-    """The argv that runs a server container's command here, listening on 127.0.0.1:port."""
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last `flag VALUE` or `flag=VALUE`, as argparse reads it."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+    return value
+
+
+def local_server_argv(argv: list[str], port: int, gpu: bool, bf16_kept: bool = True) -> list[str]:
+    """The argv that runs a server container's command here, listening on 127.0.0.1:port.
+    Without `bf16_kept` (a CPU without native bf16, `local_precision`) a vLLM server computes
+    in float32 where its command says bfloat16 or auto."""
     if argv[:2] == ["vllm", "serve"] and len(argv) > 2:
         out = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", argv[2]]
         out += argv[3:]
         out = _set_flag(_set_flag(out, "--port", str(port)), "--host", "127.0.0.1")
         if not gpu:
             out = _set_flag(out, "--gpu-memory-utilization", CPU_MEMORY_SHARE)
-            tp_flag = "--tensor-parallel-size"
-            tp = out[out.index(tp_flag) + 1] if tp_flag in out else "1"
+            dtype = local_vllm_dtype(_flag_value(out, "--dtype"), bf16_kept)
+            if dtype is not None:
+                out = _set_flag(out, "--dtype", dtype)
+            tp = _flag_value(out, "--tensor-parallel-size") or "1"
             extra = [f for f in CPU_VLLM_FLAGS if f not in out]
             if tp == "1" and CPU_SINGLE_PROCESS[0] not in out:
                 extra += list(CPU_SINGLE_PROCESS)
@@ -187,6 +204,7 @@ class LocalServers:
         self.servers: dict[str, LocalServer] = {}
         self.services: dict[str, Obj] = {}
         self.gpu = has_gpu()
+        self.bf16_kept = host_bf16_kept(self.gpu)
 
     def apply(self, desired: list[Obj]) -> None:
         wanted = {o["metadata"]["name"]: o for o in desired if o["kind"] == "Deployment"}
@@ -206,7 +224,9 @@ class LocalServers:
         port = self.free_port()
         log = self.log_dir / f"{obj['metadata']['name']}.log"
         deadline = time.monotonic() + float(obj["spec"].get("progressDeadlineSeconds", 600))
-        proc = self.spawn(pod, log, lambda argv: local_server_argv(argv, port, self.gpu))
+        proc = self.spawn(
+            pod, log, lambda argv: local_server_argv(argv, port, self.gpu, self.bf16_kept)
+        )
         return LocalServer(obj, port, proc, log, deadline)
 
     def observe(self) -> list[Obj]:

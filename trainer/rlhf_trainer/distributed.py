@@ -5,12 +5,21 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from rlhf_trainer.config import (
+    CPU_BF16_ENV,
+    CpuBf16,
+    cpu_bf16_from_cpuinfo,
+    read_cpuinfo,
+    resolve_bf16,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +39,9 @@ class DistContext:
 
 def init_distributed(bf16: bool | None, timeout_minutes: int = 30) -> DistContext:
     """Join torchrun's group (env RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), or make a 1-rank gloo
-    group for a plain process. NCCL with one GPU per local rank when CUDA is present, else gloo."""
+    group for a plain process. NCCL with one GPU per local rank when CUDA is present, else gloo.
+    `bf16` (None: on with a GPU) goes through `config.resolve_bf16`: on a CPU without native
+    bf16 a requested bf16 falls back to float32, and rank 0 warns why and how to keep it."""
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -45,8 +56,11 @@ def init_distributed(bf16: bool | None, timeout_minutes: int = 30) -> DistContex
             # A plain process: a 1-rank group on an in-memory store, no port needed.
             store = dist.HashStore()  # type: ignore[attr-defined]
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
-    use_bf16 = cuda if bf16 is None else bf16
+    choice = resolve_bf16(bf16, cuda, this_cpu_bf16(), os.environ.get(CPU_BF16_ENV))
+    use_bf16 = choice.bf16
     ctx = DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, use_bf16)
+    if choice.fallback is not None and ctx.is_main:
+        log.warning("%s", choice.fallback)
     log.info(
         "Joined %s process group: world size %d, device %s, bf16 %s",
         backend,
@@ -55,6 +69,27 @@ def init_distributed(bf16: bool | None, timeout_minutes: int = 30) -> DistContex
         use_bf16,
     )
     return ctx
+
+
+# x86 names that platform.machine() gives: AVX512-BF16 and AMX come only with AVX-512.
+X86_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686"})
+
+
+def cpu_bf16_from_capability(capability: str, machine: str) -> CpuBf16:
+    """torch's CPU dispatch level, for where /proc/cpuinfo says nothing (macOS, Windows): on
+    x86, DEFAULT or AVX2 means no AVX-512, so no native bf16; AVX512 leaves it open."""
+    if machine.lower() in X86_MACHINES and capability in ("DEFAULT", "AVX2"):
+        return CpuBf16(False, f"{capability} only: torch CPU capability {capability}")
+    return CpuBf16(None, f"torch CPU capability {capability}")
+
+
+def this_cpu_bf16() -> CpuBf16:
+    """This machine's bf16 facts: /proc/cpuinfo's flags, else torch's CPU capability."""
+    cpu = cpu_bf16_from_cpuinfo(read_cpuinfo())
+    if cpu.native is None:
+        capability = torch.backends.cpu.get_cpu_capability()
+        cpu = cpu_bf16_from_capability(capability, platform.machine())
+    return cpu
 
 
 def close_distributed() -> None:
