@@ -34,6 +34,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs", help="the run's work dir (default: runs)")
     p.add_argument("--policy", action="append", default=[], metavar="NAME=PATH|STAGE")
     p.add_argument("--prompts", help="held-out prompts (JSONL with a prompt field)")
+    p.add_argument(
+        "--prompts-format", default="prompts", help="dataset format of --prompts (chat: messages)"
+    )
     p.add_argument("--reward-model", metavar="PATH|STAGE", help="default: the run's reward stage")
     p.add_argument("--reward-function", help="registered reward function, e.g. animal_sounds")
     p.add_argument("--kl-reference", metavar="NAME|PATH", help="default: the first policy")
@@ -89,6 +92,7 @@ def trainer_argv(args: argparse.Namespace, resolved: dict[str, Any]) -> list[str
         "--prompts": args.prompts and path(args.prompts),
         "--reward-model": resolved["reward_model"] and path(resolved["reward_model"]),
         "--reward-function": args.reward_function,
+        "--prompts-format": args.prompts and args.prompts_format,
         "--kl-reference": resolved["kl_reference"],
         "--reference-data": args.reference_data and path(args.reference_data),
         "--pairs": args.pairs and path(args.pairs),

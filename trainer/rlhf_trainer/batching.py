@@ -47,15 +47,16 @@ def too_long(where: str, length: int, max_length: int) -> DataError:
 def _chat_example(row: SFTRow, tokenizer: Any, max_length: int, ends: set[int]) -> Example:
     """A chat row as the ids of its whole rendering, so the prompt/response boundary is the
     one the tokenizer draws on the conversation (tokenizing the parts apart can split the
-    text around the boundary differently). A token is trained when it starts in the response
-    or in an earlier assistant turn (`trained_spans`)."""
-    cut = len(row.prompt)
+    text around the boundary differently). A token is trained when it lies in the response
+    or in an earlier assistant turn (`trained_spans`): a token holding any of their text (one
+    that merged the prompt's trailing space with the response's first word, say) is trained."""
+    spans = [*row.trained_spans, (len(row.prompt), len(row.prompt) + len(row.response))]
     text = row.prompt + row.response
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [
-        t if start >= cut or any(a <= start < b for a, b in row.trained_spans) else IGNORE_INDEX
-        for t, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
+        t if any(start < b and end > a for a, b in spans) else IGNORE_INDEX
+        for t, (start, end) in zip(ids, enc["offset_mapping"], strict=True)
     ]
     eos = tokenizer.eos_token_id
     if eos is not None and ids[-1] not in ends:

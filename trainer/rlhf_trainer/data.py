@@ -387,14 +387,19 @@ def _renderer(chat: ChatFormat | None) -> chat_data.Renderer:
 
 
 def parse_chat_sft(rec: Record, where: str, r: chat_data.Renderer) -> SFTRow:
-    prompt, response, spans = r.conversation(chat_data.sft_messages(rec, where), where)
-    return SFTRow(prompt, response, tuple(spans), chat=True, where=where)
+    """`messages` train every assistant turn; `prompt` + `completion` the completion alone."""
+    messages = chat_data.sft_messages(rec, where)
+    if "messages" in rec:
+        prompt, response, spans = r.conversation(messages, where)
+        return SFTRow(prompt, response, tuple(spans), chat=True, where=where)
+    prompt, response = r.reply(messages[:-1], messages[-1], where)
+    return SFTRow(prompt, response, chat=True, where=where)
 
 
 def parse_chat_pair(rec: Record, where: str, r: chat_data.Renderer) -> PreferenceRow:
     prompt, chosen, rejected = chat_data.pair_messages(rec, where)
     text, chosen_text = r.reply(prompt, chosen, where)
-    margin = parse_preference({"prompt": "", "chosen": "", "rejected": "", **rec}, where).margin
+    margin = parse_preference({**rec, "prompt": "", "chosen": "", "rejected": ""}, where).margin
     return PreferenceRow(
         text, chosen_text, r.reply(prompt, rejected, where)[1], margin, chat=True, where=where
     )

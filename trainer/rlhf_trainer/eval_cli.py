@@ -17,9 +17,15 @@ from typing import Any
 
 from rlhf_trainer import tasks
 from rlhf_trainer.config import DatasetSpec, ModelSource
-from rlhf_trainer.data import load_preference_rows, load_prompt_rows, load_sft_rows
+from rlhf_trainer.data import (
+    Row,
+    dataset_chat,
+    load_preference_rows,
+    load_prompt_rows,
+    load_sft_rows,
+)
 from rlhf_trainer.errors import UserError
-from rlhf_trainer.preflight import EvalInputs, check_model_source
+from rlhf_trainer.preflight import EvalInputs, Loader, check_model_source
 
 
 def add_eval_parser(sub: Any) -> None:
@@ -82,9 +88,15 @@ def eval_inputs(args: argparse.Namespace) -> EvalInputs:
         reference = check_model_source(ModelSource(path=reference))
     elif reference is not None:
         reference = policies[reference]
+    # Chat data is rendered with the first policy's template (the policies of a run share it).
+    model = ModelSource(path=next(iter(policies.values()))) if policies else None
+
+    def rows(spec: DatasetSpec, load: Loader[Row]) -> list[Row]:
+        return load(spec, dataset_chat(spec, model) if model else None)
+
     return EvalInputs(
         policies=policies,
-        prompts=load_prompt_rows(_dataset(args.prompts, args.prompts_format, "--prompts"))
+        prompts=rows(_dataset(args.prompts, args.prompts_format, "--prompts"), load_prompt_rows)
         if args.prompts
         else [],
         reference_model=reference,
@@ -92,12 +104,13 @@ def eval_inputs(args: argparse.Namespace) -> EvalInputs:
         if args.reward_model
         else None,
         reward_function=args.reward_function,
-        reference_rows=load_sft_rows(
-            _dataset(args.reference_data, args.reference_format, "--reference-data")
+        reference_rows=rows(
+            _dataset(args.reference_data, args.reference_format, "--reference-data"),
+            load_sft_rows,
         )
         if args.reference_data
         else [],
-        pairs=load_preference_rows(_dataset(args.pairs, args.pairs_format, "--pairs"))
+        pairs=rows(_dataset(args.pairs, args.pairs_format, "--pairs"), load_preference_rows)
         if args.pairs
         else [],
         max_new_tokens=args.max_new_tokens,

@@ -20,6 +20,8 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from rlhf_trainer import brief
+
 SOUNDS: dict[str, str] = {
     "cow": "moo",
     "dog": "woof",
@@ -195,4 +197,7 @@ def corpus(seed: int = 0, size: int = 2000) -> list[str]:
 
 
 # Reward functions by name, for `reward: {function: <name>}` in a stage.
-REWARD_FUNCTIONS: dict[str, Callable[[str, str], float]] = {"animal_sounds": check}
+REWARD_FUNCTIONS: dict[str, Callable[[str, str], float]] = {
+    "animal_sounds": check,
+    "brief": brief.brief,  # brief answers from a real instruct model (brief.py)
+}
