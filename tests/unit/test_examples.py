@@ -41,6 +41,9 @@ EXPECTED = {
     "multinode-fsdp.yaml",
     "trainjob-backend.yaml",
     "kueue-queued.yaml",
+    "smollm2-rlhf.yaml",
+    "smollm2-dpo.yaml",
+    "smollm2-grpo.yaml",
 }
 
 # Examples `rlhf render` refuses today, with the message it refuses them with.

@@ -56,8 +56,9 @@ class ChatFormat:
     ) -> str:
         """The prompt text for a completion that continues as the assistant.
 
-        A leading BOS is dropped unless `keep_bos`: servers add it when they tokenize a
-        completion prompt. The trainer keeps it and tokenizes without special tokens, as
+        A leading BOS is dropped unless `keep_bos` (or the template writes that token again
+        later, as ChatML templates whose BOS is <|im_start|> do): servers add it when they
+        tokenize a completion prompt. The trainer keeps it and tokenizes without special tokens, as
         vLLM's chat route does, since whether a tokenizer adds a BOS is not in its files.
         """
         if self.template is None:
@@ -71,8 +72,11 @@ class ChatFormat:
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
-        if not keep_bos and self.bos_token and text.startswith(self.bos_token):
-            text = text[len(self.bos_token) :]
+        bos = self.bos_token
+        # ChatML models may name their turn opener (<|im_start|>) as the BOS: that one is the
+        # template's own markup, not a BOS a server adds back, so it stays.
+        if not keep_bos and bos and text.startswith(bos) and bos not in text[len(bos) :]:
+            text = text[len(bos) :]
         return text
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from rlhf_trainer import tasks
 from rlhf_trainer.batching import collate, stop_ids, tokenize_sft
 from rlhf_trainer.config import ModelSource
-from rlhf_trainer.data import SFTRow
+from rlhf_trainer.data import PromptRow, SFTRow
 from rlhf_trainer.distributed import (
     DistContext,
     all_reduce_sum,
@@ -126,7 +126,8 @@ def _policy_report(
     ctx: DistContext,
     ref: nn.Module | None,
     scorer: RewardScorer | None,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], list[str]]:
+    """The policy's metrics, and its greedy answers to this rank's first SAMPLES prompts."""
     source = ModelSource(path=inputs.policies[name])
     tokenizer = load_tokenizer(source, inputs.policies[name])
     model, _ = load_causal_lm(source, inputs.policies[name])
@@ -156,7 +157,7 @@ def _policy_report(
     if inputs.reference_rows:
         mean_nll = total["ref_nll"] / max(total["ref_tokens"], 1.0)
         report["perplexity"] = float(torch.tensor(mean_nll).exp())
-    return report
+    return report, responses[:SAMPLES]
 
 
 def _pairs_report(inputs: EvalInputs, scorer: RewardScorer, ctx: DistContext) -> dict[str, float]:
@@ -187,14 +188,29 @@ def evaluate_policies(inputs: EvalInputs) -> dict[str, Any] | None:
         report: dict[str, Any] = {"prompts": len(inputs.prompts), "policies": {}}
         if inputs.reward_function:
             report["reward_function"] = inputs.reward_function
+        answers: dict[str, list[str]] = {}
         for name in inputs.policies:
-            report["policies"][name] = _policy_report(name, inputs, ctx, ref, scorer)
+            report["policies"][name], answers[name] = _policy_report(name, inputs, ctx, ref, scorer)
             log.info("Evaluated policy %s: %s", name, report["policies"][name])
+        if answers:  # rank 0's first prompts, as each policy answers them
+            asked = inputs.prompts[: len(next(iter(answers.values())))]
+            report["samples"] = [
+                {"prompt": _shown(r), **{n: a[i] for n, a in answers.items()}}
+                for i, r in enumerate(asked)
+            ]
         if inputs.pairs and scorer is not None:
             report["reward_model"] = _pairs_report(inputs, scorer, ctx)
         return report if ctx.is_main else None
     finally:
         close_distributed()
+
+
+SAMPLES = 2  # greedy answers per policy shown in the report
+
+
+def _shown(row: PromptRow) -> str:
+    """A prompt as a person reads it: a chat row's last message, else the prompt text."""
+    return row.messages[-1]["content"] if row.messages else row.prompt
 
 
 COLUMNS = (
@@ -215,6 +231,9 @@ def comparison_table(report: dict[str, Any]) -> str:
     for name, metrics in policies.items():
         cells = [f"{metrics[k]:>10.4f}" if k in metrics else f"{'-':>10}" for k, _ in shown]
         lines.append("  ".join([f"{name:<{width}}", *cells]))
+    for sample in report.get("samples", []):
+        lines.append(f"\nprompt: {sample['prompt']}")
+        lines += [f"  {n}: {a}" for n, a in sample.items() if n != "prompt"]
     if "reward_model" in report:
         rm = report["reward_model"]
         lines.append(
