@@ -64,3 +64,9 @@ def test_agreement_rate_only_with_both_orders() -> None:
     assert record["agreement_rate"] == 0.75 and record["judged_pairs"] == 6
     assert record["timeout_pairs"] == 2 and record["margin_mean"] == pytest.approx(0.3)
     assert "agreement_rate" not in Tally(Counter(kept=3), swap=False).record()
+
+
+def test_chat_rows_are_refused_by_name(fixtures_dir: Path, tmp_path: Path) -> None:
+    dataset = {"path": str(fixtures_dir / "brief_pairs.jsonl"), "format": "chat"}
+    with pytest.raises(UserError, match="feedback stage does not read chat rows yet"):
+        check_feedback(config(fixtures_dir, tmp_path, dataset=dataset))

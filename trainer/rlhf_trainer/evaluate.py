@@ -86,6 +86,7 @@ def generate(
             **enc,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            use_cache=True,  # load_causal_lm turns the cache off, for training
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stops or None,
         )

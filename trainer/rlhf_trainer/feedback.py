@@ -88,6 +88,13 @@ def check_feedback(config: StageConfig) -> FeedbackInputs:
         raise UserError("judge: a feedback stage needs the judge servers; set spec.judge")
     if config.dataset is None:
         raise UserError("dataset: a feedback stage needs a dataset of prompts or responses")
+    if config.dataset.format == "chat":
+        # The judge reads questions in its own template and the written pairs feed a plain
+        # `preference` stage; rendering them with the policy's template is not built yet.
+        raise UserError(
+            "dataset.format: a feedback stage does not read chat rows yet; give it prompts, "
+            "ranked or preference rows (plain text)"
+        )
     if config.rollout is not None:
         items = [Item(r.prompt) for r in load_prompt_rows(config.dataset)]
     else:

@@ -147,6 +147,9 @@ def _write_hf(plain: nn.Module, tokenizer: Any, out: Path, dtype: torch.dtype) -
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     model: Any = plain.to(dtype)
     model.config.use_cache = True
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:  # built from the training config, which turned the cache off
+        generation.use_cache = True
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     if (out / "tokenizer_config.json").is_file():
