@@ -54,9 +54,9 @@ $(WORKDIR)/models/smollm2-135m-instruct/config.json: | $(VENV)/.local-installed
 
 model: $(WORKDIR)/models/smollm2-135m-instruct/config.json
 
-$(WORKDIR)/data/sft.jsonl $(WORKDIR)/data/brief_sft.jsonl: tests/fixtures/sft.jsonl tests/fixtures/brief_sft.jsonl
+$(WORKDIR)/data/sft.jsonl $(WORKDIR)/data/brief_sft.jsonl: tests/fixtures/sft.jsonl tests/fixtures/brief/brief_sft.jsonl
 	mkdir -p $(WORKDIR)/data
-	cp tests/fixtures/*.jsonl $(WORKDIR)/data/
+	cp tests/fixtures/*.jsonl tests/fixtures/brief/*.jsonl $(WORKDIR)/data/
 
 # The main job: SFT -> reward model -> PPO on SmolLM2-135M-Instruct with chat data, then the
 # untouched, SFT and PPO policies compared on held-out prompts (scores and sample answers).
@@ -78,7 +78,7 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 pytest: venv system-deps
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 test: system-deps lint typecheck pytest
 

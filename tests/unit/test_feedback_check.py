@@ -67,6 +67,6 @@ def test_agreement_rate_only_with_both_orders() -> None:
 
 
 def test_chat_rows_are_refused_by_name(fixtures_dir: Path, tmp_path: Path) -> None:
-    dataset = {"path": str(fixtures_dir / "brief_pairs.jsonl"), "format": "chat"}
+    dataset = {"path": str(fixtures_dir / "brief" / "brief_pairs.jsonl"), "format": "chat"}
     with pytest.raises(UserError, match="feedback stage does not read chat rows yet"):
         check_feedback(config(fixtures_dir, tmp_path, dataset=dataset))
