@@ -191,7 +191,7 @@ def judge_target(run: api.RLHFRun, stage: api.Stage) -> JudgeTarget | None:
     )
 
 
-# PPO's own defaults where a stage leaves a hyperparameter unset (ALGORITHMS.md, from
+# PPO's own defaults where a stage leaves a hyperparameter unset (docs/ALGORITHMS.md, from
 # MOSS-RLHF): policy lr 5e-7, AdamW betas (0.9, 0.95), train minibatch 32.
 PPO_HYPERPARAMETERS: dict[str, Any] = {
     "learning_rate": 5e-7,

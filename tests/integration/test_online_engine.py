@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,6 @@ import pytest
 from test_online_vllm import (
     HELD_OUT,
     MIN_GAIN,
-    SFT_STEPS,
-    confused_sft_rows,
     env_for,
     held_out_gain,
     torchrun,
@@ -37,28 +34,6 @@ from test_online_vllm import (
 pytestmark = pytest.mark.integration
 
 IN_TRAINER = {"engine": "trainer", "servedModel": "policy"}
-
-
-@pytest.fixture(scope="module")
-def policy(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, fixtures_dir: Path
-) -> Iterator[tuple[Path, Path]]:
-    """(workspace, the weak SFT policy in it)."""
-    workspace = tmp_path_factory.mktemp("engine")
-    data = workspace / "data"
-    data.mkdir()
-    (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in confused_sft_rows()))
-    (data / "prompts.jsonl").write_text((fixtures_dir / "prompts.jsonl").read_text())
-    sft = write(workspace, {
-        "run": "it", "stage": "sft", "type": "sft", "model": {"path": str(tiny_model_dir)},
-        "dataset": {"path": "data/sft.jsonl"}, "outputDir": "it/sft",
-        "hyperparameters": {"maxSteps": SFT_STEPS, "learningRate": 3e-3, "batchSize": 16,
-                            "maxLength": 64, "warmupSteps": 5, "saveEvery": 1000, "seed": 0},
-    })  # fmt: skip
-    proc = subprocess.run(torchrun("sft", sft), env=env_for(workspace), capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    yield workspace, workspace / "it" / "sft" / "final"
 
 
 def run(policy: tuple[Path, Path], stage: str, options: dict[str, Any], nproc: int,

@@ -293,6 +293,9 @@ def test_async_grpo_overlaps_generation_with_training(stack: Stack) -> None:
     metrics = run_stage(stack, config)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["logprob_mismatch"] < 1e-3 for m in metrics)
+    # async: true turns truncated IS on (rolloutCorrection: auto): the samples come from the
+    # policy one step back, so every step measures the weights, capped at C = 2.
+    assert all(0 < m["is_weight"] <= 2.0 and m["rollout_mismatch_kl"] >= 0 for m in metrics)
 
 
 def test_lora_grpo_syncs_only_its_adapters(stack: Stack) -> None:

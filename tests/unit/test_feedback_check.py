@@ -64,6 +64,8 @@ def test_agreement_rate_only_with_both_orders() -> None:
     assert record["agreement_rate"] == 0.75 and record["judged_pairs"] == 6
     assert record["timeout_pairs"] == 2 and record["margin_mean"] == pytest.approx(0.3)
     assert "agreement_rate" not in Tally(Counter(kept=3), swap=False).record()
+    assert record["unknown_strength_pairs"] == 0.0
+    assert Tally(Counter(kept=3), unknown_strength=2).record()["unknown_strength_pairs"] == 2.0
 
 
 def test_chat_rows_are_refused_by_name(fixtures_dir: Path, tmp_path: Path) -> None:

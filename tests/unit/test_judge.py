@@ -1,5 +1,5 @@
 """The judge protocol without a server: verdict parsing, margins, the self-consistency filter,
-chat templates and judge templates (ALGORITHMS.md, "AI feedback")."""
+chat templates and judge templates (docs/ALGORITHMS.md, "AI feedback")."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from rlhf_trainer.judge import (
     agreement,
     choice_probabilities,
     read_choice,
+    unlisted_bound,
 )
 from rlhf_trainer.judge_reward import fill_failures
 from rlhf_trainer.metrics import JudgeOutcome
@@ -334,3 +335,83 @@ def test_bad_templates_are_refused_naming_the_field(field: str, value: str, need
 def test_literal_braces_are_allowed() -> None:
     t = JudgeTemplates(verdict="{principle} Reply as {{A}} or {{B}}.")
     assert t.verdict.format(principle="P") == "P Reply as {A} or {B}."
+
+
+# -- strength when the letters are missing from the top logprobs (issue 25, item 3) ----------
+
+
+class TopScripted(Scripted):
+    """Prefers "good" like Scripted, but answers each verdict with the given top logprobs:
+    `tops(letter)` for the letter it names."""
+
+    def __init__(self, tops: Any) -> None:
+        super().__init__("good")
+        self.tops = tops
+
+    async def complete(self, payload: Mapping[str, Any]) -> list[Completion]:
+        [c] = await super().complete(payload)
+        if payload["max_tokens"] != 1:
+            return [c]
+        return [completion(c.text, self.tops(c.text))]
+
+
+def judge_with(tops: Any) -> Judgement:
+    judge = Judge(target(), ChatFormat(), TopScripted(tops))  # type: ignore[arg-type]
+    return asyncio.run(judge.compare("Q?", "good", "bad"))
+
+
+def test_unlisted_bound_is_the_smallest_listed_and_the_mass_left() -> None:
+    assert unlisted_bound({"x": math.log(0.5), "y": math.log(0.1)}) == pytest.approx(0.1)
+    assert unlisted_bound({"x": math.log(0.7), "y": math.log(0.25)}) == pytest.approx(0.05)
+    assert unlisted_bound({"A": 0.0}) == 0.0  # the listed token holds all the mass
+    assert unlisted_bound({}) == 0.0
+
+
+def test_a_missing_letter_is_bounded_not_zero() -> None:
+    # 20 listed tokens, A among them at 0.5, B not: P(B) <= the smallest listed, 0.01.
+    top = {"A": math.log(0.5), **{f"t{i}": math.log(0.01) for i in range(19)}}
+    letter, probs = read_choice(completion("A", top), "AB", bound_missing=True)
+    assert letter == "A" and probs["B"] == pytest.approx(0.01 / 0.51)
+    assert read_choice(completion("A", top), "AB")[1] == {"A": 1.0, "B": 0.0}  # old reading
+
+
+def test_a_bound_never_changes_the_choice() -> None:
+    # lmdeploy: the free token is no letter and B is the least likely listed token, so the
+    # bound on A equals P(B); the verdict is still the listed letter.
+    top = {" The": math.log(0.5), "B": math.log(0.1)}
+    letter, probs = read_choice(completion(" The", top), "AB", bound_missing=True)
+    assert letter == "B" and probs == {"A": pytest.approx(0.5), "B": pytest.approx(0.5)}
+
+
+def test_one_letter_missing_gives_a_margin_below_the_maximum() -> None:
+    # Each order lists only the named letter (0.6) beside filler tokens down to 0.02.
+    def tops(letter: str) -> dict[str, float]:
+        return {letter: math.log(0.6), **{f"t{i}": math.log(0.02) for i in range(19)}}
+
+    j = judge_with(tops)
+    assert j.outcome == "kept" and j.strength_known
+    row = j.preference_row("self-reference")
+    assert row is not None and row["chosen"] == "good"
+    p = 0.6 / 0.62
+    assert [v.p_a for v in j.verdicts] == [pytest.approx(p), pytest.approx(1 - p)]
+    assert row["margin"] == pytest.approx(2 * p - 1, abs=1e-6) and row["margin"] < 1.0
+
+
+def test_no_letter_listed_keeps_the_verdict_with_the_minimum_margin() -> None:
+    j = judge_with(lambda letter: {"x": math.log(0.4), "y": math.log(0.3)})
+    assert j.outcome == "kept" and not j.strength_known
+    assert [v.winner for v in j.verdicts] == ["A", "B"]
+    assert not any(v.strength_known for v in j.verdicts) and j.p_first == 0.5
+    row = j.preference_row("self-reference")
+    assert row is not None and (row["chosen"], row["rejected"]) == ("good", "bad")
+    assert row["margin"] == 0.0 and row["judge"]["pA"] == [None, None]
+
+
+def test_an_order_of_unknown_strength_is_left_out_of_the_average() -> None:
+    known = Verdict("A", 0.8)
+    unknown = Verdict("B", 0.5, strength_known=False)
+    j = judged(known, unknown)
+    assert j.p_first == pytest.approx(0.8)
+    row = j.preference_row("direct")
+    assert row is not None and row["margin"] == pytest.approx(0.6)
+    assert row["judge"]["pA"] == [0.8, None]

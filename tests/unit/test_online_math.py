@@ -16,15 +16,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhf_trainer.advantages import gae, group_advantages, masked_sums, whiten
-from rlhf_trainer.losses import (
+from rlhf_trainer.losses import entropy_from_logits, token_logprobs
+from rlhf_trainer.policy_losses import (
     approx_kl,
     clipped_surrogate,
     clipped_value_loss,
-    entropy_from_logits,
     grpo_loss,
     kl_k1,
     kl_k3,
-    token_logprobs,
 )
 from rlhf_trainer.rewards import (
     AdaptiveKLController,
@@ -249,7 +248,9 @@ def test_clipped_surrogate_matches_a_loop_and_counts_clipped_tokens() -> None:
     for b, n in enumerate([4, 2, 3]):
         lp, lo = logp[b, :n].tolist(), old[b, :n].tolist()
         expected += surrogate_loop(lp, lo, adv[b, :n].tolist(), 0.2)
-        count += sum(abs(math.exp(a - o) - 1) > 0.2 for a, o in zip(lp, lo, strict=True))
+        for a, o, adv_t in zip(lp, lo, adv[b, :n].tolist(), strict=True):
+            ratio = math.exp(a - o)  # clipped: the clipped term is the one min() picks, strictly
+            count += -min(max(ratio, 0.8), 1.2) * adv_t > -ratio * adv_t
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     assert float(clipped) == count
 
@@ -298,8 +299,9 @@ def test_grpo_on_one_update_takes_pi_old_from_the_loss_pass_itself() -> None:
     for separate_pass in (False, True):
         logp = values.clone().requires_grad_(True)
         old = values.clone() if separate_pass else logp.detach()
-        loss, clipped = grpo_loss(logp, old, None, adv, mask, clip=0.2, beta=0.0)
-        loss.backward()
+        per_token, clipped_tokens = grpo_loss(logp, old, None, adv, mask, clip=0.2, beta=0.0)
+        loss, clipped = per_token.sum(), clipped_tokens.sum()
+        loss.backward()  # type: ignore[no-untyped-call]
         assert float(clipped) == 0
         assert float(loss.detach()) == pytest.approx(-float((adv.unsqueeze(-1) * mask).sum()))
         assert logp.grad is not None
@@ -315,7 +317,9 @@ def test_grpo_loss_matches_a_loop() -> None:
     ref = logp + 0.5 * torch.randn(2, 3, generator=gen)
     adv = torch.tensor([1.5, -0.5])
     mask = ragged_mask([3, 2], 3)
-    loss, _ = grpo_loss(logp, old, ref, adv, mask, clip=0.2, beta=0.04)
+    per_token, _ = grpo_loss(logp, old, ref, adv, mask, clip=0.2, beta=0.04)
+    loss = per_token.sum()
+    assert per_token[1, 2] == 0  # padding
     expected = 0.0
     for b, n in enumerate([3, 2]):
         for t in range(n):
@@ -327,6 +331,6 @@ def test_grpo_loss_matches_a_loop() -> None:
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     no_kl, _ = grpo_loss(logp, old, None, adv, mask, clip=0.2, beta=0.0)
     with_ref, _ = grpo_loss(logp, old, ref, adv, mask, clip=0.2, beta=0.0)
-    assert float(no_kl) == pytest.approx(float(with_ref))
+    torch.testing.assert_close(no_kl, with_ref)
     with pytest.raises(ValueError, match="beta > 0 needs ref_logprobs"):
         grpo_loss(logp, old, None, adv, mask, clip=0.2, beta=0.1)

@@ -38,7 +38,7 @@ def sampled_groups(
 def naive_rrhf(
     logprobs: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, k: int, penalty: float
 ) -> tuple[list[float], list[float]]:
-    """RRHF per query written out sample by sample (Yuan et al. 2023, ALGORITHMS.md)."""
+    """RRHF per query written out sample by sample (Yuan et al. 2023, docs/ALGORITHMS.md)."""
     ranks, sfts = [], []
     for q in range(rewards.numel() // k):
         rows = range(q * k, (q + 1) * k)

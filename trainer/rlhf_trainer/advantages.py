@@ -1,4 +1,5 @@
-"""Advantages for the online stages: GAE (PPO), masked whitening, group-relative (GRPO).
+"""Advantages for the online stages: GAE (PPO), masked whitening, group-relative (GRPO), RLOO
+and REINFORCE++, and the all-equal groups DAPO's dynamic sampling drops.
 
 Pure functions of tensors. Response tensors are (B, R), left-aligned: column t is the t-th
 response token of each sample, and `mask` is 1 on real tokens, 0 on padding after the end.
@@ -6,9 +7,12 @@ response token of each sample, and `mask` is 1 on real tokens, 0 on padding afte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
+
+from rlhf_trainer.rewards import kl_penalized_rewards
 
 GroupScale = Literal["group", "batch", "none"]
 GROUP_EPS = 1e-4
@@ -83,3 +87,56 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: GroupScale) 
     else:
         std = r.std().expand_as(r)
     return centred / (std + GROUP_EPS)
+
+
+def group_all_equal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per prompt, whether all G rewards of its group are equal (exactly), so that every
+    group-relative advantage is 0 and the group carries no gradient: the groups DAPO's dynamic
+    sampling drops (Yu et al. 2025; verl keeps groups whose reward std is > 0).
+
+    rewards: (P * G,), the G completions of each prompt contiguous. Returns (P,) bool.
+    """
+    groups = rewards.view(-1, group_size)
+    return groups.amax(dim=1) == groups.amin(dim=1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's leave-one-out advantage (Ahmadian et al. 2024, "Back to Basics: Revisiting
+    REINFORCE Style Optimization for Learning from Human Feedback in LLMs"):
+
+    A_i = r_i - mean_{j≠i} r_j = G / (G - 1) · (r_i - mean(group))
+
+    rewards: (P * G,), groups contiguous, G >= 2. Returns (P * G,) in rewards' float dtype
+    (float32 for integer rewards).
+    """
+    if group_size < 2:
+        raise ValueError(f"RLOO needs at least 2 completions per prompt, got {group_size}")
+    r = rewards if rewards.is_floating_point() else rewards.float()
+    groups = r.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    return (centred * (group_size / (group_size - 1))).reshape(-1)
+
+
+def reinforce_pp_advantages(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    sums_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large
+    Language Models"; OpenRLHF `get_cumulative_returns`): the per-token reward is the k1 KL
+    penalty -β (log π - log π_ref) plus the scalar score on the last token
+    (`kl_penalized_rewards`), and the return with γ = 1 is G_t = Σ_{s >= t} r_s.
+
+    scores: (B,); logprobs, ref_logprobs, mask: (B, R). With `sums_fn` None, returns the
+    unwhitened returns (B, R), 0 on padding. Otherwise `sums_fn` maps this rank's
+    `masked_sums(returns, mask)` to the global ones (an all-reduce; the identity on one rank),
+    and the result is the advantage: the returns whitened over the whole batch (`whiten`).
+    """
+    rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, beta, "k1")
+    returns = rewards.flip(-1).cumsum(-1).flip(-1) * mask
+    if sums_fn is None:
+        return returns
+    return whiten(returns, mask, sums_fn(masked_sums(returns, mask)))

@@ -9,8 +9,16 @@ second, frozen FSDP-sharded copy, or with LoRA the policy itself with its adapte
 `dpo.precomputeRefLogprobs` scores every pair with it once before training and frees it.
 
 Logged: loss, reward_accuracy (chosen implicit reward above rejected, ties half), chosen_reward,
-rejected_reward and margin (beta * log-ratios, batch means); held out, before training and at each
-checkpoint: eval_loss, eval_reward_accuracy, eval_margin.
+rejected_reward and margin (beta * log-ratios, batch means), and sft_loss when `dpo.sftWeight` > 0;
+held out, before training and at each checkpoint: eval_loss, eval_reward_accuracy, eval_margin.
+
+`dpo.sftWeight` α > 0 is RPO (Pang et al. 2024): each pair's loss gains α times the chosen
+response's NLL per token (`preference_losses.dpo_nll_term`), which holds log π(y_w) up where
+plain DPO lets it fall while the margin widens.
+
+Dropout is off in the policy and the reference (`determinism.disable_dropout`, TRL's
+`disable_dropout=True` default): the policy's passes run in train mode, and with LoRA the
+reference is the policy itself, so a dropout mask per pass would make the log-ratios noise.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from torch import nn
 from rlhf_trainer.batching import PairExample, tokenize_pairs
 from rlhf_trainer.config import DPOOptions
 from rlhf_trainer.data import PreferenceRow
+from rlhf_trainer.determinism import disable_dropout
 from rlhf_trainer.distributed import DistContext, shard_model
 from rlhf_trainer.loop import (
     StepResult,
@@ -36,7 +45,7 @@ from rlhf_trainer.loop import (
     run_stage,
 )
 from rlhf_trainer.losses import IGNORE_INDEX, dpo_loss, pairwise_accuracy, sequence_logprobs
-from rlhf_trainer.model import load_causal_lm, load_tokenizer, load_trainable_lm
+from rlhf_trainer.model import Exporter, load_causal_lm, load_tokenizer, load_trainable_lm
 from rlhf_trainer.packed import (
     gathered_logprobs,
     mask_dtype,
@@ -44,6 +53,7 @@ from rlhf_trainer.packed import (
     packed_logits,
     supports_packing,
 )
+from rlhf_trainer.preference_losses import dpo_nll_term
 from rlhf_trainer.preflight import StageInputs
 from rlhf_trainer.reward import pair_tensors
 
@@ -154,6 +164,10 @@ class DPOObjective:
             chosen_lengths=n_c, rejected_lengths=n_r,
         )  # fmt: skip
         w = torch.tensor(weights, device=chosen.device)
+        losses = out.losses
+        if o.sft_weight > 0:
+            nll = dpo_nll_term(chosen, n_c)
+            losses = losses + o.sft_weight * nll
         sums = {
             "correct": float(
                 (pairwise_accuracy(out.chosen_rewards, out.rejected_rewards) * w).sum()
@@ -164,7 +178,9 @@ class DPOObjective:
                 sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
             ),
         }
-        return (out.losses * w).sum() / n_pairs, sums
+        if o.sft_weight > 0:
+            sums["sft_loss"] = float((nll.detach() * w).sum())
+        return (losses * w).sum() / n_pairs, sums
 
     def train_step(self, batch: list[int]) -> StepResult:
         n = float(len(batch))
@@ -183,6 +199,8 @@ class DPOObjective:
             "rejected_reward": rejected,
             "margin": chosen - rejected,
         }
+        if "sft_loss" in sums:
+            metrics["sft_loss"] = sums["sft_loss"] / n
         return StepResult(sums["loss"], sums["tokens"], metrics)
 
     def evaluate(self) -> dict[str, float]:
@@ -209,9 +227,20 @@ def load_reference(inputs: StageInputs[Any], ctx: DistContext) -> nn.Module | No
         return None
     reference, _ = load_causal_lm(inputs.config.model, inputs.model_ref)
     reference.eval()
+    disable_dropout(reference)  # eval mode suffices; this also covers a stray .train()
     reference.requires_grad_(False)
     shard_model(reference, ctx.bf16)
     return reference
+
+
+def load_models(
+    inputs: StageInputs[Any], ctx: DistContext
+) -> tuple[nn.Module, torch.dtype, Exporter, nn.Module | None]:
+    """The sharded policy (its saved dtype and exporter) and the reference (`load_reference`),
+    both with dropout off."""
+    model, dtype, export = load_trainable_lm(inputs.config, inputs.model_ref, ctx)
+    disable_dropout(model)
+    return model, dtype, export, load_reference(inputs, ctx)
 
 
 def run_dpo(inputs: StageInputs[PreferenceRow]) -> None:
@@ -224,8 +253,7 @@ def run_dpo(inputs: StageInputs[PreferenceRow]) -> None:
         held_out = (
             tokenize_pairs(inputs.eval_rows, tokenizer, hp.max_length) if inputs.eval_rows else []
         )
-        model, dtype, export = load_trainable_lm(config, inputs.model_ref, ctx)
-        reference = load_reference(inputs, ctx)
+        model, dtype, export, reference = load_models(inputs, ctx)
         pad_id = int(tokenizer.pad_token_id)
         objective = DPOObjective(model, reference, pairs, held_out, inputs, ctx, pad_id)
         if (config.dpo or DPOOptions()).precompute_ref_logprobs:

@@ -66,6 +66,9 @@ class Experience:
     returns: torch.Tensor | None = None  # (B, R): GAE returns A + V (PPO)
     rewards: torch.Tensor | None = None  # (B, R): per-token rewards, KL penalty included (PPO)
     row: torch.Tensor | None = None  # (B,) int64: each sample's place in the step's experience
+    # (B, R): truncated IS weights min(π_old / π_rollout, C) of each token's policy loss
+    # (`rolloutCorrection`), detached; None without the correction.
+    is_weights: torch.Tensor | None = None
 
     def select(self, index: Sequence[int]) -> Experience:
         """The rows `index` of every tensor."""
@@ -163,13 +166,30 @@ def _packed(model: nn.Module, batch: Batch) -> tuple[PackedRows, torch.Tensor] |
 
 
 def policy_logprobs(
-    model: nn.Module, batch: Batch, with_entropy: bool = False
+    model: nn.Module, batch: Batch, with_entropy: bool = False, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log π(response tokens) (B, R) float32, and their entropies when asked; 0 on padding."""
+    """log π(response tokens) (B, R) float32, and their entropies when asked; 0 on padding.
+
+    With `temperature` T ≠ 1 the logits are divided by T first: log softmax(z / T), the
+    distribution the tokens were sampled from (`logprobTemperature: sampling`), and the
+    entropy is that of the tempered distribution."""
     logits = response_logits(model, batch)
+    if temperature != 1.0:
+        logits = logits.float() / temperature
     logprobs = token_logprobs(logits, batch.responses) * batch.response_mask
     entropy = entropy_from_logits(logits) * batch.response_mask if with_entropy else None
     return logprobs, entropy
+
+
+def tempered_and_raw_logprobs(model: nn.Module, batch: Batch, temperature: float) -> torch.Tensor:
+    """(B, R, 2): log π at `temperature` and at 1 (what the rollout engines report) from one
+    forward pass; 0 on padding. For a truncated IS weight against the engines' logprobs when
+    the ratio is taken at the sampling temperature."""
+    logits = response_logits(model, batch).float()
+    raw = token_logprobs(logits, batch.responses)
+    tempered = token_logprobs(logits / temperature, batch.responses)
+    mask = batch.response_mask.unsqueeze(-1)
+    return torch.stack([tempered, raw], dim=-1) * mask
 
 
 def critic_values(critic: nn.Module, batch: Batch) -> torch.Tensor:

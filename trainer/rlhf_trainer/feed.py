@@ -11,13 +11,21 @@ with their start-up weights. Rank 0 waits until every server is ready again
 (`rollout.startupTimeoutSeconds`), every rank re-syncs the current policy's weights and runs
 the parity probe, and the same prompts are generated again (the prompt position is rewound),
 so the step is neither lost nor counted twice. At most `MAX_RECOVERIES` times per step.
+
+A step may ask for more prompts after its batch (`StepRollouts.more`, GRPO's dynamic sampling):
+the next prompts of the order, sampled from the same weights with seeds after the batch's. In
+synchronous mode the recorded position moves past them, so a resume continues exactly. With
+`async: true` the next step's batch is already being generated from the prompts after this
+one's: the generation finishes first, the extra prompts come after that batch, and the recorded
+position stays before it (a resume regenerates that batch; the extra prompts may come up once
+more later).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
@@ -66,6 +74,9 @@ class StepRollouts:
     prompts: list[str]
     samples: list[Sample]  # prompt i's samples at [i * n, (i + 1) * n); Sample.prompt_index = i
     metrics: dict[str, float] = field(default_factory=dict)
+    # Collective: the rollouts of `count` further prompts for the same step, from the same
+    # weights (dynamic sampling's refill). None where no feed stands behind these rollouts.
+    more: Callable[[int], StepRollouts] | None = field(default=None, compare=False, repr=False)
 
 
 class RolloutFeed:
@@ -80,6 +91,7 @@ class RolloutFeed:
         self.pending: Future[StepRollouts] | None = None
         self.pool = ThreadPoolExecutor(max_workers=1) if setup.async_ else None
         self.recoveries = 0  # server losses survived over the run
+        self.drawn = 0  # prompts the current step has had (its batch and any refills)
 
     def seek(self, epoch: int, index: int) -> None:
         self.stream = self.stream.at(epoch, index)
@@ -96,12 +108,27 @@ class RolloutFeed:
     def next(self, step: int, prefetch: bool) -> StepRollouts:
         """The rollouts of `step` (collective). In async mode also starts generating the next
         step's, which the servers answer with the current weights."""
+        out = self._collective(step, lambda attempt: self._take(step, prefetch and attempt == 0))
+        self.drawn = self.per_step
+        return replace(out, more=lambda count: self.more(step, count))
+
+    def more(self, step: int, count: int) -> StepRollouts:
+        """The rollouts of `count` further prompts for `step` (collective): the next ones of the
+        prompt order, seeded after the step's other prompts (module docstring for async)."""
+        offset, self.drawn = self.drawn, self.drawn + count
+        return self._collective(step, lambda attempt: self._take_more(step, count, offset))
+
+    def _collective(
+        self, step: int, take: Callable[[int], tuple[StepRollouts | None, str | None]]
+    ) -> StepRollouts:
+        """Rank 0 takes rollouts (`take(attempt)`), every rank gets them; a lost server is
+        waited for, re-synced and probed, and `take` tried again."""
         recovered: dict[str, float] = {}
         for attempt in range(MAX_RECOVERIES + 1):
             out: StepRollouts | None = None
             lost: str | None = None
             if self.setup.ctx.is_main:
-                out, lost = self._take(step, prefetch and attempt == 0)
+                out, lost = take(attempt)
             lost = cast(str | None, broadcast_object(lost))
             if lost is None:
                 break
@@ -132,6 +159,24 @@ class RolloutFeed:
             self.pending = self.pool.submit(self._generate, step + 1)
         return out, None
 
+    def _take_more(
+        self, step: int, count: int, offset: int
+    ) -> tuple[StepRollouts | None, str | None]:
+        """Rank 0: `count` further prompts' rollouts, or why the servers were lost (the prompts
+        rewound). Waits for the generation in flight first: both draw from the prompt order."""
+        self.settle()
+        start = (self.stream.epoch, self.stream.index)
+        try:
+            out = self._generate(step, count, offset)
+        except ServersLost as err:
+            self.stream = self.stream.at(*start)
+            assert self.setup.client is not None
+            self.setup.client.wait_ready()
+            return None, str(err)
+        if self.pool is None:  # nothing generated past them: a resume starts after them
+            self.trained = (self.stream.epoch, self.stream.index)
+        return out, None
+
     def _recover(self, step: int, lost: str) -> dict[str, float]:
         """Collective: the servers answer again; give them the policy's weights and probe."""
         self.recoveries += 1
@@ -152,15 +197,17 @@ class RolloutFeed:
         if self.pending is not None:
             wait_futures([self.pending])
 
-    def _generate(self, step: int) -> StepRollouts:
+    def _generate(self, step: int, count: int | None = None, offset: int = 0) -> StepRollouts:
+        """Rank 0: the next `count` prompts (the step's batch when None) on the servers; each
+        prompt's seed is the step's plus its place among the step's prompts (`offset` + i)."""
         setup = self.setup
         assert setup.client is not None
-        rows = [setup.inputs.train_rows[i] for i in self.stream.next_batch(self.per_step)]
+        indices = self.stream.next_batch(self.per_step if count is None else count)
+        rows = [setup.inputs.train_rows[i] for i in indices]
         prompts = [row.prompt for row in rows]
         ids = prompt_token_ids(setup.tokenizer, rows, setup.max_prompt)
-        sampling = replace(
-            self.sampling, seed=setup.inputs.config.hyperparameters.seed + step * SEED_STRIDE
-        )
+        seed = setup.inputs.config.hyperparameters.seed + step * SEED_STRIDE + offset
+        sampling = replace(self.sampling, seed=seed)
         started = time.perf_counter()
         try:
             groups = setup.client.generate(ids, sampling)

@@ -1,4 +1,4 @@
-"""The `feedback` stage: AI feedback into a preference dataset (ALGORITHMS.md, Bao et al. 2024).
+"""The `feedback` stage: AI feedback into a preference dataset (Bao et al. 2024).
 
 Responses come from the policy or from the data. With `rollout` set, the stage samples
 `responsesPerPrompt` responses per prompt of the dataset from its rollout servers (the stage's
@@ -121,6 +121,7 @@ class Tally:
     identical: int = 0
     unsampled: int = 0
     margin_sum: float = 0.0
+    unknown_strength: int = 0  # kept pairs whose verdict letters were not in the top logprobs
 
     @property
     def judged(self) -> int:
@@ -137,6 +138,7 @@ class Tally:
         out["judged_pairs"] = float(self.judged)
         out["identical_pairs"] = float(self.identical)
         out["unsampled_prompts"] = float(self.unsampled)
+        out["unknown_strength_pairs"] = float(self.unknown_strength)
         if self.agreement_rate is not None:
             out["agreement_rate"] = round(self.agreement_rate, 6)
         if self.outcomes["kept"]:
@@ -241,6 +243,8 @@ async def _run(inputs: FeedbackInputs, tally: Tally) -> dict[str, Any]:
                 tally.outcomes[judgement.outcome] += 1
                 prom.count_judge_outcome(judgement.outcome)
                 tally.margin_sum += margin or 0.0
+                if judgement.outcome == "kept" and not judgement.strength_known:
+                    tally.unknown_strength += 1
             record = tally.record()
             record["pairs_per_s"] = round(tally.judged / (time.perf_counter() - started), 4)
             reporter.log(step, step / len(chunks), record)

@@ -10,6 +10,14 @@ when both verdicts name the same response. The preference strength is ours (the 
 formula is not public): P(A) and P(B) come from the verdict token's logprobs, normalised over
 the two letters, and are averaged over both orders; `margin = P(chosen) - P(rejected)`.
 
+The server lists only the top `TOP_LOGPROBS` tokens, so a letter can be missing from them. Its
+probability is then not 0 but unknown, below a bound (`unlisted_bound`): at most the smallest
+listed probability, and at most the mass the listed tokens leave. A missing letter gets that
+bound, so the margin is a lower bound on the listed letter's lead, never the maximum 1 it would
+be with P = 0. With neither letter listed nothing bounds the strength: the verdict keeps its
+parsed letter and gets P(A) = 0.5 with `strength_known` False; averages leave it out, and a pair
+without any known strength gets P(first) = 0.5, margin 0 (the minimum), `pA` null in its row.
+
 The constrained choice is vLLM's structured outputs (`structured_outputs: {choice: [A, B]}`);
 lmdeploy answers one greedy token and the verdict is the likelier letter among its first-token
 logprobs. The verdict turn is greedy (temperature 0), so the letter and the probabilities agree.
@@ -36,40 +44,65 @@ from rlhf_trainer.metrics import JudgeOutcome
 LETTERS: tuple[str, str] = ("A", "B")
 DIGITS: tuple[str, ...] = tuple(str(d) for d in range(10))
 TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
+NEUTRAL = 0.5  # P(A) of a verdict whose strength is unknown
 Letter = Literal["A", "B"]
 
 
-def choice_probabilities(top: dict[str, float], options: Sequence[str]) -> dict[str, float]:
+def unlisted_bound(top: dict[str, float]) -> float:
+    """An upper bound on the probability of a token missing from a top-k list: each listed
+    token is at least as likely (min exp(logprob)), and all tokens sum to 1 (1 - listed mass).
+    0 for an empty list, which bounds nothing (no caller uses it then)."""
+    probs = [math.exp(lp) for lp in top.values() if lp > -math.inf]
+    if not probs:
+        return 0.0
+    return min(min(probs), max(0.0, 1.0 - sum(probs)))
+
+
+def choice_probabilities(
+    top: dict[str, float], options: Sequence[str], bound_missing: bool = False
+) -> dict[str, float]:
     """P(option) from one position's top logprobs, normalised over the options.
 
     Tokens are matched after stripping whitespace (" A" counts for "A"); several tokens of one
-    option add up. {} when no option is among the tokens.
+    option add up. {} when no option is among the tokens. `bound_missing`: an option missing
+    from the list gets `unlisted_bound(top)` instead of 0 (module docstring; meant for two
+    options: several missing ones would each get the whole bound).
     """
     mass = dict.fromkeys(options, 0.0)
+    listed: set[str] = set()
     for token, logprob in top.items():
         key = token.strip()
         if key in mass and logprob > -math.inf:
             mass[key] += math.exp(logprob)
-    total = sum(mass.values())
-    if not total > 0:
+            listed.add(key)
+    if not sum(mass.values()) > 0:
         return {}
+    if bound_missing:
+        bound = unlisted_bound(top)
+        mass = {o: p if o in listed else bound for o, p in mass.items()}
+    total = sum(mass.values())
     return {option: p / total for option, p in mass.items()}
 
 
-def read_choice(completion: Completion, options: Sequence[str]) -> tuple[str, dict[str, float]]:
+def read_choice(
+    completion: Completion, options: Sequence[str], bound_missing: bool = False
+) -> tuple[str, dict[str, float]]:
     """The chosen option and the probabilities of all options, from a constrained answer.
 
     The answer text decides when it is an option (vLLM's constrained choice); otherwise the
-    likeliest option among the first-token logprobs (lmdeploy). Raises CallFailed("unparseable")
-    when neither gives an option.
+    likeliest listed option among the first-token logprobs (lmdeploy). Raises
+    CallFailed("unparseable") when neither gives an option. `bound_missing` as in
+    `choice_probabilities`; it changes the probabilities, never the choice.
     """
     options = tuple(options)  # a string of letters is a sequence too; `in` must not match "AB"
-    probs = choice_probabilities(top_logprobs(completion), options)
+    top = top_logprobs(completion)
+    listed = choice_probabilities(top, options)
+    probs = choice_probabilities(top, options, bound_missing) if bound_missing else listed
     text = completion.text.strip()
     if text in options:
         return text, probs
-    if probs:
-        return max(options, key=lambda o: probs[o]), probs
+    if listed:
+        return max(options, key=lambda o: listed[o]), probs
     raise CallFailed(
         "unparseable",
         f"the judge answered {completion.text[:40]!r}, not one of {', '.join(options)}",
@@ -78,11 +111,13 @@ def read_choice(completion: Completion, options: Sequence[str]) -> tuple[str, di
 
 @dataclass(frozen=True)
 class Verdict:
-    """One order's verdict: the letter and P(A) (P(B) = 1 - P(A))."""
+    """One order's verdict: the letter and P(A) (P(B) = 1 - P(A)); with `strength_known`
+    False neither letter was among the top logprobs, and P(A) is the neutral 0.5."""
 
     winner: Letter
     p_a: float
     critique: str | None = None
+    strength_known: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,12 +133,19 @@ class Judgement:
     detail: str = ""
 
     @property
+    def strength_known(self) -> bool:
+        """Whether some order's verdict came with letter probabilities."""
+        return any(v.strength_known for v in self.verdicts)
+
+    @property
     def p_first(self) -> float | None:
-        """P(first is better), averaged over the orders judged."""
+        """P(first is better), averaged over the orders judged whose strength is known; 0.5
+        when none is (the verdict then says which, not by how much)."""
         if not self.verdicts:
             return None
-        ps = [self.verdicts[0].p_a, *(1.0 - v.p_a for v in self.verdicts[1:])]
-        return sum(ps) / len(ps)
+        ps = [v.p_a if i == 0 else 1.0 - v.p_a for i, v in enumerate(self.verdicts)]
+        known = [p for p, v in zip(ps, self.verdicts, strict=True) if v.strength_known]
+        return sum(known) / len(known) if known else NEUTRAL
 
     def preference_row(self, protocol: str) -> dict[str, Any] | None:
         """A `preference` dataset row with judge metadata; None unless the pair was kept."""
@@ -120,7 +162,7 @@ class Judgement:
             "judge": {
                 "protocol": protocol,
                 "pChosen": round(p_chosen, 6),
-                "pA": [round(v.p_a, 6) for v in self.verdicts],
+                "pA": [round(v.p_a, 6) if v.strength_known else None for v in self.verdicts],
                 "reference": self.reference,
                 "critiques": [v.critique for v in self.verdicts],
             },
@@ -196,7 +238,7 @@ class Judge:
         return (await self.client.complete(payload))[0].text.strip()
 
     async def _choose(
-        self, messages: list[Message], options: Sequence[str]
+        self, messages: list[Message], options: Sequence[str], bound_missing: bool = False
     ) -> tuple[str, dict[str, float]]:
         payload: dict[str, Any] = {
             "prompt": self.chat.render(messages),
@@ -208,7 +250,7 @@ class Judge:
             payload["structured_outputs"] = {"choice": list(options)}
         else:
             payload["top_k"] = 1  # lmdeploy: greedy for sure, whatever it makes of temperature 0
-        return read_choice((await self.client.complete(payload))[0], options)
+        return read_choice((await self.client.complete(payload))[0], options, bound_missing)
 
     def reference(self, prompt: str) -> asyncio.Task[str]:
         """Turn 1: the judge's own answer to the prompt, generated once per prompt."""
@@ -227,9 +269,11 @@ class Judge:
         if self.target.critique:
             critique = await self._generate(compare_chat(self.target, prompt, a, b, reference))
         chat = verdict_chat(self.target, prompt, a, b, reference, critique)
-        letter, probs = await self._choose(chat, LETTERS)
-        p_a = probs.get("A", 1.0 if letter == "A" else 0.0)
-        return Verdict("A" if letter == "A" else "B", p_a, critique)
+        letter, probs = await self._choose(chat, LETTERS, bound_missing=True)
+        winner: Letter = "A" if letter == "A" else "B"
+        if not probs:  # neither letter listed: which one, but not by how much
+            return Verdict(winner, NEUTRAL, critique, strength_known=False)
+        return Verdict(winner, probs["A"], critique)
 
     async def compare(self, prompt: str, first: str, second: str, swap: bool = True) -> Judgement:
         """Judge a pair in both orders (or one); never raises for a failed call."""

@@ -172,7 +172,7 @@ def rrhf_loss(
     return RRHFLoss(rank, sft)
 
 
-# -- online RL: PPO and GRPO ---------------------------------------------------------------------
+# -- online RL: per-token log-probs and entropy (the objectives are in policy_losses.py) ----------
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -195,100 +195,3 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """
     logits = logits.float()
     return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
-
-
-def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """The k1 estimator of KL(π || π_ref) per token: log π - log π_ref (Schulman, "Approximating
-    KL divergence", 2020); unbiased, can be negative. The PPO reward penalty (Ziegler et al.
-    2019; MOSS-RLHF). Shapes (B, R) -> (B, R)."""
-    return logprobs - ref_logprobs
-
-
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """The k3 estimator of KL(π || π_ref) per token: exp(d) - d - 1 with d = log π_ref - log π;
-    unbiased and never negative. GRPO's KL term (Shao et al. 2024, "DeepSeekMath"). Shapes
-    (B, R) -> (B, R)."""
-    d = ref_logprobs - logprobs
-    return torch.exp(d) - d - 1
-
-
-def clipped_surrogate(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate, summed over the tokens in `mask` (Schulman et al. 2017):
-
-    L = sum_t m_t * -min(ρ_t A_t, clip(ρ_t, 1 - ε, 1 + ε) A_t),  ρ_t = exp(log π - log π_old)
-
-    logprobs, old_logprobs, advantages, mask: (B, R) (advantages may be (B, 1) for GRPO).
-    Returns (loss sum, number of tokens whose ratio lies outside [1 - ε, 1 + ε]), both 0-d
-    float32; the caller divides by the token count of the whole batch.
-    """
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages
-    loss = -torch.minimum(unclipped, clipped)
-    outside = ((ratio - 1.0).abs() > clip).float()
-    return (loss * mask).sum(), (outside * mask).sum()
-
-
-def clipped_value_loss(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float | None,
-) -> torch.Tensor:
-    """The critic's loss, summed over the tokens in `mask`:
-
-    L = sum_t m_t * 0.5 * max((V_t - R_t)², (clip(V_t, V_old ± ε_v) - R_t)²)
-
-    or the plain 0.5 (V - R)² when `clip` is None. The clipped form is PPO-max's `valueClip`
-    (Zheng et al. 2023, MOSS-RLHF `ppo_trainer.py`). All inputs (B, R); returns a 0-d tensor.
-    """
-    loss = (values - returns) ** 2
-    if clip is not None:
-        bounded = old_values + torch.clamp(values - old_values, -clip, clip)
-        loss = torch.maximum(loss, (bounded - returns) ** 2)
-    return 0.5 * (loss * mask).sum()
-
-
-def approx_kl(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Summed k3 estimate of KL(π_old || π) over masked tokens: (ρ - 1) - log ρ, the
-    "approx_kl" diagnostic of PPO implementations. (B, R) inputs; 0-d output."""
-    log_ratio = logprobs - old_logprobs
-    return (((torch.exp(log_ratio) - 1.0) - log_ratio) * mask).sum()
-
-
-def grpo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float,
-    beta: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO's per-token objective, summed over masked tokens (Shao et al. 2024):
-
-    L = sum_t m_t * (-min(ρ_t A, clip(ρ_t, 1 ± ε) A) + β (exp(d_t) - d_t - 1)),
-    d_t = log π_ref - log π
-
-    logprobs, old_logprobs, ref_logprobs, mask: (B, R); advantages: (B,), the group-relative
-    advantage of each completion, the same for all its tokens. `ref_logprobs` may be None when
-    β = 0. Returns (loss sum, clipped-token count); normalise by the active tokens of the whole
-    batch (TRL's `loss_type="dapo"` normalisation, which ALGORITHMS.md prescribes).
-    """
-    loss, clipped = clipped_surrogate(
-        logprobs, old_logprobs, advantages.unsqueeze(-1), mask, clip
-    )
-    if beta > 0:
-        if ref_logprobs is None:
-            raise ValueError("grpo_loss: beta > 0 needs ref_logprobs")
-        loss = loss + beta * (kl_k3(logprobs, ref_logprobs) * mask).sum()
-    return loss, clipped

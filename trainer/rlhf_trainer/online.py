@@ -170,7 +170,8 @@ def online_loop(setup: OnlineSetup, algo: Algorithm) -> None:
                 metrics |= evaluate(setup, inputs.eval_rows, max_tokens)
             if step % hp.log_every == 0 or step == total or save:
                 metrics |= setup.reward_metrics()  # collective with the judge; same on all ranks
-                _log(reporter, step, total, feed.epochs_done(), metrics | rollouts.metrics)
+                # The algorithm's own say wins: it may have sampled more (dynamic sampling).
+                _log(reporter, step, total, feed.epochs_done(), rollouts.metrics | metrics)
             if save:
                 _save(setup, algo, feed, step)
     finally:

@@ -1,5 +1,8 @@
-"""The models of the online stages besides the policy: the critic, the frozen reference and
-the reward model, each loaded in float32 and sharded with FSDP2 like the policy."""
+"""The models of the online stages: the policy, the critic, the frozen reference and the reward
+model, each loaded in float32 and sharded with FSDP2, with dropout off (`determinism`): π_old,
+the critic's values at sampling time and π_ref are forward passes that the loss compares with
+later ones, which a fresh dropout mask per pass would turn into noise (TRL's `disable_dropout`,
+OpenRLHF)."""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf_trainer.config import ModelSource
-from rlhf_trainer.distributed import shard_model
-from rlhf_trainer.model import load_causal_lm
+from rlhf_trainer.config import ModelSource, StageConfig
+from rlhf_trainer.determinism import disable_dropout
+from rlhf_trainer.distributed import DistContext, shard_model
+from rlhf_trainer.model import Exporter, load_causal_lm, load_trainable_lm
 from rlhf_trainer.reward_model import load_reward_backbone
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,16 @@ class ValueModel(nn.Module):
         return values
 
 
+def load_policy(
+    config: StageConfig, model_ref: str, ctx: DistContext
+) -> tuple[nn.Module, torch.dtype, Exporter]:
+    """The policy to train (`model.load_trainable_lm`: LoRA when set, sharded, train mode)
+    with dropout off; its checkpoint dtype and exporter."""
+    model, dtype, export = load_trainable_lm(config, model_ref, ctx)
+    disable_dropout(model)
+    return model, dtype, export
+
+
 def load_value_model(path: str, trainable: bool, bf16: bool) -> ValueModel:
     """A reward model's folder (a sequence classifier) as a ValueModel; a causal LM's folder
     gets a new score head (N(0, 1/(hidden+1))). Sharded; frozen unless `trainable`."""
@@ -61,6 +75,7 @@ def load_reference(source: ModelSource, ref: str, bf16: bool) -> nn.Module:
 
 
 def _prepare(model: nn.Module, trainable: bool, bf16: bool) -> None:
+    disable_dropout(model)
     model.requires_grad_(trainable)
     model.train(trainable)
     shard_model(model, bf16)

@@ -32,9 +32,9 @@ from rlhf_trainer.experience import in_chunks, scored_sequences
 from rlhf_trainer.feed import prompt_token_ids
 from rlhf_trainer.judge_reward import JudgeRewardSource
 from rlhf_trainer.metrics import JudgeOutcome
-from rlhf_trainer.model import Exporter, load_tokenizer, load_trainable_lm
+from rlhf_trainer.model import Exporter, load_tokenizer
 from rlhf_trainer.nccl_sync import NcclWeightSync, free_port
-from rlhf_trainer.online_models import ValueModel, load_value_model
+from rlhf_trainer.online_models import ValueModel, load_policy, load_value_model
 from rlhf_trainer.parity import Syncer
 from rlhf_trainer.preflight import StageInputs
 from rlhf_trainer.reward_functions import (
@@ -253,7 +253,7 @@ def prepare(inputs: StageInputs[PromptRow], ctx: DistContext) -> OnlineSetup:
             )
             torch.set_num_threads(threads)
     tokenizer = load_tokenizer(config.model, inputs.model_ref)
-    actor, dtype, export = load_trainable_lm(config, inputs.model_ref, ctx)
+    actor, dtype, export = load_policy(config, inputs.model_ref, ctx)
     reward = _reward(inputs, tokenizer, ctx)
     client, backend = _generator(inputs, ctx, tokenizer, actor)
     if backend is None:

@@ -19,9 +19,17 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.optim.lr_scheduler import LambdaLR
 
+from rlhf_trainer.config import PolicyGradientOptions
 from rlhf_trainer.distributed import DistContext, all_reduce_sum
-from rlhf_trainer.experience import Batch, Experience, in_chunks, slice_batch
+from rlhf_trainer.experience import (
+    Batch,
+    Experience,
+    in_chunks,
+    slice_batch,
+    tempered_and_raw_logprobs,
+)
 from rlhf_trainer.loop import backward_rank_micro_batches, grad_norm_and_clip
+from rlhf_trainer.policy_losses import truncated_is_weights
 
 if TYPE_CHECKING:
     from rlhf_trainer.online_setup import OnlineSetup
@@ -30,6 +38,23 @@ if TYPE_CHECKING:
 LossFn = Callable[[Experience], tuple[torch.Tensor, dict[str, float]]]
 A = TypeVar("A")
 B = TypeVar("B")
+
+
+def correction_on(opts: PolicyGradientOptions, async_: bool) -> bool:
+    """Whether each token's policy loss takes the truncated IS weight min(π_old / π_rollout, C)
+    (`rolloutCorrection`): always with `tis`, never with `none`, with `async: true` for `auto`
+    (the samples then come from last step's weights on the servers)."""
+    if opts.rollout_correction == "auto":
+        return async_
+    return opts.rollout_correction == "tis"
+
+
+def scoring_temperature(opts: PolicyGradientOptions) -> float:
+    """The T that logits are divided by before the log-softmax of every policy and reference
+    pass: the sampling temperature with `logprobTemperature: sampling`, else 1."""
+    if opts.logprob_temperature == "sampling":
+        return float(getattr(opts, "temperature", 1.0))
+    return 1.0
 
 
 def usable_cpus() -> int:
@@ -77,6 +102,38 @@ def forward_in_chunks(
     )
 
 
+def corrected_old_logprobs(
+    setup: OnlineSetup, batch: Batch, temperature: float, cap: float
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """log π_old (B, R) from a forward pass of the policy at `temperature`, the truncated IS
+    weights min(π_old / π_rollout, cap) (B, R) against the samples' own logprobs, and their
+    per-token means over all ranks (`is_weight`, `is_capped_fraction`, `rollout_mismatch_kl`).
+    The weights compare the policy's logprobs at T = 1 with the engine's, the only temperature
+    the engines report (one forward pass gives both). Collective."""
+    actor = setup.actor
+    both = forward_in_chunks(
+        setup, batch, lambda b: tempered_and_raw_logprobs(actor, b, temperature)
+    )
+    old, at_one, mask = both[..., 0], both[..., 1], batch.response_mask
+    weights, sums = truncated_is_weights(at_one, batch.behaviour_logprobs, mask, cap)
+    keys = ("is_weight", "is_capped", "rollout_mismatch_kl")
+    totals = all_reduce_sum([float(sums[k]) for k in keys] + [float(mask.sum())], old.device)
+    tokens = max(totals[-1], 1.0)
+    names = ("is_weight", "is_capped_fraction", "rollout_mismatch_kl")
+    return old, weights, {n: v / tokens for n, v in zip(names, totals[:3], strict=True)}
+
+
+def global_mean_std(x: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """Mean and std (Bessel) of a 1-D tensor split over ranks. Collective."""
+    x64 = x.double()
+    total, squares, n = all_reduce_sum(
+        [float(x64.sum()), float((x64 * x64).sum()), float(x64.numel())], device
+    )
+    mean = total / max(n, 1.0)
+    var = (squares - n * mean * mean) / max(n - 1.0, 1.0)
+    return mean, max(var, 0.0) ** 0.5
+
+
 def rank_rows(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """This rank's contiguous block of rows of a tensor over all of a step's samples."""
     per = x.size(0) // ctx.world_size
@@ -109,13 +166,19 @@ class MinibatchTrainer:
         rng: random.Random,
         epochs: int = 1,
         unit: int = 1,
+        per_sample: bool = False,
     ) -> dict[str, float]:
         """`epochs` passes over `exp` in shuffled minibatches; per-token means of the loss and
         of every diagnostic `loss_fn` sums, averaged over the optimizer steps.
 
         With `unit` > 1, runs of `unit` consecutive samples (RRHF's k responses to a query)
         stay together: they are shuffled and batched whole, batchSize and the micro-batch count
-        them, and the means are over the minibatch's units instead of its tokens."""
+        them, and the means are over the minibatch's units instead of its tokens.
+
+        With `per_sample`, the loss and every diagnostic are divided by the minibatch's number
+        of samples (all ranks) instead of its response tokens: `loss_fn` then returns sums of
+        per-sample quantities (GRPO's seq-mean loss aggregations), and its diagnostics must be
+        per-sample sums too (a token sum would come out as a per-sample total)."""
         setup = self.setup
         ctx, hp = setup.ctx, setup.inputs.config.hyperparameters
         local = exp.batch.sequences.size(0) // unit
@@ -129,7 +192,7 @@ class MinibatchTrainer:
             for start in range(0, local, per_minibatch):
                 units = order[start : start + per_minibatch]
                 sub = exp.select([u * unit + j for u in units for j in range(unit)])
-                count = float(sub.batch.response_mask.sum()) if unit == 1 else float(len(units))
+                count = _count(sub, len(units), unit, per_sample)
                 denominator = all_reduce_sum([count], ctx.device)[0]
                 chunks = [
                     list(range(i * unit, (i + micro) * unit))
@@ -153,3 +216,14 @@ class MinibatchTrainer:
                     totals[key] = totals.get(key, 0.0) + value
                 steps += 1
         return {k: v / max(steps, 1) for k, v in totals.items()}
+
+
+def _count(sub: Experience, units: int, unit: int, per_sample: bool) -> float:
+    """What a rank's share of a minibatch adds to the loss's denominator: its samples that
+    hold a response token with `per_sample` (`aggregate_loss`'s sequences; a group that dynamic
+    sampling dropped has an empty mask), its units when `unit` > 1, else its response tokens."""
+    if per_sample:
+        return float((sub.batch.response_mask.sum(dim=-1) > 0).sum())
+    if unit > 1:
+        return float(units)
+    return float(sub.batch.response_mask.sum())

@@ -4,23 +4,32 @@ Part I: PPO"; defaults from OpenLMLab/MOSS-RLHF).
 Models: the actor (the policy, from the `from` stage), the critic (from the reward model of
 `reward.from`; from the policy with a new value head when rewards come from a function), the
 frozen reference (a copy of the initial policy; loaded when β > 0 or the KL controller is
-adaptive) and the reward source. Per step, one sample per prompt:
+adaptive) and the reward source; dropout is off in all of them (`online_models`), so π_old,
+V and π_ref are deterministic. Per step, one sample per prompt:
 
-0. log π_old: recomputed by a forward pass, or the samples' own logprobs when they are the
-   policy's (`rollout.engine: trainer`) or one step old (`async: true`);
+0. log π_old: the samples' own logprobs when they are the policy's (`rollout.engine: trainer`)
+   or one step old (`async: true`), else a forward pass; always a forward pass with the
+   truncated IS correction (`rolloutCorrection`, `online_steps.correction_on`: each token's
+   policy loss weighted by min(π_old / π_rollout, C)) or with logprobs at the sampling
+   temperature (`logprobTemperature: sampling`: every actor and reference pass divides the
+   logits by T);
 1. rewards: the raw score, then `rewardScaling` (÷ running std) or `rewardNormalization`
-   (standardise with the running moments), then `rewardClip`; the per-token k1 KL penalty
-   -β (log π_old - log π_ref) on every token, the shaped score on the last one;
+   (standardise with the running moments), then `rewardClip`; the per-token KL penalty
+   -β KL_t(π_old, π_ref) (`klEstimator` k1, k2 or k3) on every token, the shaped score on the
+   last one; a step whose rewards are all equal is logged as a warning (no reward signal);
 2. GAE (γ, λ) over response tokens, returns = A + V; `advantageWhitening` with global stats.
    V is the critic's value at sampling time: a forward pass of its own, or, when the step makes
    one critic update on the whole batch (one minibatch, one epoch), that update's own pass,
    detached (`fold_values`; the value clip is then inactive, as on any first epoch);
 3. `ppoEpochs` passes in minibatches of `batchSize`: the critic on the clipped value loss
    (`valueClip`), and, after `criticWarmupSteps`, the actor on the clipped surrogate
-   (`policyClip`), minus `entropyCoef` × entropy, plus `ptxCoef` × an LM loss on `ptxDataset`;
-   gradients clipped to `gradClip`; the two updates run at once when the resources allow it
-   (`online_steps.concurrent_updates`: one unsharded process with cores to spare);
-4. the KL controller (fixed, or adaptive toward `klTarget`) sees the step's KL.
+   (ratio in [1 - `policyClip`, 1 + `policyClipHigh`], `dualClip` bounding negative-advantage
+   tokens), minus `entropyCoef` × entropy, plus `ptxCoef` × an LM loss on `ptxDataset` (each
+   rank its own slice of a global batch); gradients clipped to `gradClip`; the two updates run
+   at once when the resources allow it (`online_steps.concurrent_updates`: one unsharded
+   process with cores to spare);
+4. the KL controller (fixed, or adaptive toward `klTarget`) sees the step's KL (k1, summed
+   over each sequence).
 """
 
 from __future__ import annotations
@@ -34,31 +43,43 @@ import torch
 from torch import nn
 
 from rlhf_trainer.advantages import gae, masked_sums, whiten
-from rlhf_trainer.batching import DataStream, collate, tokenize_sft
+from rlhf_trainer.batching import DataStream, Example, collate, tokenize_sft
 from rlhf_trainer.config import PPOOptions
 from rlhf_trainer.data import PromptRow, dataset_chat, load_sft_rows
 from rlhf_trainer.distributed import all_reduce_sum
-from rlhf_trainer.experience import Experience, collate_samples, critic_values, policy_logprobs
+from rlhf_trainer.experience import (
+    Batch,
+    Experience,
+    collate_samples,
+    critic_values,
+    policy_logprobs,
+)
 from rlhf_trainer.feed import StepRollouts
 from rlhf_trainer.loop import build_optimizer
-from rlhf_trainer.losses import approx_kl, clipped_surrogate, clipped_value_loss, sft_loss_sum
+from rlhf_trainer.losses import sft_loss_sum
 from rlhf_trainer.online import run_online, shard
 from rlhf_trainer.online_models import load_reference, load_value_model
 from rlhf_trainer.online_setup import OnlineSetup
 from rlhf_trainer.online_steps import (
     MinibatchTrainer,
     concurrent_updates,
+    corrected_old_logprobs,
+    correction_on,
     forward_in_chunks,
+    global_mean_std,
     rename,
     run_both,
+    scoring_temperature,
     usable_cpus,
 )
+from rlhf_trainer.policy_losses import approx_kl, clipped_surrogate, clipped_value_loss
 from rlhf_trainer.preflight import StageInputs
 from rlhf_trainer.rewards import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
     clip_rewards,
+    has_scale,
     kl_penalized_rewards,
     normalize,
     scale_by_std,
@@ -66,17 +87,6 @@ from rlhf_trainer.rewards import (
 from rlhf_trainer.rollout import Sampling
 
 log = logging.getLogger(__name__)
-
-
-def global_mean_std(x: torch.Tensor, device: torch.device) -> tuple[float, float]:
-    """Mean and std (Bessel) of a 1-D tensor split over ranks. Collective."""
-    x64 = x.double()
-    total, squares, n = all_reduce_sum(
-        [float(x64.sum()), float((x64 * x64).sum()), float(x64.numel())], device
-    )
-    mean = total / max(n, 1.0)
-    var = (squares - n * mean * mean) / max(n - 1.0, 1.0)
-    return mean, max(var, 0.0) ** 0.5
 
 
 class PPO:
@@ -109,7 +119,10 @@ class PPO:
             if opts.kl_controller == "adaptive"
             else FixedKLController(opts.kl_coef)
         )
-        self.ptx = PtxSource(setup, opts) if opts.ptx_coef > 0 else None
+        self.ptx = PtxSource.from_setup(setup, opts) if opts.ptx_coef > 0 else None
+        self.temperature = scoring_temperature(opts)
+        self.correction = correction_on(opts, setup.async_)
+        self.correction_metrics: dict[str, float] = {}  # the step's, with the correction
         threads = torch.get_num_threads()
         self.concurrent = concurrent_updates(ctx, [setup.actor, self.critic], threads)
         if self.concurrent:
@@ -143,10 +156,17 @@ class PPO:
         if self.ptx is not None and state.get("ptx") is not None:
             self.ptx.seek(*state["ptx"])
 
-    def shape(self, scores: torch.Tensor) -> torch.Tensor:
-        """The PPO-max reward switches, in order: moments update, scale or normalise, clip."""
+    def shape(self, step: int, scores: torch.Tensor) -> torch.Tensor:
+        """The PPO-max reward switches, in order: moments update, scale or normalise, clip.
+        A step whose rewards are all equal (over all ranks) is worth a warning."""
         opts = self.opts
-        self.moments.update(scores)  # collective
+        mean, std = self.moments.update(scores)  # collective
+        if not has_scale(mean, std):
+            log.warning(
+                "Every reward of step %d was %.4g: the step carries no reward signal, only the "
+                "KL penalty (a reward function or model that cannot tell samples apart?)",
+                step, mean,
+            )  # fmt: skip
         shaped = scores
         if opts.reward_normalization:
             shaped = normalize(shaped, self.moments)
@@ -156,25 +176,42 @@ class PPO:
             shaped = clip_rewards(shaped, opts.reward_clip)
         return shaped
 
-    def experience(self, rollouts: StepRollouts) -> tuple[Experience, torch.Tensor]:
+    def logprobs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """log π of the sampled tokens (B, R) at the scoring temperature, no grad, in chunks."""
+        t = self.temperature
+        return forward_in_chunks(
+            self.setup, batch, lambda b: policy_logprobs(model, b, False, t)[0]
+        )
+
+    def old_logprobs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log π_old (B, R), the truncated IS weights (B, R) or None without the correction).
+        The samples' own logprobs serve as π_old where they are the policy's at T = 1 (the
+        trainer's engine, or one step old with `async`) and no correction compares them."""
+        setup, t = self.setup, self.temperature
+        if self.correction:
+            cap = self.opts.rollout_correction_cap
+            old, weights, self.correction_metrics = corrected_old_logprobs(setup, batch, t, cap)
+            return old, weights
+        if (setup.async_ or setup.sampled_by_policy) and t == 1.0:
+            return batch.behaviour_logprobs, None
+        return self.logprobs(setup.actor, batch), None
+
+    def experience(self, step: int, rollouts: StepRollouts) -> tuple[Experience, torch.Tensor]:
         """The step's experience and shaped scores. Values, returns and advantages are left
         for the critic's update pass when `fold_values`; else a forward pass gives them."""
-        setup, device = self.setup, self.setup.ctx.device
+        setup, device, opts = self.setup, self.setup.ctx.device, self.opts
         mine = shard(rollouts.samples, setup.ctx)
         scores = setup.reward.score(mine, rollouts.prompts).to(device)
         batch = collate_samples(mine, int(setup.tokenizer.pad_token_id), device)
         mask = batch.response_mask
-        old = batch.behaviour_logprobs
-        if not setup.async_ and not setup.sampled_by_policy:
-            old = forward_in_chunks(setup, batch, lambda b: policy_logprobs(setup.actor, b)[0])
-        ref = old
-        if self.reference is not None:
-            reference = self.reference
-            ref = forward_in_chunks(setup, batch, lambda b: policy_logprobs(reference, b)[0])
-        shaped = self.shape(scores)
-        rewards = kl_penalized_rewards(shaped, old, ref, mask, self.kl_ctl.beta)
+        old, weights = self.old_logprobs(batch)
+        ref = old if self.reference is None else self.logprobs(self.reference, batch)
+        shaped = self.shape(step, scores)
+        beta = self.kl_ctl.beta
+        rewards = kl_penalized_rewards(shaped, old, ref, mask, beta, opts.kl_estimator)
         row = torch.arange(len(mine), device=device)
-        exp = Experience(batch, old, torch.zeros_like(mask), scores, ref, rewards=rewards, row=row)
+        exp = Experience(batch, old, torch.zeros_like(mask), scores, ref, rewards=rewards, row=row,
+                         is_weights=weights)  # fmt: skip
         if not self.fold_values:
             values = forward_in_chunks(setup, batch, lambda b: critic_values(self.critic, b))
             exp = self.with_values(exp, values)
@@ -217,7 +254,7 @@ class PPO:
         }
 
     def train(self, step: int, rollouts: StepRollouts) -> tuple[dict[str, float], bool]:
-        exp, shaped = self.experience(rollouts)
+        exp, shaped = self.experience(step, rollouts)
         seed = self.setup.inputs.config.hyperparameters.seed + step
         epochs = self.opts.ppo_epochs
         critic_rng, actor_rng = random.Random(seed), random.Random(~seed)
@@ -228,7 +265,7 @@ class PPO:
                 exp, lambda sub: self._folded_value_loss(sub, sampled), critic_rng
             )
             exp = self.with_values(exp, sampled)
-        metrics = self._stats(exp, shaped)
+        metrics = self._stats(exp, shaped) | self.correction_metrics
         self.kl_ctl.update(metrics["kl"], len(rollouts.samples))
 
         def critic_update() -> dict[str, float]:
@@ -275,11 +312,12 @@ class PPO:
 
     def _policy_loss(self, exp: Experience) -> tuple[torch.Tensor, dict[str, float]]:
         opts, mask = self.opts, exp.batch.response_mask
-        logprobs, entropy = policy_logprobs(self.setup.actor, exp.batch, with_entropy=True)
+        logprobs, entropy = policy_logprobs(self.setup.actor, exp.batch, True, self.temperature)
         assert entropy is not None and exp.old_logprobs is not None
         loss, clipped = clipped_surrogate(
-            logprobs, exp.old_logprobs, exp.advantages, mask, opts.policy_clip
-        )
+            logprobs, exp.old_logprobs, exp.advantages, mask, opts.policy_clip,
+            clip_high=opts.policy_clip_high, dual_clip=opts.dual_clip, weights=exp.is_weights,
+        )  # fmt: skip
         sums = {
             "policy_loss": float(loss.detach()),
             "clipped": float(clipped),
@@ -299,16 +337,33 @@ class PPO:
 
 
 class PtxSource:
-    """Supervised examples for PPO-ptx: an endless, seeded stream over `ppo.ptxDataset`."""
+    """Supervised examples for PPO-ptx: an endless, seeded stream over `ppo.ptxDataset` that
+    every rank walks in step; each call takes a global batch of n × world size examples from
+    it, and each rank its own slice (as the offline stages shard theirs), so ranks never read
+    the same examples in a step."""
 
-    def __init__(self, setup: OnlineSetup, opts: PPOOptions) -> None:
+    def __init__(
+        self,
+        examples: list[Example],
+        seed: int,
+        pad: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.examples, self.pad, self.device = examples, pad, device
+        self.rank, self.world_size = rank, world_size
+        self.stream = DataStream(len(examples), seed)
+
+    @classmethod
+    def from_setup(cls, setup: OnlineSetup, opts: PPOOptions) -> PtxSource:
         assert opts.ptx_dataset is not None  # preflight
-        hp = setup.inputs.config.hyperparameters
+        hp, ctx = setup.inputs.config.hyperparameters, setup.ctx
         chat = dataset_chat(opts.ptx_dataset, setup.inputs.config.model)
         rows = load_sft_rows(opts.ptx_dataset, chat)
-        self.examples = tokenize_sft(rows, setup.tokenizer, hp.max_length)
-        self.stream = DataStream(len(self.examples), hp.seed + 1)
-        self.pad, self.device = int(setup.tokenizer.pad_token_id), setup.ctx.device
+        examples = tokenize_sft(rows, setup.tokenizer, hp.max_length)
+        pad = int(setup.tokenizer.pad_token_id)
+        return cls(examples, hp.seed + 1, pad, ctx.device, ctx.rank, ctx.world_size)
 
     def position(self) -> tuple[int, int]:
         return self.stream.epoch, self.stream.index
@@ -316,9 +371,15 @@ class PtxSource:
     def seek(self, epoch: int, index: int) -> None:
         self.stream = self.stream.at(epoch, index)
 
+    def next_indices(self, n: int) -> list[int]:
+        """This rank's `n` examples of the next global batch (the same position on every
+        rank, as every rank runs the same number of micro-batches)."""
+        batch = self.stream.next_batch(n * self.world_size)
+        return batch[self.rank * n : (self.rank + 1) * n]
+
     def loss(self, model: nn.Module, n: int) -> tuple[torch.Tensor, float]:
-        """Summed LM loss of the next `n` examples, and their target-token count."""
-        batch = collate([self.examples[i] for i in self.stream.next_batch(n)], self.pad)
+        """Summed LM loss of this rank's next `n` examples, and their target-token count."""
+        batch = collate([self.examples[i] for i in self.next_indices(n)], self.pad)
         tensors = {k: v.to(self.device) for k, v in batch.items()}
         logits = model(
             input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]

@@ -5,7 +5,9 @@ the data when `rewardModel.useMargin`, plus `lmLossWeight` times the token-mean 
 chosen response (MOSS-RLHF). Means are over the global batch (pairs, and chosen tokens for the LM
 term). Logged: loss, accuracy (chosen scored above rejected, ties half) and the mean chosen and
 rejected rewards; held out: eval_loss and eval_accuracy, before training and at each checkpoint.
-The output is a `...ForSequenceClassification` with one label (see `reward_model.py`).
+The output is a `...ForSequenceClassification` with one label (see `reward_model.py`), saved
+with a pad token that is not EOS (`reward_model.reward_pad_id`) so that Hugging Face's pooling
+reads the EOS training scored. Dropout is off (`determinism.disable_dropout`, TRL's default).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rlhf_trainer import lora
 from rlhf_trainer.batching import Example, PairExample, collate, tokenize_pairs
 from rlhf_trainer.config import RewardModelOptions
 from rlhf_trainer.data import PreferenceRow
+from rlhf_trainer.determinism import disable_dropout
 from rlhf_trainer.distributed import DistContext, shard_model
 from rlhf_trainer.loop import (
     StepResult,
@@ -35,6 +38,7 @@ from rlhf_trainer.reward_model import (
     last_token_values,
     load_reward_backbone,
     reward_exporter,
+    reward_pad_id,
 )
 from rlhf_trainer.sft import n_targets
 
@@ -130,13 +134,14 @@ def run_reward(inputs: StageInputs[PreferenceRow]) -> None:
         model, dtype = load_reward_backbone(
             config.model, inputs.model_ref, options.lm_loss_weight > 0
         )
-        pad_id = int(tokenizer.pad_token_id)
+        pad_id = reward_pad_id(tokenizer, int(model.config.vocab_size))
         export = reward_exporter(model.config, config.lora, pad_id)
         if config.lora is not None:
             model = ScalarHeadModel(
                 lora.apply_lora(model.backbone, config.lora), model.score, model.lm_head
             )
         model.train()
+        disable_dropout(model)  # TRL's RewardConfig default: repeatable passes, as in dpo.py
         shard_model(model, ctx.bf16)
         objective = RewardObjective(model, pairs, held_out, inputs, ctx, pad_id)
         return Trainable(model, objective, tokenizer, dtype, export, eval_at_start=True)

@@ -14,6 +14,22 @@ Scoring API (used by the evaluate stage and the online stages):
 
 Prompt and response are tokenized exactly as in training (`batching.tokenize_sft`: prompt with
 the tokenizer's special tokens, then the response and EOS).
+
+The pad token of a saved reward model (`reward_pad_id`). Training reads the reward at the last
+position of the attention mask: the EOS that ends each response. Hugging Face's own pooling
+(`GenericForSequenceClassification.forward`, transformers 5) ignores the attention mask and
+reads the rightmost token whose id is not `config.pad_token_id`. A model without a pad token
+gets pad = EOS (`model.load_tokenizer`), and many ship that way (SmolLM2: pad = EOS =
+`<|im_end|>`); saved like that, HF took the EOS for padding and read the token before it
+(-0.2040 against the trainer's -0.2276 on one input). So the reward stage pads with, and saves
+as pad, a token that never ends a sequence: the tokenizer's pad when it is no end token, else
+its unk, else an added special token named like a pad (Llama 3.1's `<|finetune_right_pad_id|>`).
+Then HF, with or without an attention mask, and vLLM (which reads the last token) all read
+the EOS that training scored. Only which id pads changes: the tokenizer encodes and decodes
+text as before. The other choice, scoring the token before EOS in training, would have made
+the reward depend on whether pad happened to equal EOS and disagreed with vLLM. A tokenizer
+with no such token (GPT-2's one `<|endoftext|>` is BOS, EOS and unk) keeps pad = EOS, with a
+warning: HF's pooling then reads the token before EOS; `load_reward_model` does not.
 """
 
 from __future__ import annotations
@@ -27,7 +43,7 @@ import torch
 from torch import nn
 
 from rlhf_trainer import lora
-from rlhf_trainer.batching import collate, tokenize_sft
+from rlhf_trainer.batching import collate, stop_ids, tokenize_sft
 from rlhf_trainer.config import LoRAOptions, ModelSource
 from rlhf_trainer.data import SFTRow
 from rlhf_trainer.errors import UserError
@@ -50,6 +66,8 @@ class ScalarHeadModel(nn.Module):
     forward(input_ids (B, T), attention_mask (B, T)) -> (values (B, T) float32, LM logits
     (B, T, V) or None): a value for every position; `last_token_values` picks the reward.
     """
+
+    config: Any  # the backbone's PretrainedConfig
 
     def __init__(self, backbone: nn.Module, score: nn.Linear, lm_head: nn.Module | None = None):
         super().__init__()
@@ -118,17 +136,43 @@ def load_reward_backbone(
     return ScalarHeadModel(backbone, score, lm_head), dtype
 
 
+def _pad_candidates(tokenizer: Any) -> list[int | None]:
+    """The tokenizer's pad, its unk, then added special tokens whose text names a pad."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    named = [i for i, t in sorted(added.items()) if "pad" in str(t).lower()]
+    return [tokenizer.pad_token_id, tokenizer.unk_token_id, *named]
+
+
+def reward_pad_id(tokenizer: Any, vocab_size: int) -> int:
+    """The pad id a reward model trains and is saved with (module docstring): the first of
+    `_pad_candidates` that is neither an end token (`batching.stop_ids`) nor BOS and has an
+    embedding row; it becomes `tokenizer.pad_token`, so the saved tokenizer pads with it.
+    Without one, the tokenizer's pad (EOS), with a warning."""
+    taken = stop_ids(tokenizer) | {tokenizer.bos_token_id}
+    for candidate in _pad_candidates(tokenizer):
+        if candidate is not None and candidate not in taken and 0 <= candidate < vocab_size:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(candidate))
+            return int(candidate)
+    log.warning(
+        "The tokenizer has no token to pad with other than an end token (%s); Hugging Face's "
+        "sequence-classifier pooling will read the reward model at the token before EOS, "
+        "training and load_reward_model at EOS",
+        tokenizer.pad_token,
+    )
+    return int(tokenizer.pad_token_id)
+
+
 def reward_exporter(config: Any, options: LoRAOptions | None, pad_token_id: int) -> Exporter:
     """Full state of a trained ScalarHeadModel -> a `...ForSequenceClassification` (num_labels
-    1, LoRA merged, the LM head dropped; pad_token_id set, which HF's own pooling needs)."""
+    1, LoRA merged, the LM head dropped; `pad_token_id` = `reward_pad_id`, which HF's own
+    pooling reads the reward beside)."""
 
     def export(state: dict[str, Any]) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
         cls_config = config.__class__.from_dict({**config.to_dict(), "num_labels": 1})
         cls_config.architectures = None
-        if cls_config.pad_token_id is None:
-            cls_config.pad_token_id = pad_token_id
+        cls_config.pad_token_id = pad_token_id
         with torch.device("meta"):
             plain = AutoModelForSequenceClassification.from_config(cls_config)  # type: ignore[no-untyped-call]
             prefix = plain.base_model_prefix

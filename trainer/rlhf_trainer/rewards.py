@@ -1,18 +1,23 @@
 """PPO's reward shaping: running moments, scaling, normalisation, clipping, the KL penalty and
-its controllers. Each PPO-max switch (ALGORITHMS.md) is one function here, picked by the
-stage config; none is a branch inside one criterion.
+its controllers, and DAPO's overlong penalty. Each PPO-max switch (docs/ALGORITHMS.md) is one
+function here, picked by the stage config; none is a branch inside one criterion.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
-from rlhf_trainer.losses import kl_k1
+from rlhf_trainer.policy_losses import KLEstimator, kl_penalty
+
+# Below STD_FLOOR · max(1, |μ|) the running scores are equal up to float rounding (float32's
+# relative precision is 6e-8; equal float64 scores can give a std of 1e-17): that std carries
+# no scale, and dividing by it would turn rounding noise into rewards of 1e7.
+STD_FLOOR = 1e-6
 
 
 @dataclass
@@ -82,14 +87,39 @@ def _moments(x: torch.Tensor) -> tuple[float, float, float]:
     return n, mean, float(((x64 - mean) ** 2).sum())
 
 
+def has_scale(mean: float, std: float) -> bool:
+    """Whether scores with this mean and std differ by more than rounding:
+    std > STD_FLOOR · max(1, |mean|). With the (mean, std) of the whole step that
+    `RunningMoments.update` returns (all ranks), False means every reward of the step was equal."""
+    return std > STD_FLOOR * max(1.0, abs(mean))
+
+
+def reward_scale(moments: RunningMoments) -> float:
+    """The divisor of `scale_by_std` and `normalize`: σ_running when it carries scale information
+    (`has_scale`), else 1, so the scores pass unscaled. A single score has none either (`var` is
+    then 1). The former max(σ, 1e-8) divisor turned a first batch of equal scores into rewards
+    of 7e7, and kept doing so while every score stayed equal."""
+    std = moments.std
+    return std if has_scale(moments.mean, std) else 1.0
+
+
 def scale_by_std(scores: torch.Tensor, moments: RunningMoments) -> torch.Tensor:
-    """`rewardScaling`: r / σ_running, no mean subtracted (MOSS-RLHF's default)."""
-    return scores / max(moments.std, 1e-8)
+    """`rewardScaling`: r / σ_running, no mean subtracted (MOSS-RLHF's default); σ from
+    `reward_scale`, so equal scores pass unchanged."""
+    return scores / reward_scale(moments)
 
 
 def normalize(scores: torch.Tensor, moments: RunningMoments) -> torch.Tensor:
-    """`rewardNormalization`: (r - μ_running) / σ_running."""
-    return (scores - moments.mean) / max(moments.std, 1e-8)
+    """`rewardNormalization`: (r - μ_running) / σ_running; σ from `reward_scale`, so equal
+    scores are only centred."""
+    return (scores - moments.mean) / reward_scale(moments)
+
+
+def all_equal(scores: torch.Tensor) -> bool:
+    """Whether every score in this tensor is the same (True for none): such a step carries no
+    reward signal, and the trainer warns. Exact and local to this rank; for the step across
+    ranks use `has_scale` on the batch (mean, std) that `RunningMoments.update` returns."""
+    return scores.numel() == 0 or bool(scores.max() == scores.min())
 
 
 def clip_rewards(scores: torch.Tensor, bound: float) -> torch.Tensor:
@@ -103,17 +133,43 @@ def kl_penalized_rewards(
     ref_logprobs: torch.Tensor,
     mask: torch.Tensor,
     beta: float,
+    estimator: str = "k1",
 ) -> torch.Tensor:
-    """Per-token rewards: r_t = -β (log π_t - log π_ref,t) on every response token (k1), plus the
-    scalar score on the last one (Ziegler et al. 2019; MOSS-RLHF).
+    """Per-token rewards: r_t = -β KL_t on every response token, plus the scalar score on the last
+    one (Ziegler et al. 2019; MOSS-RLHF), KL_t the `kl_penalty` estimate of log π_t - log π_ref,t
+    (k1 by default, as those papers).
 
     scores: (B,); logprobs, ref_logprobs, mask: (B, R). Returns (B, R), 0 on padding.
     """
-    rewards = -beta * kl_k1(logprobs, ref_logprobs) * mask
+    if estimator not in ("k1", "k2", "k3"):
+        raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
+    kl = kl_penalty(logprobs, ref_logprobs, cast(KLEstimator, estimator))
+    rewards = -beta * kl * mask
     last = (mask.sum(dim=1).long() - 1).clamp(min=0)
     rows = torch.arange(rewards.size(0), device=rewards.device)
     rewards[rows, last] += scores.to(rewards.dtype)
     return rewards
+
+
+def overlong_penalty(
+    lengths: torch.Tensor, max_len: int, buffer: int, factor: float
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025), added to the reward: with
+    L_max = `max_len`, L_buf = `buffer` and k = L_max - L_buf,
+
+      0                          |y| <= k
+      (k - |y|) / L_buf · factor  k < |y| <= L_max
+      -factor                    L_max < |y|
+
+    lengths: (N,) response token counts (any dtype). Returns (N,) float32.
+    """
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"overlong buffer must be in (0, max_len={max_len}], got {buffer}")
+    n = lengths.float()
+    free = float(max_len - buffer)
+    ramp = (free - n) / buffer * factor
+    penalty = torch.where(n <= max_len, ramp, torch.full_like(n, -factor))
+    return torch.where(n <= free, torch.zeros_like(n), penalty)
 
 
 class FixedKLController:

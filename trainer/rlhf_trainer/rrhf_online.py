@@ -24,7 +24,7 @@ from rlhf_trainer.config import RRHFOptions
 from rlhf_trainer.data import PromptRow
 from rlhf_trainer.experience import Experience, collate_samples, policy_logprobs
 from rlhf_trainer.feed import StepRollouts
-from rlhf_trainer.grpo import gather_scores
+from rlhf_trainer.grpo_sampling import gather_scores
 from rlhf_trainer.loop import build_optimizer
 from rlhf_trainer.losses import rrhf_loss
 from rlhf_trainer.online import run_online, shard
