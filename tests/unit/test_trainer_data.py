@@ -142,6 +142,24 @@ def test_invalid_json_missing_file_and_empty_file(tmp_path: Path) -> None:
         load_sft_rows(spec(path))
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085", "\x0c", "\x1c"])
+def test_line_separators_inside_strings_stay_in_their_row(tmp_path: Path, separator: str) -> None:
+    """`json.dumps(ensure_ascii=False)` and `jq -c` leave these raw inside strings;
+    `str.splitlines` cut such a row into invalid pieces."""
+    rows = [{"prompt": f"a{separator}b", "response": "r"}, {"prompt": "p", "response": "s"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    loaded = load_sft_rows(spec(path))
+    assert [r.prompt for r in loaded] == [f"a{separator}b", "p"]
+
+
+def test_a_utf8_bom_and_crlf_line_ends_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    body = '{"prompt": "p", "response": "r"}\r\n{"prompt": "q", "response": "s"}\r\n'
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert [r.prompt for r in load_sft_rows(spec(path))] == ["p", "q"]
+
+
 def test_format_that_cannot_feed_a_stage(fixtures_dir: Path) -> None:
     with pytest.raises(DataError, match="format 'ranked' cannot feed a sft stage"):
         load_sft_rows(spec(fixtures_dir / "ranked.jsonl", "ranked"))

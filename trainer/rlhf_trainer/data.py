@@ -272,13 +272,22 @@ def parse_prompts(rec: Record, where: str) -> PromptRow:
     return PromptRow(_string(rec, "prompt", where, "prompts"), answer)
 
 
+def jsonl_lines(data: bytes) -> list[str]:
+    """The lines of a JSONL file: UTF-8 (a leading BOM dropped, as the YAML loader does), split
+    on "\n" only, a trailing "\r" dropped. Not `str.splitlines`, which also splits on U+2028,
+    U+2029, U+0085 and form feeds, characters that `jq -c` and `json.dumps(ensure_ascii=False)`
+    leave raw inside strings, and so would cut one valid row into several invalid ones."""
+    text = data.decode("utf-8-sig")
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _file_records(spec: DatasetSpec) -> Iterator[tuple[str, Record | DataError]]:
     """(where, record) per line; a line that is no JSON object comes as its DataError, so that
     `skipInvalid` can skip it like any other bad row."""
     assert spec.path is not None
     path = resolve_path(spec.path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = jsonl_lines(path.read_bytes())
     except FileNotFoundError:
         raise DataError(
             f"{spec.path}: dataset file not found (looked at {path}); "

@@ -10,3 +10,8 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A dataset file or row that cannot be used; the message names the file, line and field."""
+
+
+class NonFiniteError(UserError):
+    """A loss or gradient norm that is NaN or infinite: the step is not taken, so no weight
+    and no checkpoint is ever non-finite, and the stage fails instead of succeeding."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from rlhf_trainer.distributed import (
     close_distributed,
     init_distributed,
 )
+from rlhf_trainer.errors import NonFiniteError
 from rlhf_trainer.launch_env import env_rank
 from rlhf_trainer.model import Exporter, save_final
 from rlhf_trainer.preflight import FINAL_DIR, StageInputs
@@ -192,7 +194,15 @@ def grad_norm_and_clip(model: nn.Module, max_norm: float) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, limit)
     full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return float(full)
+    value = float(full)
+    if not math.isfinite(value):
+        # Stepping would write NaN into every weight, and later stages start from them.
+        raise NonFiniteError(
+            f"training: the gradient norm is {value} (a non-finite loss or gradient); the "
+            "stage stopped before the optimizer step, with the last checkpoint intact; lower "
+            "hyperparameters.learningRate, check the data, or use bf16: false"
+        )
+    return value
 
 
 def resume(
