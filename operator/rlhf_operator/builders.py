@@ -70,6 +70,25 @@ def labels(run: api.RLHFRun, stage: str, component: str) -> dict[str, str]:
     return out
 
 
+def kueue_queued(run: api.RLHFRun) -> bool:
+    """Whether Kueue queues the run (the queue-name label on the RLHFRun). Kueue then owns each
+    job's `suspend` after creation: the job is created suspended and Kueue un-suspends it on
+    admission, so `spec.suspend` is not the operator's gate (`held`)."""
+    return KUEUE_QUEUE_LABEL in run.metadata.labels
+
+
+def held(run: api.RLHFRun) -> bool:
+    """Whether the operator itself holds the run (`spec.suspend` on a run Kueue does not queue):
+    its job suspended, its servers at zero replicas, its phase Suspended."""
+    return run.spec.suspend and not kueue_queued(run)
+
+
+def create_suspended(run: api.RLHFRun) -> bool:
+    """The `suspend` a new job is created with: a queued job waits for Kueue's admission (its
+    webhook would set it too), a held one for `spec.suspend: false`."""
+    return run.spec.suspend or kueue_queued(run)
+
+
 def owner_reference(run: api.RLHFRun) -> Obj:
     return {
         "apiVersion": api.API_VERSION,
@@ -384,7 +403,11 @@ def trainer_pod_template(run: api.RLHFRun, stage: api.Stage) -> Obj:
         pod["schedulerName"] = trainer.scheduler_name
     if trainer.service_account_name:
         pod["serviceAccountName"] = trainer.service_account_name
-    return {"metadata": {"labels": labels(run, stage.name, "trainer")}, "spec": pod}
+    # The queue label goes on the job alone: on a pod it makes Kueue admit that pod by itself
+    # (its pod integration), so the job's pods would not be admitted together.
+    pod_labels = labels(run, stage.name, "trainer")
+    pod_labels.pop(KUEUE_QUEUE_LABEL, None)
+    return {"metadata": {"labels": pod_labels}, "spec": pod}
 
 
 def build_pytorchjob(run: api.RLHFRun, stage: api.Stage) -> Obj:
@@ -394,8 +417,15 @@ def build_pytorchjob(run: api.RLHFRun, stage: api.Stage) -> Obj:
     replica = {"restartPolicy": "OnFailure", "template": template}
     replicas: Obj = {"Master": {"replicas": 1, **replica}}
     if trainer.nodes > 1:
-        replicas["Worker"] = {"replicas": trainer.nodes - 1, **replica}
-    run_policy: Obj = {"cleanPodPolicy": "None", "backoffLimit": 3, "suspend": run.spec.suspend}
+        # Only rank 0 (the Master) serves /metrics: Workers declare no metrics port, so the
+        # trainers' PodMonitor (port: metrics) has no dead targets.
+        worker = copy.deepcopy(template)
+        del worker["spec"]["containers"][0]["ports"]
+        replicas["Worker"] = {"replicas": trainer.nodes - 1, "restartPolicy": "OnFailure",
+                              "template": worker}  # fmt: skip
+    run_policy: Obj = {
+        "cleanPodPolicy": "None", "backoffLimit": 3, "suspend": create_suspended(run)
+    }  # fmt: skip
     if trainer.scheduler_name:
         run_policy["schedulingPolicy"] = {"minAvailable": trainer.nodes}
     job: Obj = {

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_operator import api, crd, yamlio
+from rlhf_operator import api, crd, engine_versions, yamlio
 from rlhf_operator.planner import Observed, plan
 
 
@@ -68,17 +68,41 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failed += 1
             continue
         print(f"{path}: valid ({', '.join(r.metadata.name for r in runs)})")
+        warn(path, runs)
     return 1 if failed else 0
+
+
+def warn(path: str, runs: list[api.RLHFRun]) -> None:
+    """What is accepted but could not be checked (a server image tag that is no version)."""
+    for run in runs:
+        for warning in engine_versions.warnings(run):
+            print(f"{path}: warning: {warning}", file=sys.stderr)
+
+
+OWNER_UID_NOTE = (
+    "# ownerReferences[].uid is empty here: the operator fills in the RLHFRun's uid. To apply\n"
+    "# these objects with kubectl, render them with --no-owner-references.\n"
+)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     run = load_run(args.file)
+    warn(args.file, [run])
     desired = plan(run, Observed())
     if not desired.children:
         reason = next(c.message for c in desired.status.conditions if c.type == "Degraded")
         raise UsageError(f"{args.file}: nothing to render: {reason}")
-    print(yamlio.dump_all(desired.children), end="")
+    children = desired.children
+    if args.no_owner_references:
+        children = [{**c, "metadata": _without_owner(c["metadata"])} for c in children]
+    elif not run.metadata.uid:
+        print(OWNER_UID_NOTE, end="")
+    print(yamlio.dump_all(children), end="")
     return 0
+
+
+def _without_owner(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k != "ownerReferences"}
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
@@ -190,6 +214,12 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("render", help="print the objects the operator would create now")
     p.add_argument("file", metavar="FILE")
+    p.add_argument(
+        "--no-owner-references",
+        action="store_true",
+        help="leave out the owner references (their uid is the RLHFRun's, which only the "
+        "operator knows), so kubectl can apply the output",
+    )
     p.set_defaults(func=cmd_render)
     p = sub.add_parser("run", help="run an RLHFRun on this machine, with no cluster")
     p.add_argument("file", metavar="FILE")
@@ -270,9 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(err, file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("Interrupted; stopped the run's processes", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C; under `rlhf run` also SIGTERM and SIGHUP
+        from rlhf_operator.local_procs import report_interrupt
+
+        return report_interrupt(err)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3 schema: no
 `$ref`, no `anyOf` with null, `nullable` instead, int-or-string as an extension, defaults that
-apply server-side. The CEL rules mirror the cross-field checks in `api.py`, so `kubectl apply`
-refuses what `rlhf validate` refuses.
+apply server-side. The CEL rules mirror the cross-field checks in `api.py` and, where CEL can
+say them, `spec_checks.py`'s, so `kubectl apply` refuses what `rlhf validate` refuses.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from rlhf_operator import api
+from rlhf_operator import api, names, spec_checks
 
 Schema = dict[str, Any]
 
@@ -204,6 +204,35 @@ _MODEL_RULES: dict[str, list[Schema]] = {
 }
 
 
+def _name_rules() -> list[Schema]:
+    """Root rules on `self.metadata.name` (the only metadata CEL may read, with generateName):
+    what upstream refuses of the names derived from it and the stage names (names.py)."""
+    trainer = "has(self.spec.trainer) && has(self.spec.trainer.{0})"
+    nodes = f"({trainer.format('nodes')} ? self.spec.trainer.nodes : 1)"
+    trainjob = f"({trainer.format('backend')} && self.spec.trainer.backend == 'trainjob')"
+    jobset = len(names.JOBSET_POD_INFIX) + len(names.JOBSET_POD_RANDOM)
+    suffix = (
+        f"({trainjob} ? {jobset} + size(string({nodes} - 1)) : ({nodes} > 1 ? "
+        f"{len(names.PYTORCHJOB_WORKER)} + size(string({nodes} - 2)) : "
+        f"{len(names.PYTORCHJOB_MASTER)}))"
+    )
+    return [
+        {
+            "rule": f"self.metadata.name.matches('{names.DNS_1035.pattern}')",
+            "message": "metadata.name must start with a letter (a DNS-1035 label): every "
+            "child's name begins with it, and PyTorchJob, TrainJob and Service names must",
+        },
+        {
+            "rule": f"self.spec.stages.all(s, size(self.metadata.name) + 1 + size(s.name) + "
+            f"{suffix} <= {names.MAX_LABEL})",
+            "message": "metadata.name and a spec.stages[].name are too long together: "
+            "<run>-<stage>-master-0 and -worker-<nodes - 2> (PyTorchJob replica Services) or "
+            "<run>-<stage>-node-0-<nodes - 1>-xxxxx (TrainJob pods) must fit in 63 "
+            "characters; `rlhf validate` names the stage",
+        },
+    ]
+
+
 def _structural(node: Schema, defs: dict[str, Schema], name: str | None = None) -> Schema:
     """Rewrite one pydantic JSON-Schema node into a structural OpenAPI v3 node."""
     if "$ref" in node:
@@ -234,8 +263,9 @@ def _structural(node: Schema, defs: dict[str, Schema], name: str | None = None) 
         out["additionalProperties"] = _structural(node["additionalProperties"], defs)
     if node.get("type") == "object" and "properties" in node:
         _default_factories(out, node)
-    if name in _MODEL_RULES:
-        out["x-kubernetes-validations"] = copy.deepcopy(_MODEL_RULES[name])
+    rules = _MODEL_RULES.get(name or "", []) + spec_checks.CEL_RULES.get(name or "", [])
+    if rules:
+        out["x-kubernetes-validations"] = copy.deepcopy(rules)
     return out
 
 
@@ -267,7 +297,9 @@ def spec_schema() -> Schema:
     raw = api.RLHFRunSpec.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     schema = _structural(raw, defs, "RLHFRunSpec")
-    schema["properties"]["stages"]["x-kubernetes-validations"] = copy.deepcopy(_STAGE_LIST_RULES)
+    schema["properties"]["stages"]["x-kubernetes-validations"] = copy.deepcopy(
+        _STAGE_LIST_RULES + spec_checks.STAGE_LIST_RULES
+    )
     return schema
 
 
@@ -325,6 +357,7 @@ def build_crd() -> Schema:
                                 "status": status_schema(),
                             },
                             "required": ["spec"],
+                            "x-kubernetes-validations": _name_rules(),
                         }
                     },
                 }

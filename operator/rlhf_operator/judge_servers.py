@@ -4,9 +4,9 @@ A judging stage (`feedback`, or `reward: {judge: {}}` on ppo/grpo) gets one Depl
 Service per `spec.judge.replicas`, named `<run>-<stage>-judge-<i>` and labelled
 `rlhf.dev/component=judge`, for as long as the stage runs: the planner starts its trainer once
 they are available and removes them when the stage finishes. They are built like the rollout
-servers (`servers.py`: container port `http`, probes, workspace mount), with three
-differences: the served model name is `judge`, lmdeploy runs with `--enable-metrics` (vLLM
-always serves /metrics), and vLLM's dev mode stays off (nothing reloads a judge's weights).
+servers (`servers.py`: container port `http`, probes, workspace mount, lmdeploy's
+`--enable-metrics` where its version has it), with two differences: the served model name is
+`judge`, and vLLM's dev mode stays off (nothing reloads a judge's weights).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def judge_command(judge: api.Judge) -> list[str]:
     if judge.engine == "vllm":
         argv = servers.vllm_command(judge.model, settings)
     else:
-        argv = [*servers.lmdeploy_command(judge.model, settings), "--enable-metrics"]
+        argv = servers.lmdeploy_command(judge.model, settings)
     flag = _SERVED_NAME_FLAG[judge.engine]
     argv[argv.index(flag) + 1] = builders.SERVED_JUDGE
     return argv

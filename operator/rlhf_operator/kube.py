@@ -19,6 +19,10 @@ from rlhf_operator import api, backends
 Obj = dict[str, Any]
 
 MERGE_PATCH = "application/merge-patch+json"
+# Asked of every create and patch: a field the server's schema does not know (a CRD older or
+# newer than the builders) is refused with 422 naming it, instead of a warning while the field
+# is dropped (the API server's default, Warn).
+STRICT = {"fieldValidation": "Strict"}
 
 
 @dataclass(frozen=True)
@@ -76,13 +80,14 @@ class Kube(Protocol):
         ...
 
     def create(self, obj: Obj) -> Obj:
-        """Create; KubeError(409) when it exists."""
+        """Create, with strict field validation; KubeError(409) when it exists."""
         ...
 
     def patch(
         self, resource: Resource, namespace: str, name: str, patch: Obj, sub: str | None = None
     ) -> Obj:
-        """JSON merge patch (RFC 7386) of the object or of its subresource `sub`."""
+        """JSON merge patch (RFC 7386) of the object or of its subresource `sub`, with strict
+        field validation."""
         ...
 
     def delete(self, resource: Resource, namespace: str, name: str) -> None:
@@ -177,13 +182,13 @@ class ApiKube:
     def create(self, obj: Obj) -> Obj:
         resource = BY_KIND[obj["kind"]]
         namespace = obj["metadata"]["namespace"]
-        return dict(self._request("POST", resource.path(namespace), body=obj))
+        return dict(self._request("POST", resource.path(namespace), STRICT, body=obj))
 
     def patch(
         self, resource: Resource, namespace: str, name: str, patch: Obj, sub: str | None = None
     ) -> Obj:
         path = resource.path(namespace, name, sub)
-        return dict(self._request("PATCH", path, body=patch, content_type=MERGE_PATCH))
+        return dict(self._request("PATCH", path, STRICT, body=patch, content_type=MERGE_PATCH))
 
     def delete(self, resource: Resource, namespace: str, name: str) -> None:
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}

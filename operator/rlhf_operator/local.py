@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -27,8 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rlhf_operator import api, backends
+from rlhf_operator import api, backends, builders
 from rlhf_operator.local_precision import bf16_fallback_events, host_cpu_bf16
+from rlhf_operator.local_procs import StopSignals, die_with_parent, interrupted_status, stop_groups
 from rlhf_operator.local_servers import SERVER_KINDS, LocalServers, local_server_env
 from rlhf_operator.metrics import RunMetrics
 from rlhf_operator.planner import Event, Observed, Plan, config_hash, plan
@@ -167,7 +167,8 @@ class LocalExecutor:
 
     def _apply_job(self, name: str, obj: Obj) -> None:
         job = self.jobs.get(name)
-        suspend = backends.is_suspended(obj)
+        # No Kueue here: a queued run's job, created suspended for Kueue, is admitted at once.
+        suspend = backends.is_suspended(obj) and builders.held(self.run)
         if job is not None and config_hash(job.obj) != config_hash(obj):
             self._terminate(self.jobs.pop(name))  # the spec changed: replace the job
             job = None
@@ -224,8 +225,15 @@ class LocalExecutor:
         env.update(local_server_env(argv))
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
+            # Its own session, so that stopping it reaches every process it starts; and SIGTERM
+            # when `rlhf run` dies, even by SIGKILL, so that none outlives it (local_procs).
             return subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
 
     def _mounts(self, pod: Obj, container: Obj) -> dict[str, Path]:
@@ -240,18 +248,7 @@ class LocalExecutor:
         return mounts
 
     def _terminate(self, job: LocalJob) -> None:
-        for proc in job.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in job.procs:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_groups(job.procs)
 
     # -- loop ------------------------------------------------------------------------------
     def reconcile(self) -> Plan:
@@ -267,21 +264,42 @@ class LocalExecutor:
         return desired
 
     def execute(self) -> api.RunStatus:
-        """Reconcile until the run succeeds, fails or is refused; returns the final status."""
+        """Reconcile until the run succeeds, fails or is refused; returns the final status.
+        SIGINT, SIGTERM and SIGHUP raise `local_procs.Interrupted` once the children are stopped
+        and status.json says so. Children are spawned on the calling thread (their parent-death
+        signal follows it), and all are stopped before this returns."""
         # The trainers warn in their own logs; this says it where the user is looking.
         for event in bf16_fallback_events(self.run, host_cpu_bf16(), self.servers.bf16_kept):
             self.on_event(event)
-        try:
-            while True:
-                desired = self.reconcile()
-                status = desired.status
-                if status.phase in TERMINAL or not desired.children:
-                    return status
-                time.sleep(self.poll_seconds)
-        finally:
-            for job in self.jobs.values():
-                self._terminate(job)
-            self.servers.stop_all()
+        with StopSignals() as signals:
+            try:
+                while True:
+                    desired = self.reconcile()
+                    status = desired.status
+                    if status.phase in TERMINAL or not desired.children:
+                        return status
+                    time.sleep(self.poll_seconds)
+            finally:
+                signals.hold()  # a signal now waits until the children are stopped
+                for job in self.jobs.values():
+                    self._terminate(job)
+                self.servers.stop_all()
+                if signals.received is not None:
+                    self._record_interrupt(signals.received)
+
+    def _record_interrupt(self, signum: int) -> None:
+        """Write the status of a run stopped by `signum`, once its children are stopped."""
+        previous = self.run.status or api.RunStatus()
+        status = interrupted_status(previous, signum, now_iso())
+        if status == previous:
+            return  # it had finished already
+        self.run = self.run.model_copy(update={"status": status})
+        self.metrics.observe_run(self.run, status)
+        write_status(self.run_dir / "status.json", status)
+        # After SIGHUP the terminal may be gone; status.json holds the record.
+        with contextlib.suppress(OSError):
+            self.on_event(Event("Warning", "RunInterrupted", status.conditions[0].message))
+            self.on_status(status)
 
 
 def expand(text: str, env: dict[str, str]) -> str:
@@ -322,25 +340,9 @@ def failure_message(logs: list[Path]) -> str:
 def read_progress(path: Path) -> api.StageMetrics | None:
     """Read a trainer's progress.json into stage metrics; a torn or missing file is None."""
     try:
-        data = json.loads(path.read_text())
+        return api.StageMetrics.from_progress(json.loads(path.read_text()))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict):
-        return None
-    raw = data.get("metrics")
-    metrics: dict[str, Any] = raw if isinstance(raw, dict) else {}
-
-    def number(value: Any) -> float | None:
-        return float(value) if isinstance(value, int | float) else None
-
-    step, total = data.get("step"), data.get("totalSteps")
-    return api.StageMetrics(
-        step=step if isinstance(step, int) else None,
-        total_steps=total if isinstance(total, int) else None,
-        reward=number(metrics.get("reward")),
-        kl=number(metrics.get("kl")),
-        loss=number(metrics.get("loss")),
-    )
 
 
 def write_status(path: Path, status: api.RunStatus) -> None:

@@ -14,6 +14,7 @@ ready within the Deployment's `progressDeadlineSeconds`.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf_operator import engine_versions
 from rlhf_operator.local_precision import host_bf16_kept, local_vllm_dtype
 
 Obj = dict[str, Any]
@@ -100,8 +102,20 @@ def local_server_argv(argv: list[str], port: int, gpu: bool, bf16_kept: bool = T
         return out
     if argv[:3] == ["lmdeploy", "serve", "api_server"]:
         out = [sys.executable, "-m", "lmdeploy", *argv[1:]]
+        installed = installed_lmdeploy()
+        if installed is not None:  # the flags follow this lmdeploy, not the image's
+            out = [a for a in out if a != engine_versions.ENABLE_METRICS]
+            out += engine_versions.lmdeploy_metrics_flags(engine_versions.parse_version(installed))
         return _set_flag(_set_flag(out, "--server-port", str(port)), "--server-name", "127.0.0.1")
     raise ValueError(f"the local executor cannot run the server command {argv[:3]}")
+
+
+def installed_lmdeploy() -> str | None:
+    """The version of the lmdeploy installed here, or None."""
+    try:
+        return importlib.metadata.version("lmdeploy")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def local_server_env(argv: list[str]) -> dict[str, str]:

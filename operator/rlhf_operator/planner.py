@@ -13,7 +13,9 @@ Semantics:
   starts. A pending, suspended or failed stage whose rendered job changed gets a new config
   hash, and the executor replaces the job (it resumes from its checkpoint). A running job is
   not replaced: the edit is reported as Degraded (RunningStageEdited) instead.
-- `spec.suspend` suspends the active job; the run's phase becomes Suspended.
+- `spec.suspend` suspends the active job; the run's phase becomes Suspended. A run Kueue queues
+  (the queue-name label) is the exception: its jobs are created suspended and Kueue owns their
+  `suspend` from then on; the phase follows the job (Suspended until Kueue admits it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from rlhf_operator import api, backends, builders, judge_servers, servers, stage_job
+from rlhf_operator import (
+    api,
+    backends,
+    builders,
+    engine_versions,
+    judge_servers,
+    servers,
+    stage_job,
+)
 
 Obj = dict[str, Any]
 
@@ -164,7 +174,15 @@ def plan(run: api.RLHFRun, observed: Observed) -> Plan:
             current = stage.name
     phase = _run_phase(run, stages)
     status = _status(run, previous, observed, stages, phase, current, None, edited)
-    return Plan(children=children, status=status, events=_events(previous, status, None))
+    events = _events(previous, status, None) + _image_events(run, previous)
+    return Plan(children=children, status=status, events=events)
+
+
+def _image_events(run: api.RLHFRun, previous: api.RunStatus) -> list[Event]:
+    """Server images whose version could not be checked: once per spec generation."""
+    if previous.observed_generation == run.metadata.generation:
+        return []
+    return [Event("Warning", "ServerImageUnverified", w) for w in engine_versions.warnings(run)]
 
 
 def _stage_names(children: list[Obj]) -> list[str]:
@@ -240,7 +258,7 @@ def _stage_status(
 ) -> api.StageStatus:
     before = next((s for s in previous.stages if s.name == stage.name), None)
     phase: api.Phase = "Pending" if job is None else job_phase(job)
-    if run.spec.suspend and phase in ("Pending", "Running"):
+    if builders.held(run) and phase in ("Pending", "Running"):
         phase = "Suspended"
     active = phase in ("Running", "Succeeded", "Failed", "Suspended")
     started = before.start_time if before and active else None
@@ -270,8 +288,9 @@ def _run_phase(run: api.RLHFRun, stages: list[api.StageStatus]) -> api.Phase:
         return "Failed"
     if all(s.phase == "Succeeded" for s in stages):
         return "Succeeded"
-    if run.spec.suspend:
-        return "Suspended"
+    queued_waiting = builders.kueue_queued(run) and any(s.phase == "Suspended" for s in stages)
+    if builders.held(run) or queued_waiting:
+        return "Suspended"  # held by spec.suspend, or a queued job Kueue has not admitted
     if any(s.phase in ("Running", "Succeeded") or (s.attempts or 0) > 1 for s in stages):
         return "Running"  # a stage between two attempts is still under way
     return "Pending"

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from rlhf_operator import api, builders
+from rlhf_operator import api, builders, engine_versions, spec_checks
 from rlhf_trainer.config import ModelSource
 
 Obj = dict[str, Any]
@@ -89,7 +89,9 @@ def vllm_command(
 
 
 def lmdeploy_command(model: ModelSource, rollout: api.Rollout) -> list[str]:
-    """`lmdeploy serve api_server MODEL ...`, the entry point of the openmmlab/lmdeploy image."""
+    """`lmdeploy serve api_server MODEL ...`, the entry point of the openmmlab/lmdeploy image,
+    serving /metrics (the chart's PodMonitor scrapes it): `--enable-metrics` before lmdeploy
+    0.11, nothing after (engine_versions)."""
     argv = ["lmdeploy", "serve", "api_server", model_argument(model)]
     if model.revision is not None:
         argv += ["--revision", model.revision]
@@ -107,7 +109,8 @@ def lmdeploy_command(model: ModelSource, rollout: api.Rollout) -> list[str]:
         argv += ["--dtype", rollout.dtype]
     if rollout.max_model_len is not None:
         argv += ["--session-len", str(rollout.max_model_len)]
-    return argv
+    image = engine_versions.server_image(rollout.engine, rollout.image)
+    return argv + engine_versions.lmdeploy_metrics_flags(engine_versions.tag_version(image))
 
 
 def _probe(path: str, period: int, failures: int) -> Obj:
@@ -144,12 +147,9 @@ def _volumes(run: api.RLHFRun) -> list[Obj]:
 
 
 def server_container(run: api.RLHFRun, rollout: api.Rollout, command: list[str]) -> Obj:
-    image = rollout.image or (
-        api.DEFAULT_VLLM_IMAGE if rollout.engine == "vllm" else api.DEFAULT_LMDEPLOY_IMAGE
-    )
     container: Obj = {
         "name": SERVER_CONTAINER,
-        "image": image,
+        "image": engine_versions.server_image(rollout.engine, rollout.image),
         "command": command,
         "env": _server_env(run, rollout.engine),
         "ports": [{"name": "http", "containerPort": builders.SERVER_PORT, "protocol": "TCP"}],
@@ -174,8 +174,13 @@ def server_container(run: api.RLHFRun, rollout: api.Rollout, command: list[str])
 def build_server_deployment(
     run: api.RLHFRun, stage: str, name: str, replica: int, container: Obj, startup_s: float
 ) -> Obj:
-    """A one-pod Deployment; `Recreate`, so a changed spec never holds two pods' GPUs."""
+    """A one-pod Deployment; `Recreate`, so a changed spec never holds two pods' GPUs.
+
+    Without the run's Kueue queue label, on the Deployment and its pods: Kueue v0.19 enables
+    its deployment and pod integrations by default, and would admit each server pod on its own,
+    apart from the job's gang admission (docs/INSTALL.md, "Kueue")."""
     meta = builders.metadata(run, name, stage, COMPONENT_ROLLOUT)
+    meta["labels"].pop(builders.KUEUE_QUEUE_LABEL, None)
     selector = {**builders.labels(run, stage, COMPONENT_ROLLOUT), LABEL_REPLICA: str(replica)}
     selector.pop(builders.KUEUE_QUEUE_LABEL, None)
     meta["labels"][LABEL_REPLICA] = str(replica)
@@ -184,8 +189,9 @@ def build_server_deployment(
         "kind": "Deployment",
         "metadata": meta,
         "spec": {
-            # spec.suspend scales servers to zero: a paused run holds no GPUs.
-            "replicas": 0 if run.spec.suspend else 1,
+            # spec.suspend scales servers to zero: a paused run holds no GPUs. A queued run's
+            # servers stay up: its trainer job waits for them, and Kueue for the job.
+            "replicas": 0 if builders.held(run) else 1,
             "strategy": {"type": "Recreate"},
             "progressDeadlineSeconds": int(startup_s),
             "selector": {"matchLabels": selector},
@@ -309,24 +315,12 @@ def readiness(wanted_servers: list[Obj], observed: list[Obj]) -> Readiness:
 
 
 def online_stage_problem(run: api.RLHFRun, index: int, stage: api.Stage) -> str | None:
-    """What an online stage asks for that cannot run yet, naming the field, or None."""
-    if not builders.is_online(stage):
-        return None
-    where = f"spec.stages[{index}]"
-    rollout = stage.rollout or api.Rollout()
-    if rollout.engine not in ("vllm", api.IN_TRAINER):
-        return (
-            f"{where}.rollout.engine: {rollout.engine!r} cannot serve rollouts yet (it has no "
-            "weight-reload API this project drives); use vllm or trainer"
-        )
-    if rollout.weight_sync == "nccl" and run.spec.trainer.gpus_per_node == 0:
-        return (
-            f"{where}.rollout.weightSync: nccl moves weights GPU to GPU, but "
-            "spec.trainer.gpusPerNode is 0; use weightSync disk, or give the trainer GPUs"
-        )
-    if stage.lora is not None and rollout.weight_sync == "nccl":
-        return (
-            f"{where}.rollout.weightSync: a LoRA stage syncs only its adapters, which the "
-            "servers load from the workspace; set weightSync to disk"
-        )
-    return None
+    """What an online stage asks for that cannot run yet, naming the field, or None. Parsing
+    refuses the rollout settings already (spec_checks); the planner keeps them as a guard, and
+    checks the server image again once the install defaults have filled in an unset one."""
+    problem = spec_checks.rollout_problem(run.spec.trainer, index, stage)
+    if problem is not None or not builders.is_online(stage):
+        return problem
+    # Again here, after the operator's install defaults filled in an unset image.
+    server = engine_versions.stage_server(index, stage)
+    return engine_versions.server_problem(server) if server is not None else None

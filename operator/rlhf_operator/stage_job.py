@@ -102,7 +102,7 @@ def decide(run: api.RLHFRun, stage: api.Stage, desired: Obj, job: Obj | None) ->
         return StageJob(observed=None, desired=retry, attempt=attempt + 1, previous_failure=failure)
     if phase == "Running" and not unchanged:
         kept = as_desired(job)
-        set_suspended(kept, run.spec.suspend)
+        set_suspended(kept, builders.held(run))
         return StageJob(job, kept, attempt, previous, edited=True)
     return StageJob(job, want, attempt, previous)
 

@@ -6,6 +6,10 @@ webhooks or other controllers add (defaults, Kueue's node selectors, a training 
 ports) never counts as drift, so a steady state patches nothing. A changed
 `rlhf.dev/config-hash` means the job must be replaced: Kubeflow jobs are immutable in the
 fields that matter, and the trainer resumes from its checkpoint.
+
+Two fields are shared with Kueue: a queued job's suspend field is Kueue's once the job exists
+(`kueue_owns_suspend`), and a TrainJob's `spec.runtimePatches` holds an entry per manager, of
+which the operator writes only its own (`shared_list`).
 """
 
 from __future__ import annotations
@@ -45,22 +49,36 @@ def key(obj: Obj) -> tuple[str, str]:
     return str(obj["kind"]), str(obj["metadata"]["name"])
 
 
+# Keys of the list items that Kubernetes merges as maps: `name` (containers, env, ports,
+# volumes, replicatedJobs) and `manager` (a TrainJob's runtimePatches, an entry per writer).
+LIST_KEYS = ("name", "manager")
+
+
+def list_key(items: list[Any]) -> str | None:
+    """The key a non-empty list of objects is a map by, or None for an ordinary list."""
+    for name in LIST_KEYS:
+        if items and all(isinstance(i, dict) and name in i for i in items):
+            return name
+    return None
+
+
 def covers(have: Any, want: Any) -> bool:
     """Whether the observed value holds every field of the desired one.
 
-    Dicts may carry extra keys. Lists of named items (containers, env, ports, volumes) are
-    maps keyed by name, as Kubernetes merges them, so an item a webhook added (the training
-    operator's port) is not drift; other lists must match item by item. An int and its decimal
-    string are equal (quantities come back from the server as strings).
+    Dicts may carry extra keys. Lists of keyed items (`LIST_KEYS`) are maps, as Kubernetes
+    merges them, so an item a webhook or another controller added (the training operator's
+    port, Kueue's runtime patch) is not drift; other lists must match item by item. An int and
+    its decimal string are equal (quantities come back from the server as strings).
     """
     if isinstance(want, dict):
         return isinstance(have, dict) and all(covers(have.get(k), v) for k, v in want.items())
     if isinstance(want, list):
         if not isinstance(have, list):
             return False
-        if want and all(isinstance(w, dict) and "name" in w for w in want):
-            named = {h.get("name"): h for h in have if isinstance(h, dict)}
-            return all(covers(named.get(w["name"]), w) for w in want)
+        key = list_key(want)
+        if key is not None:
+            keyed = {h.get(key): h for h in have if isinstance(h, dict)}
+            return all(covers(keyed.get(w[key]), w) for w in want)
         return len(have) == len(want) and all(
             covers(h, w) for h, w in zip(have, want, strict=True)
         )
@@ -73,8 +91,23 @@ def covers(have: Any, want: Any) -> bool:
     return bool(have == want)
 
 
+def shared_list(have: Any, want: list[Any]) -> list[Any]:
+    """The whole list to send for a list whose items belong to several writers (keyed by
+    `manager`): the observed items with ours put in place of their namesakes, or appended. A
+    merge patch replaces a list wholesale, so sending only ours would delete the others'."""
+    out = [item for item in have if isinstance(item, dict)] if isinstance(have, list) else []
+    for item in want:
+        at = next((i for i, h in enumerate(out) if h.get("manager") == item["manager"]), None)
+        if at is None:
+            out.append(item)
+        else:
+            out[at] = item
+    return out
+
+
 def _dict_patch(have: Any, want: Obj) -> Obj:
-    """A JSON merge patch (RFC 7386) that makes `have` cover `want`; lists go whole."""
+    """A JSON merge patch (RFC 7386) that makes `have` cover `want`. Lists go whole: the
+    desired one, or for a list shared by managers the observed one with ours replaced."""
     current: Obj = have if isinstance(have, dict) else {}
     patch: Obj = {}
     for name, value in want.items():
@@ -82,7 +115,11 @@ def _dict_patch(have: Any, want: Obj) -> Obj:
             sub = _dict_patch(current[name], value)
             if sub:
                 patch[name] = sub
-        elif not covers(current.get(name), value):
+        elif covers(current.get(name), value):
+            continue
+        elif isinstance(value, list) and list_key(value) == "manager":
+            patch[name] = shared_list(current.get(name), value)
+        else:
             patch[name] = value
     return patch
 
@@ -110,24 +147,26 @@ def owned_by(obj: Obj, uid: str | None) -> bool:
     return any(r.get("controller") and r.get("uid") == uid for r in refs)
 
 
-def kueue_keeps_suspended(desired: Obj, observed: Obj) -> Obj:
-    """Kueue admits a queued job by un-suspending it, so the operator never does.
+def queued(obj: Obj) -> bool:
+    return builders.KUEUE_QUEUE_LABEL in (obj.get("metadata", {}).get("labels") or {})
 
-    A job labelled with a Kueue queue keeps `suspend: true` while Kueue holds it; the
-    operator may suspend it (spec.suspend), and only Kueue resumes it.
+
+def kueue_owns_suspend(desired: Obj, observed: Obj) -> Obj:
+    """`desired` without its suspend field when the job is Kueue's (it carries the queue label).
+
+    Kueue's webhook suspends a queued job at creation, Kueue un-suspends it on admission and
+    suspends it again on preemption: from creation on, the field is Kueue's. The operator sets
+    it when it creates the job (from spec.suspend) and never patches it afterwards; patching it
+    back would undo an admission or a preemption, and the two controllers would flip it.
     """
-    if builders.KUEUE_QUEUE_LABEL not in (desired["metadata"].get("labels") or {}):
-        return desired
-    if desired["kind"] not in backends.JOB_KINDS or backends.is_suspended(desired):
-        return desired
-    if not backends.is_suspended(observed):
+    if desired["kind"] not in backends.JOB_KINDS or not (queued(desired) or queued(observed)):
         return desired
     out = copy.deepcopy(desired)
     node = out
     *parents, leaf = backends.for_kind(desired["kind"]).suspend_path
     for name in parents:
-        node = node[name]
-    node[leaf] = True
+        node = node.get(name) or {}
+    node.pop(leaf, None)
     return out
 
 
@@ -155,7 +194,7 @@ def child_actions(desired: list[Obj], observed: list[Obj], uid: str | None) -> l
         elif needs_replace(obj, current):
             actions.append(Action("replace", *key(obj), obj))
         else:
-            patch = merge_patch(kueue_keeps_suspended(obj, current), current)
+            patch = merge_patch(kueue_owns_suspend(obj, current), current)
             if patch is not None:
                 actions.append(Action("patch", *key(obj), patch))
     return actions

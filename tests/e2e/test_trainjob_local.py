@@ -1,6 +1,6 @@
 """End to end: the TrainJob backend through `rlhf run`. The local executor launches a TrainJob's
-pods from `spec.trainer` and `podTemplateOverrides`, with the PET_* env Kubeflow Trainer
-injects, so the same torchrun command runs as on a cluster."""
+pods from `spec.trainer` and the operator's `runtimePatches` entry, with the PET_* env Kubeflow
+Trainer injects, so the same torchrun command runs as on a cluster."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from helpers import make_run, manifest
+from helpers import BASE, make_run, manifest
 from rlhf_operator import api, backends, builders
 from rlhf_operator.planner import Observed, config_hash, plan
 
@@ -19,12 +19,23 @@ pytestmark = pytest.mark.unit
 K8S_VERSION = "1.34"
 Obj = dict[str, Any]
 
-# The trainer.kubeflow.org/v1alpha1 TrainJob envelope, written from the Go API types of
-# Kubeflow Trainer (TrainJobSpec, RuntimeRef, Trainer, PodTemplateOverride,
-# PodTemplateSpecOverride, ContainerOverride). The Kubernetes types inside (EnvVar, Volume,
-# VolumeMount, ResourceRequirements) are checked with kubernetes-validate below.
+# The trainer.kubeflow.org/v1alpha1 TrainJob envelope of Kubeflow Trainer v2.2+, written from
+# its Go API types (TrainJobSpec, RuntimeRef, Trainer, RuntimePatch, TrainingRuntimeSpecPatch,
+# JobSetTemplatePatch, ReplicatedJobPatch, JobTemplatePatch, PodTemplatePatch, PodSpecPatch,
+# ContainerPatch). The Kubernetes types inside (EnvVar, Volume, VolumeMount, SecurityContext,
+# ResourceRequirements) are checked with kubernetes-validate below.
 NAMED = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
-CONTAINER_OVERRIDE = {
+META_PATCH = {"type": "object", "additionalProperties": False, "properties": {
+    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+}}
+
+
+def patch_of(**properties: Obj) -> Obj:
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+CONTAINER_PATCH = {
     "type": "object",
     "additionalProperties": False,
     "required": ["name"],
@@ -32,32 +43,44 @@ CONTAINER_OVERRIDE = {
         "name": {"type": "string", "minLength": 1},
         "env": {"type": "array", "items": NAMED},
         "volumeMounts": {"type": "array", "items": NAMED},
+        "securityContext": {"type": "object"},
     },
 }
-POD_TEMPLATE_OVERRIDE = {
+POD_SPEC_PATCH = patch_of(
+    serviceAccountName={"type": "string"},
+    nodeSelector={"type": "object"},
+    affinity={"type": "object"},
+    tolerations={"type": "array"},
+    volumes={"type": "array", "items": NAMED},
+    initContainers={"type": "array", "items": CONTAINER_PATCH},
+    containers={"type": "array", "items": CONTAINER_PATCH},
+    schedulingGates={"type": "array", "items": NAMED},
+    imagePullSecrets={"type": "array", "items": NAMED},
+    securityContext={"type": "object"},
+    terminationGracePeriodSeconds={"type": "integer"},
+)
+REPLICATED_JOB_PATCH = {
     "type": "object",
     "additionalProperties": False,
-    "required": ["targetJobs"],
+    "required": ["name"],
     "properties": {
-        "targetJobs": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "additionalProperties": False, "required": ["name"],
-            "properties": {"name": {"type": "string", "minLength": 1}},
-        }},
-        "metadata": {"type": "object", "additionalProperties": False, "properties": {
-            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-            "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-        }},
-        "spec": {"type": "object", "additionalProperties": False, "properties": {
-            "serviceAccountName": {"type": "string"},
-            "nodeSelector": {"type": "object"},
-            "affinity": {"type": "object"},
-            "tolerations": {"type": "array"},
-            "volumes": {"type": "array", "items": NAMED},
-            "initContainers": {"type": "array", "items": CONTAINER_OVERRIDE},
-            "containers": {"type": "array", "items": CONTAINER_OVERRIDE},
-            "schedulingGates": {"type": "array", "items": NAMED},
-            "imagePullSecrets": {"type": "array", "items": NAMED},
-        }},
+        "name": {"type": "string", "minLength": 1},
+        "template": patch_of(metadata=META_PATCH, spec=patch_of(
+            template=patch_of(metadata=META_PATCH, spec=POD_SPEC_PATCH),
+        )),
+    },
+}
+RUNTIME_PATCH = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["manager"],
+    "properties": {
+        "manager": {"type": "string", "minLength": 1, "maxLength": 253},
+        "time": {"type": "string"},
+        "trainingRuntimeSpec": patch_of(template=patch_of(
+            metadata=META_PATCH,
+            spec=patch_of(replicatedJobs={"type": "array", "items": REPLICATED_JOB_PATCH}),
+        )),
     },
 }
 TRAINJOB_SCHEMA = {
@@ -93,10 +116,9 @@ TRAINJOB_SCHEMA = {
                     "resourcesPerNode": {"type": "object"},
                     "numProcPerNode": {"type": ["integer", "string"]},
                 }},
-                "labels": {"type": "object"},
-                "annotations": {"type": "object"},
-                "podTemplateOverrides": {"type": "array", "items": POD_TEMPLATE_OVERRIDE},
+                "runtimePatches": {"type": "array", "maxItems": 16, "items": RUNTIME_PATCH},
                 "suspend": {"type": "boolean"},
+                "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
                 "managedBy": {"enum": ["trainer.kubeflow.org/trainjob-controller",
                                        "kueue.x-k8s.io/multikueue"]},
             },
@@ -115,6 +137,8 @@ SCENARIOS = {
             "serviceAccountName": "rlhf-trainer",
         },
         workspace={"claimName": "rlhf-workspace"},
+        stages=[{**s, "hyperparameters": {"batchSize": 64}}
+                for s in BASE["spec"]["stages"]],  # a batch that splits over the 32 ranks
     ),
     "hub-token": manifest(
         trainer={"backend": "trainjob"},
@@ -127,30 +151,30 @@ def as_pod(job: Obj) -> Obj:
     """The pod that the `node` job of the torch-distributed runtime gets from this TrainJob:
     every Kubernetes type the TrainJob carries, in the place a Pod carries it."""
     trainer = job["spec"]["trainer"]
-    [override] = job["spec"]["podTemplateOverrides"]
-    [mounts] = override["spec"]["containers"]
+    patch = backends.node_pod_patch(job)
+    [node] = patch["spec"]["containers"]
     container = {
-        "name": mounts["name"],
+        "name": node["name"],
         "image": trainer["image"],
         "command": trainer["command"],
         "env": trainer["env"],
-        "volumeMounts": mounts["volumeMounts"],
+        "volumeMounts": node["volumeMounts"],
+        "securityContext": node["securityContext"],
     }
     if "resourcesPerNode" in trainer:
         container["resources"] = trainer["resourcesPerNode"]
-    spec: Obj = {"containers": [container], "volumes": override["spec"]["volumes"]}
-    if "serviceAccountName" in override["spec"]:
-        spec["serviceAccountName"] = override["spec"]["serviceAccountName"]
-    metadata = {"name": "node-0", "labels": override["metadata"]["labels"]}
+    spec: Obj = {**patch["spec"], "containers": [container]}
+    metadata = {"name": "node-0", "labels": patch["metadata"]["labels"]}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
 
 
 def validate_trainjob(job: Obj) -> None:
     jsonschema.validate(job, TRAINJOB_SCHEMA)
     kubernetes_validate.validate(as_pod(job), K8S_VERSION, strict=True)
-    [override] = job["spec"]["podTemplateOverrides"]
-    # Trainer v2 refuses env overrides on `node`: env goes through spec.trainer.env.
-    assert all("env" not in c for c in override["spec"]["containers"])
+    managers = [p["manager"] for p in job["spec"]["runtimePatches"]]
+    assert managers.count(backends.TRAINJOB_MANAGER) == 1, managers
+    # Trainer refuses env patches on `node`: env goes through spec.trainer.env.
+    assert all("env" not in c for c in backends.node_pod_patch(job)["spec"]["containers"])
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
@@ -164,7 +188,11 @@ def test_trainjob_children_validate(scenario: str) -> None:
 def test_schema_catches_a_broken_trainjob() -> None:
     run = make_run(SCENARIOS["default"])
     job = backends.build_trainjob(run, run.spec.stages[0])
-    job["spec"]["podTemplateOverrides"][0]["spec"]["containers"][0]["image"] = "x"
+    backends.node_pod_patch(job)["spec"]["containers"][0]["image"] = "x"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_trainjob(job)
+    job = backends.build_trainjob(run, run.spec.stages[0])
+    job["spec"]["podTemplateOverrides"] = job["spec"].pop("runtimePatches")  # Trainer v2.1
     with pytest.raises(jsonschema.ValidationError):
         validate_trainjob(job)
     job = backends.build_trainjob(run, run.spec.stages[0])
@@ -186,15 +214,18 @@ def test_trainjob_shape() -> None:
     assert spec["trainer"]["command"] == [
         "torchrun", "-m", "rlhf_trainer", "sft", "--config", "/etc/rlhf/sft.yaml"
     ], "torchrun reads nnodes, node rank and rendezvous from Trainer's PET_* env"
-    [override] = spec["podTemplateOverrides"]
-    assert override["targetJobs"] == [{"name": "node"}]
-    assert override["spec"]["serviceAccountName"] == "rlhf-trainer"
-    volumes = {v["name"]: v for v in override["spec"]["volumes"]}
+    [entry] = spec["runtimePatches"]
+    assert entry["manager"] == "rlhf.dev/operator"
+    [replicated] = entry["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert replicated["name"] == "node"
+    pod = replicated["template"]["spec"]["template"]
+    assert pod["spec"]["serviceAccountName"] == "rlhf-trainer"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["workspace"] == {
         "name": "workspace", "persistentVolumeClaim": {"claimName": "rlhf-workspace"}
     }
     assert volumes["config"]["configMap"]["name"] == "demo-sft-config"
-    assert override["metadata"]["labels"]["rlhf.dev/run"] == "demo"
+    assert pod["metadata"]["labels"]["rlhf.dev/run"] == "demo"
     assert spec["suspend"] is False
     assert job["metadata"]["annotations"][builders.ANNOTATION_HASH]
 
@@ -289,3 +320,52 @@ def test_trainer_pods_know_their_own_name() -> None:
                     for e in env}
             assert refs["POD_NAME"] == "metadata.name"
             assert refs["POD_NAMESPACE"] == "metadata.namespace"
+
+
+def test_trainjob_pods_get_what_pytorchjob_pods_get() -> None:
+    """Labels (so progress is read and pods are scraped), volumes and mounts, and the pod and
+    container securityContext with fsGroup: the runtime patch carries the PyTorchJob pod's."""
+    for scenario in SCENARIOS.values():
+        run = make_run(scenario)
+        stage = run.spec.stages[0]
+        master = builders.build_pytorchjob(run, stage)["spec"]["pytorchReplicaSpecs"]["Master"]
+        want = master["template"]
+        have = backends.node_pod_patch(backends.build_trainjob(run, stage))
+        assert have["metadata"]["labels"] == want["metadata"]["labels"]
+        assert have["metadata"]["labels"]["rlhf.dev/component"] == "trainer"
+        for key in ("volumes", "securityContext"):
+            assert have["spec"][key] == want["spec"][key], key
+        assert have["spec"]["securityContext"]["fsGroup"] == builders.TRAINER_UID
+        [node], [pytorch] = have["spec"]["containers"], want["spec"]["containers"]
+        assert node["name"] == "node"
+        assert node["volumeMounts"] == pytorch["volumeMounts"]
+        assert node["securityContext"] == pytorch["securityContext"]
+        assert node["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_queue_label_is_on_the_job_and_never_on_its_pods() -> None:
+    """On a pod the queue label makes Kueue admit that pod alone (its pod integration)."""
+    queue = builders.KUEUE_QUEUE_LABEL
+    for backend in ("pytorchjob", "trainjob"):
+        doc = manifest(trainer={"backend": backend, "nodes": 2})
+        doc["metadata"]["labels"] = {queue: "gpus"}
+        job = plan(make_run(doc), Observed()).children[1]
+        assert job["metadata"]["labels"][queue] == "gpus"
+        if backend == "trainjob":
+            templates = [backends.node_pod_patch(job)]
+        else:
+            templates = [r["template"] for r in job["spec"]["pytorchReplicaSpecs"].values()]
+        assert len(templates) == (1 if backend == "trainjob" else 2)
+        for template in templates:
+            assert queue not in template["metadata"]["labels"], backend
+            assert template["metadata"]["labels"]["rlhf.dev/run"] == "demo"
+
+
+def test_trainjob_runtime_patch_is_the_operators_own_entry() -> None:
+    run = make_run(SCENARIOS["default"])
+    job = backends.build_trainjob(run, run.spec.stages[0])
+    assert [p["manager"] for p in job["spec"]["runtimePatches"]] == ["rlhf.dev/operator"]
+    kueue = {"manager": "kueue.x-k8s.io/manager", "trainingRuntimeSpec": {"template": {}}}
+    job["spec"]["runtimePatches"].insert(0, kueue)
+    launch = backends.TrainJobBackend().local_launch(job)  # finds ours among others
+    assert launch.pod["volumes"] == backends.node_pod_patch(job)["spec"]["volumes"]

@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helpers import make_run, manifest
+from helpers import BASE, make_run, manifest
 from rlhf_operator import builders
 from rlhf_operator.planner import Observed, plan
 
@@ -105,6 +105,8 @@ SCENARIOS = {
             "schedulerName": "volcano",
         },
         workspace={"claimName": "rlhf-workspace"},
+        stages=[{**s, "hyperparameters": {"batchSize": 32}}
+                for s in BASE["spec"]["stages"]],  # a batch that splits over the 16 ranks
     ),
     "hub-token": manifest(
         model={"name": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "main",
@@ -177,12 +179,14 @@ def test_spec_strings_are_single_argv_items() -> None:
 
 def test_long_names_are_shortened_stably() -> None:
     doc = manifest()
-    doc["metadata"]["name"] = "a" * 63
+    doc["metadata"]["name"] = "a" * 49  # the longest a run with stages sft, sft2 may have
     run = make_run(doc)
-    name = builders.child_name(run, "sft", "config")
-    assert len(name) <= 63 and name.endswith("-config")
-    assert name == builders.child_name(run, "sft", "config")
-    assert name != builders.child_name(run, "sft2", "config")
+    assert builders.child_name(run, "sft2") == "a" * 49 + "-sft2"  # jobs are never shortened
+    suffix = "rollout-1234567"
+    name = builders.child_name(run, "sft", suffix)
+    assert len(name) == 63 and name.endswith(f"-{suffix}") and name.startswith("a" * 30)
+    assert name == builders.child_name(run, "sft", suffix)
+    assert name != builders.child_name(run, "sft2", suffix)
 
 
 def test_config_hash_ignores_suspension_only() -> None:
@@ -245,3 +249,17 @@ def test_a_stage_with_its_own_model_starts_from_it_with_its_token() -> None:
     assert token["valueFrom"] == {"secretKeyRef": {"name": "judge-hf", "key": "token"}}
     pod = builders.trainer_pod_template(run, second)
     assert not [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "HF_TOKEN"]
+
+
+def test_only_the_master_declares_the_metrics_port() -> None:
+    """Only rank 0 serves /metrics: a Worker declaring the port would be a dead scrape target."""
+    stages = [{**s, "hyperparameters": {"batchSize": 9}} for s in BASE["spec"]["stages"]]
+    run = make_run(trainer={"nodes": 3, "gpusPerNode": 1}, stages=stages)  # 3 ranks
+    job = builders.build_pytorchjob(run, run.spec.stages[0])
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    [master] = replicas["Master"]["template"]["spec"]["containers"]
+    [worker] = replicas["Worker"]["template"]["spec"]["containers"]
+    assert {"name": "metrics", "containerPort": 9400} in [
+        {k: p[k] for k in ("name", "containerPort")} for p in master["ports"]
+    ]
+    assert "ports" not in worker and replicas["Worker"]["replicas"] == 2

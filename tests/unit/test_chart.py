@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from helpers import load_generate
-from rlhf_operator import api
+from rlhf_operator import api, builders
 
 pytestmark = pytest.mark.unit
 
@@ -478,6 +478,17 @@ def test_namespaced_rbac_is_a_role_per_watched_namespace() -> None:
     assert "--all-namespaces" not in container["args"]
 
 
+def test_rbac_lets_the_operator_block_owner_deletion() -> None:
+    """Children's ownerReferences set blockOwnerDeletion, which the
+    OwnerReferencesPermissionEnforcement admission plugin (OpenShift's default) allows only
+    to a user who may update the owner's finalizers: in the ClusterRole, or in each Role."""
+    finalizers = {"apiGroups": ["rlhf.dev"], "resources": ["rlhfruns/finalizers"],
+                  "verbs": ["update"]}
+    assert finalizers in one(render(), "ClusterRole")["rules"]
+    roles = find(render(SCENARIOS["namespaced"]), "Role")
+    assert roles and all(finalizers in role["rules"] for role in roles)
+
+
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_rbac_has_no_wildcards(scenario: str) -> None:
     for obj in render(SCENARIOS[scenario]):
@@ -543,7 +554,8 @@ def test_webhook_only_watches_watched_namespaces() -> None:
 def test_monitoring_objects() -> None:
     objs = render(SCENARIOS["monitoring"])
     monitors = {m["metadata"]["name"]: m for m in find(objs, "PodMonitor")}
-    assert set(monitors) == {"rlhf-operator", "rlhf-operator-trainers", "rlhf-operator-servers"}
+    assert set(monitors) == {"rlhf-operator", "rlhf-operator-trainers",
+                             "rlhf-operator-trainjob-trainers", "rlhf-operator-servers"}
     for monitor in monitors.values():
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     trainers = monitors["rlhf-operator-trainers"]["spec"]
@@ -554,6 +566,19 @@ def test_monitoring_objects() -> None:
     relabel = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
     assert relabel["run"] == ["__meta_kubernetes_pod_label_rlhf_dev_run"]
     assert relabel["stage"] == ["__meta_kubernetes_pod_label_rlhf_dev_stage"]
+    # TrainJob pods declare no port (runtimePatches cannot): rank 0 is kept by its completion
+    # index and container, and addressed on the port the builders give RLHF_METRICS_PORT.
+    trainjob = monitors["rlhf-operator-trainjob-trainers"]["spec"]
+    [endpoint] = trainjob["podMetricsEndpoints"]
+    assert "port" not in endpoint
+    keep = {r["sourceLabels"][0]: r["regex"] for r in endpoint["relabelings"]
+            if r.get("action") == "keep"}  # fmt: skip
+    assert keep == {
+        "__meta_kubernetes_pod_label_batch_kubernetes_io_job_completion_index": "0",
+        "__meta_kubernetes_pod_container_name": "node",
+    }
+    [address] = [r for r in endpoint["relabelings"] if r.get("targetLabel") == "__address__"]
+    assert address["replacement"] == f"$1:{builders.METRICS_PORT}"
     servers = monitors["rlhf-operator-servers"]["spec"]
     assert servers["podMetricsEndpoints"][0]["port"] == "http"
     [expression] = servers["selector"]["matchExpressions"]
@@ -572,7 +597,7 @@ def test_monitoring_objects() -> None:
 def test_service_monitor_replaces_the_operator_pod_monitor() -> None:
     objs = render(SCENARIOS["servicemonitor"])
     assert {m["metadata"]["name"] for m in find(objs, "PodMonitor")} == {
-        "rlhf-operator-trainers", "rlhf-operator-servers"
+        "rlhf-operator-trainers", "rlhf-operator-trainjob-trainers", "rlhf-operator-servers"
     }
     monitor = one(objs, "ServiceMonitor")
     service = one(objs, "Service", "rlhf-operator-metrics")

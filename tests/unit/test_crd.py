@@ -143,3 +143,18 @@ def test_api_reference_matches_the_model() -> None:
 
     committed = (ROOT / "docs" / "API.md").read_text()
     assert committed == apidoc.render(), "docs/API.md drifted from the model: run `make docs`"
+
+
+def test_root_rules_read_the_run_name_and_accept_every_example() -> None:
+    from test_upstream_names import root_rule_failures
+
+    schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    rules = [r["rule"] for r in schema["x-kubernetes-validations"]]
+    assert all("self.metadata.name" in r for r in rules) and len(rules) == 2
+    examples = sorted((ROOT / "examples").glob("*.yaml"))
+    docs = [d for p in examples for d in yaml.safe_load_all(p.read_text()) if d]
+    assert len(docs) >= len(examples) > 10
+    assert [root_rule_failures(d) for d in docs] == [[] for _ in docs]
+    doc = manifest()
+    doc["metadata"]["name"] = "1st-run"
+    assert root_rule_failures(doc) == [schema["x-kubernetes-validations"][0]["message"]]

@@ -24,6 +24,7 @@ DISTRIBUTION = {
     "yaml": "pyyaml",
     "prometheus_client": "prometheus-client",
     "urllib3": "kubernetes",  # a dependency of the kubernetes client, not of pyproject
+    "pydantic_core": "pydantic",  # installed with pydantic, which pins its version
 }
 
 

@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from rlhf_operator import builders, cli
+from rlhf_operator import backends, builders, cli
 
 pytestmark = pytest.mark.unit
 
@@ -132,10 +132,11 @@ def validate_child(child: Obj) -> None:
         container = {k: trainer[k] for k in ("image", "command", "env") if k in trainer}
         if "resourcesPerNode" in trainer:
             container["resources"] = trainer["resourcesPerNode"]
-        for override in child["spec"].get("podTemplateOverrides", []):
-            spec = override["spec"]
-            pod = {**spec, "containers": [{**c, **container} for c in spec["containers"]]}
-            validate_pod_template(child["metadata"]["name"], {"spec": pod})
+        patch = backends.node_pod_patch(child)  # the operator's runtimePatches entry
+        spec = patch["spec"]
+        pod = {**spec, "containers": [{**c, **container} for c in spec["containers"]]}
+        validate_pod_template(child["metadata"]["name"], {"metadata": patch["metadata"],
+                                                          "spec": pod})  # fmt: skip
     else:
         kubernetes_validate.validate(child, K8S_VERSION, strict=True)
 

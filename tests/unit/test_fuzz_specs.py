@@ -107,14 +107,18 @@ OUTCOMES: dict[str, int] = {}
     changes=mutations,
     types=st.lists(stage_types, min_size=2, max_size=2),
     online=st.booleans(),
-    engine=st.sampled_from(["vllm", "vllm", "vllm", "lmdeploy"]),  # lmdeploy: the planner refuses
+    engine=st.sampled_from(["vllm", "vllm", "vllm", "lmdeploy"]),  # lmdeploy: validation refuses
+    scheduled=st.sampled_from([False, False, False, True]),  # a TrainJob: the planner refuses
 )
 def test_mutated_specs_never_crash(
-    changes: list[Any], types: list[str], online: bool, engine: str
+    changes: list[Any], types: list[str], online: bool, engine: str, scheduled: bool
 ) -> None:
     doc = copy.deepcopy(BASE)
+    if scheduled:  # a TrainJob's runtime picks its scheduler, so the planner refuses one here
+        doc["spec"]["trainer"] = {"backend": "trainjob", "schedulerName": "volcano"}
     for stage, stage_type in zip(doc["spec"]["stages"], types, strict=True):
         stage["type"] = stage_type
+        stage["dataset"]["format"] = "preference"  # pairs: every stage type's reader takes them
         if stage_type in ("ppo", "grpo"):
             stage["reward"] = {"function": "animal_sounds"}  # else the API alone refuses them
             stage["rollout"] = {"engine": engine}

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from rlhf_trainer import preflight, reward_functions
-from rlhf_trainer.config import WORKSPACE_ENV, StageConfig
+from rlhf_trainer.config import WORKSPACE_ENV, StageConfig, format_validation_error
 from rlhf_trainer.errors import UserError
 
 pytestmark = pytest.mark.unit
@@ -94,8 +95,6 @@ def test_ppo_with_a_reward_model(workspace: Path) -> None:
         ("grpo", {"rewardFunction": "nope"}, "reward.function: unknown reward function 'nope'"),
         ("grpo", {"hyperparameters": {"batchSize": 24}}, "batchSize: 24 samples per optimizer"),
         ("grpo", {"hyperparameters": {"maxLength": 8}}, "maxLength: 8 leaves no room"),
-        ("ppo", {"ppo": {"ptxCoef": 0.5}}, "ppo.ptxDataset"),
-        ("ppo", {"ppo": {"klController": "adaptive"}}, "ppo.klTarget"),
         ("grpo", {"lora": {"r": 4}}, "rollout.loraAdapter: a LoRA stage syncs its adapters"),
         ("grpo", {"judge": JUDGE | {"mode": "pairwise"}}, "reward: set exactly one of"),
         ("ppo", {"rewardFunction": None, "judge": JUDGE}, "judge.mode: the stage config points"),
@@ -109,6 +108,17 @@ def test_bad_online_configs_are_refused(stage_type: str, changes: Any, message: 
     check = preflight.check_grpo if stage_type == "grpo" else preflight.check_ppo
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         check(config(stage_type, **changes), world_size=2)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [({"ptxCoef": 0.5}, "ppo.ptxDataset"), ({"klController": "adaptive"}, "ppo.klTarget")],
+)
+def test_ppo_options_missing_their_companion_are_refused_at_load(options: Any, field: str) -> None:
+    # Refused with the config itself (config.PPOOptions), before any preflight runs.
+    with pytest.raises(ValidationError) as err:
+        config("ppo", ppo={"rolloutBatchSize": 8, "maxNewTokens": 8, **options})
+    assert f"stage.yaml: {field}: " in format_validation_error(err.value, "stage.yaml")
 
 
 def test_module_reward_functions_need_the_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -306,7 +306,8 @@ def test_unsupported_stage_type_is_refused_with_degraded(
 ) -> None:
     # Which types lack a trainer changes as they land; the refusal path must keep working.
     monkeypatch.setattr(planner, "SUPPORTED_STAGE_TYPES", frozenset({"sft"}))
-    stage = {"name": "x", "type": stage_type, "dataset": {"path": "d.jsonl"}}
+    stage = {"name": "x", "type": stage_type,
+             "dataset": {"path": "d.jsonl", "format": "preference"}}  # fmt: skip
     run = make_run(manifest(stages=[stage]))
     p = plan(run, Observed(now="t0"))
     assert p.children == []
@@ -395,3 +396,24 @@ def test_spec_refused_mid_run_keeps_children_and_stage_status() -> None:
     assert all("status" not in c for c in p2.children)
     assert stage_phases(p2) == {"sft": "Running", "sft2": "Pending"}
     assert p2.status.phase == "Running" and p2.status.observed_generation == 2
+
+
+def test_a_queued_run_is_created_suspended_and_then_follows_its_job() -> None:
+    """Kueue queues the run (its label): spec.suspend is not the operator's gate. The job is
+    created suspended for Kueue to admit; the phase is Suspended while the job is, and Running
+    once Kueue admits it, whatever spec.suspend says; the run holds no server at zero."""
+    doc = manifest(suspend=True)
+    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-queue"}
+    run = make_run(doc)
+    p0 = plan(run, Observed(now="t0"))
+    job = next(c for c in p0.children if c["kind"] == "PyTorchJob")
+    assert job["spec"]["runPolicy"]["suspend"] is True
+    waiting = observed_for(p0, "sft", "Created", "Suspended", now="t1")
+    p1 = plan(advance(run, p0), waiting)
+    assert p1.status.phase == "Suspended" and stage_phases(p1)["sft"] == "Suspended"
+    admitted = observed_for(p0, "sft", "Created", "Suspended", "Running", now="t2")
+    p2 = plan(advance(run, p1), admitted)
+    assert p2.status.phase == "Running" and stage_phases(p2)["sft"] == "Running"
+    unqueued = make_run(manifest(suspend=True))
+    assert not builders.kueue_queued(unqueued) and builders.held(unqueued)
+    assert builders.kueue_queued(run) and not builders.held(run)

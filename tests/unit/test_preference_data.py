@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from rlhf_trainer.config import (
     DatasetSpec,
@@ -99,8 +100,9 @@ def test_fields_map_columns_and_name_them_in_errors(tmp_path: Path) -> None:
     assert 'line 2: missing field "good" (dataset.fields.chosen)' in str(err.value)
     pairs = load_preference_rows(spec(write(tmp_path, rows), "preference", fields=fields))
     assert pairs == [PreferenceRow("q", " a", " b", 2.0)]
-    with pytest.raises(DataError, match=r"dataset.fields: answer is not a field of format"):
-        load_preference_rows(spec(path, "preference", fields={"answer": "x"}))
+    # Refused with the spec itself (DatasetSpec), before any row is read.
+    with pytest.raises(ValidationError, match=r"fields\n.*answer is not a field of format"):
+        spec(path, "preference", fields={"answer": "x"})
 
 
 def test_skip_invalid_counts_and_keeps_the_good_rows(tmp_path: Path) -> None:

@@ -347,8 +347,15 @@ def test_api_client_requests() -> None:
         "?labelSelector=rlhf.dev%2Frun%3Dr",
     )
     assert headers["authorization"] == "Bearer t0ken"
+    method, url, body, headers = pool.sent[2]
+    assert (method, url) == (
+        "POST", "https://k8s:6443/api/v1/namespaces/ns/configmaps?fieldValidation=Strict"
+    ), "a field the server's schema lacks is an error, not a warning"
     method, url, body, headers = pool.sent[3]
-    assert method == "PATCH" and url.endswith("/rlhfruns/r/status")
+    assert (method, url) == ("PATCH", "https://k8s:6443/apis/rlhf.dev/v1alpha1/namespaces/ns"
+                                      "/rlhfruns/r/status?fieldValidation=Strict")
+    assert all("fieldValidation" not in url for method, url, *_ in pool.sent
+               if method in ("GET", "DELETE")), "reads and deletes validate no fields"
     assert headers["Content-Type"] == "application/merge-patch+json"
     assert body == '{"status": {"phase": "Running"}}'
 
@@ -431,3 +438,32 @@ def test_events_that_echo_the_operators_own_writes_cost_no_reconcile() -> None:
     # Forgotten with its run: after a re-creation, nothing is taken for an echo.
     controller.forget("team-a", "demo")
     assert not controller.reconciler.wrote_last(job)
+
+
+@pytest.mark.parametrize("kind", ["PyTorchJob", "TrainJob"])
+def test_kueues_admission_and_preemption_are_never_undone(kind: str) -> None:
+    """A queued run starting suspended (manifests/examples/kueue-queued.yaml): Kueue un-suspends
+    its job (admission, and for a TrainJob its own runtime patch) and later suspends it again
+    (preemption); the operator's reconciles write nothing to the job either time."""
+    kube = FakeKube()
+    doc = manifest(trainer={"backend": kind.lower()}, suspend=True)
+    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a-queue"}
+    kube.add_run(doc)
+    assert f"create {kind} demo-sft" in reconcile(kube)
+    job = kube.objects[(kind, "team-a", "demo-sft")]
+    assert backends.is_suspended(job), "created suspended, from spec.suspend"
+    path = backends.for_kind(kind).suspend_path
+    for suspend in (False, True):  # admission, then preemption
+        node = job
+        for name in path[:-1]:
+            node = node[name]
+        node[path[-1]] = suspend
+        if kind == "TrainJob" and not suspend:
+            kueue = {"manager": "kueue.x-k8s.io/manager", "trainingRuntimeSpec": {}}
+            job["spec"]["runtimePatches"].insert(0, kueue)
+        for _ in range(2):
+            assert [w for w in reconcile(kube) if kind in w] == []
+        assert backends.is_suspended(kube.objects[(kind, "team-a", "demo-sft")]) is suspend
+    assert [p["manager"] for p in job["spec"].get("runtimePatches", [])] == (
+        ["kueue.x-k8s.io/manager", "rlhf.dev/operator"] if kind == "TrainJob" else []
+    )

@@ -42,6 +42,12 @@ def run_with(stage: Obj | None = None, **spec: Any) -> api.RLHFRun:
     return make_run(manifest(stages=[*STAGES[:2], stage or PPO], **spec))
 
 
+def admitted(stage: Obj, **spec: Any) -> api.RLHFRun:
+    """A run as the models alone accept it, without parse_run's checks of what a stage would
+    refuse at its start: what a cluster may hold from before those checks existed."""
+    return api.RLHFRun.model_validate(manifest(stages=[*STAGES[:2], stage], **spec))
+
+
 def name(obj: Obj) -> str:
     return str(obj["metadata"]["name"])
 
@@ -205,7 +211,9 @@ def test_suspend_scales_servers_to_zero() -> None:
     ],
 )
 def test_online_stages_that_cannot_run_are_refused(change: Obj, message: str) -> None:
-    run = run_with({**PPO, **change})
+    with pytest.raises(api.SpecError, match=message.replace("(", r"\(")):
+        run_with({**PPO, **change})  # `rlhf validate` and the webhook refuse it
+    run = admitted({**PPO, **change})  # and the planner, should the cluster hold one already
     p = plan(run, Observed())
     degraded = next(c for c in p.status.conditions if c.type == "Degraded")
     assert degraded.status == "True" and message in degraded.message
@@ -220,7 +228,7 @@ def test_lora_stages_serve_a_runtime_loaded_adapter() -> None:
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in c["env"]
     target = builders.rollout_target(run, run.spec.stages[2])
     assert target is not None and target.lora_adapter == "policy-lora"
-    nccl = run_with({**PPO, "lora": {"r": 8}, "rollout": {"weightSync": "nccl"}},
+    nccl = admitted({**PPO, "lora": {"r": 8}, "rollout": {"weightSync": "nccl"}},
                     trainer={"gpusPerNode": 8})  # fmt: skip
     problem = servers.online_stage_problem(nccl, 2, nccl.spec.stages[2])
     assert problem is not None and "syncs only its adapters" in problem
@@ -283,8 +291,11 @@ def test_servers_keep_root_but_drop_what_root_brings() -> None:
     """Upstream vLLM/lmdeploy images run as root; the pod keeps root (no runAsUser, writable
     root filesystem for their caches) but escalates nothing, runs under RuntimeDefault seccomp
     and holds only DAC_OVERRIDE (to write into the trainer-owned workspace)."""
-    for rollout in ({"engine": "vllm"}, {"engine": "lmdeploy"}):
-        run = run_with({**PPO, "rollout": rollout})
+    feedback = {"name": "pairs", "type": "feedback", "from": "sft",
+                "dataset": {"path": "data/prompts.jsonl", "format": "prompts"}}  # fmt: skip
+    judge = {"model": {"path": "models/judge"}}
+    for rollout in ({"engine": "vllm"}, {"engine": "lmdeploy"}):  # lmdeploy samples, not ppo
+        run = run_with({**feedback, "rollout": rollout}, judge=judge)
         for child in servers.rollout_children(run, run.spec.stages[2]):
             if child["kind"] != "Deployment":
                 continue

@@ -82,6 +82,8 @@ def test_changed_fields_are_patched_and_lists_go_whole() -> None:
         ([{"name": "b"}, {"name": "a", "v": 1}], [{"name": "a", "v": 1}], True),  # a keyed list
         ([{"name": "a", "v": 2}], [{"name": "a", "v": 1}], False),
         ([{"name": "b"}], [{"name": "a"}], False),
+        ([{"manager": "k"}, {"manager": "o", "t": 1}], [{"manager": "o"}], True),  # by manager
+        ([{"manager": "k"}], [{"manager": "o"}], False),
         ({}, {}, True),
         (None, {}, False),
     ],
@@ -162,28 +164,129 @@ def kueue_doc(**spec: Any) -> Obj:
     return doc
 
 
-def test_kueue_unsuspends_a_queued_job_the_operator_does_not() -> None:
-    _, job = desired(kueue_doc())
-    held = as_served(job)
-    held["spec"]["runPolicy"]["suspend"] = True  # Kueue's webhook suspended it on create
-    assert sync.merge_patch(sync.kueue_keeps_suspended(job, held), held) is None
-    _, plain_job = desired()
-    plain_held = as_served(plain_job)
-    plain_held["spec"]["runPolicy"]["suspend"] = True
-    assert sync.merge_patch(sync.kueue_keeps_suspended(plain_job, plain_held), plain_held) == {
-        "spec": {"runPolicy": {"suspend": False}}
-    }, "without a queue the operator resumes its own job"
-    _, suspend_job = desired(kueue_doc(suspend=True))
-    running = as_served(job)
-    patch = sync.merge_patch(sync.kueue_keeps_suspended(suspend_job, running), running)
-    assert patch == {"spec": {"runPolicy": {"suspend": True}}}, "spec.suspend still suspends"
+def set_suspend(job: Obj, value: bool) -> Obj:
+    out = copy.deepcopy(job)
+    node = out
+    *parents, leaf = backends.for_kind(job["kind"]).suspend_path
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    return out
 
 
-def test_kueue_rule_applies_to_trainjobs_too() -> None:
-    _, job = desired(kueue_doc(trainer={"backend": "trainjob"}))
-    held = as_served(job)
-    held["spec"]["suspend"] = True
-    assert sync.merge_patch(sync.kueue_keeps_suspended(job, held), held) is None
+def job_patch(desired_job: Obj, observed: Obj) -> Obj | None:
+    """What `child_actions` patches on an observed job that this run controls."""
+    observed = copy.deepcopy(observed)
+    observed["metadata"]["ownerReferences"] = desired_job["metadata"]["ownerReferences"]
+    [action] = sync.child_actions([desired_job], [observed], "uid-1") or [None]
+    assert action is None or action.verb == "patch", action
+    return action.body if action is not None else None
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+@pytest.mark.parametrize("spec_suspend", [True, False])
+@pytest.mark.parametrize("kueue_suspends", [True, False])
+def test_kueue_owns_a_queued_jobs_suspend_field(
+    backend: str, spec_suspend: bool, kueue_suspends: bool
+) -> None:
+    """Admission (Kueue un-suspends) and preemption (Kueue suspends): whatever spec.suspend
+    says, the operator patches nothing back, so the two never flip the field."""
+    _, job = desired(kueue_doc(trainer={"backend": backend}, suspend=spec_suspend))
+    assert backends.is_suspended(job), "a queued job is created suspended, for Kueue to admit"
+    observed = set_suspend(as_served(job), kueue_suspends)
+    assert sync.merge_patch(sync.kueue_owns_suspend(job, observed), observed) is None
+    assert job_patch(job, observed) is None
+
+
+def suspend_patch(kind: str, value: bool) -> Obj:
+    patch: Any = value
+    for name in reversed(backends.for_kind(kind).suspend_path):
+        patch = {name: patch}
+    return dict(patch)
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_without_a_queue_the_operator_owns_suspend(backend: str) -> None:
+    _, job = desired(manifest(trainer={"backend": backend}))
+    kind = job["kind"]
+    assert job_patch(job, set_suspend(as_served(job), True)) == suspend_patch(kind, False)
+    _, suspended = desired(manifest(trainer={"backend": backend}, suspend=True))
+    assert job_patch(suspended, as_served(job)) == suspend_patch(kind, True)
+
+
+def test_a_queued_job_is_still_patched_for_other_drift() -> None:
+    _, job = desired(kueue_doc(suspend=True))
+    observed = set_suspend(as_served(job), False)  # admitted
+    observed["metadata"]["labels"]["rlhf.dev/stage"] = "other"
+    assert job_patch(job, observed) == {"metadata": {"labels": {"rlhf.dev/stage": "sft"}}}
+
+
+KUEUE_ENTRY: Obj = {
+    "manager": "kueue.x-k8s.io/manager",
+    "time": "2026-01-01T00:00:00Z",
+    "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
+        "name": "node",
+        "template": {"spec": {"template": {"spec": {
+            "nodeSelector": {"cloud.google.com/gke-accelerator": "a100"},
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        }}}},
+    }]}}},
+}
+
+
+def admitted_trainjob(job: Obj) -> Obj:
+    """The TrainJob after Kueue's admission: un-suspended, Kueue's runtime patch first, and
+    the Trainer webhook's `time` on every entry."""
+    served = set_suspend(as_served(job), False)
+    ours = [{**p, "time": "2026-01-01T00:00:01Z"} for p in served["spec"]["runtimePatches"]]
+    served["spec"]["runtimePatches"] = [copy.deepcopy(KUEUE_ENTRY), *ours]
+    return served
+
+
+def test_kueues_runtime_patch_is_not_drift() -> None:
+    _, job = desired(kueue_doc(trainer={"backend": "trainjob"}, suspend=True))
+    assert job_patch(job, admitted_trainjob(job)) is None
+
+
+def test_an_outdated_operator_runtime_patch_is_replaced_and_kueues_kept() -> None:
+    _, job = desired(kueue_doc(trainer={"backend": "trainjob"}, suspend=True))
+    observed = admitted_trainjob(job)
+    ours = backends.node_pod_patch(observed)
+    ours["metadata"]["labels"] = {"rlhf.dev/run": "demo"}  # an older operator's entry
+    ours["spec"]["volumes"] = ours["spec"]["volumes"][:2]
+    patch = job_patch(job, observed)
+    assert patch is not None and list(patch) == ["spec"] and list(patch["spec"]) == [
+        "runtimePatches"
+    ], "one field: the whole list, as a merge patch replaces lists"
+    sent = patch["spec"]["runtimePatches"]
+    assert [p["manager"] for p in sent] == ["kueue.x-k8s.io/manager", "rlhf.dev/operator"]
+    assert sent[0] == KUEUE_ENTRY, "Kueue's entry goes back exactly as Kueue wrote it"
+    assert sent[1] == job["spec"]["runtimePatches"][0]
+    applied = merge(observed, patch)
+    assert job_patch(job, applied) is None, "a second reconcile writes nothing"
+    assert not backends.is_suspended(applied), "the admission stands"
+
+
+def test_a_missing_operator_runtime_patch_is_appended() -> None:
+    _, job = desired(manifest(trainer={"backend": "trainjob"}))
+    observed = as_served(job)
+    observed["spec"]["runtimePatches"] = [copy.deepcopy(KUEUE_ENTRY)]
+    patch = job_patch(job, observed)
+    assert patch == {"spec": {"runtimePatches": [KUEUE_ENTRY, job["spec"]["runtimePatches"][0]]}}
+    assert job_patch(job, merge(observed, patch)) is None
+
+
+def merge(base: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies it."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(base) if isinstance(base, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge(out.get(key), value)
+    return out
 
 
 def test_every_child_has_the_controller_owner_reference() -> None:

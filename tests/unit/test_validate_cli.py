@@ -84,7 +84,47 @@ def test_render_of_unsupported_stage_says_why(
     monkeypatch.setattr(planner, "SUPPORTED_STAGE_TYPES", frozenset({"sft"}))
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     doc["spec"]["stages"][0]["type"] = "dpo"
+    doc["spec"]["stages"][0]["dataset"]["format"] = "preference"  # what a dpo stage reads
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump(doc))
     assert cli.main(["render", str(path)]) == 1
     assert "'dpo' is not supported yet" in capsys.readouterr().err
+
+
+def test_render_says_the_operator_fills_the_owner_uid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["render", str(ROOT / "examples" / "quickstart.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# ownerReferences[].uid is empty here: the operator fills in")
+    assert "--no-owner-references" in out.splitlines()[1]
+    docs = list(yaml.safe_load_all(out))
+    assert all(d["metadata"]["ownerReferences"][0]["uid"] == "" for d in docs)
+
+
+def test_render_without_owner_references_applies_with_kubectl(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import kubernetes_validate
+
+    path = str(ROOT / "examples" / "quickstart.yaml")
+    assert cli.main(["render", "--no-owner-references", path]) == 0
+    out = capsys.readouterr().out
+    assert not out.startswith("#")
+    docs = list(yaml.safe_load_all(out))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob"]
+    assert all("ownerReferences" not in d["metadata"] for d in docs)
+    assert docs[1]["metadata"]["labels"]["rlhf.dev/run"] == "quickstart"
+    kubernetes_validate.validate(docs[0], "1.34", strict=True)
+
+
+def test_render_keeps_a_uid_the_file_gives(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["metadata"]["uid"] = "6f1c0d7e-0000-4000-8000-000000000001"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert cli.main(["render", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert not out.startswith("#")
+    assert all(d["metadata"]["ownerReferences"][0]["uid"] == doc["metadata"]["uid"]
+               for d in yaml.safe_load_all(out))  # fmt: skip

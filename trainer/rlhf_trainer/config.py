@@ -19,13 +19,54 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 StageType = Literal["sft", "reward", "dpo", "rrhf", "ppo", "grpo", "feedback", "evaluate"]
 STAGE_TYPES: tuple[str, ...] = typing.get_args(StageType)
 
 DatasetFormat = Literal["jsonl", "hh", "preference", "ranked", "prompts", "shp", "tldr", "chat"]
+DATASET_FORMATS: tuple[str, ...] = typing.get_args(DatasetFormat)
+# The formats each reader of data.py takes (load_sft_rows, load_preference_rows,
+# load_ranked_rows, load_prompt_rows); the operator refuses a stage its reader would refuse.
+PAIR_FORMATS: tuple[str, ...] = ("hh", "preference", "shp", "tldr", "chat")
+READER_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": ("jsonl", *PAIR_FORMATS),
+    "preference": (*PAIR_FORMATS, "ranked"),
+    "ranked": ("ranked", *PAIR_FORMATS),
+    "prompts": DATASET_FORMATS,
+}
+# The fields of each format that `dataset.fields` may map to columns.
+KNOWN_FIELDS: dict[str, tuple[str, ...]] = {
+    "jsonl": ("prompt", "response"),
+    "hh": ("chosen", "rejected"),
+    "preference": ("prompt", "chosen", "rejected", "margin"),
+    "ranked": ("prompt", "responses", "rewards"),
+    "prompts": ("prompt", "answer"),
+    "shp": ("history", "human_ref_A", "human_ref_B", "labels"),
+    "tldr": ("info", "summaries", "choice"),
+    "chat": ("messages", "prompt", "completion", "chosen", "rejected", "responses", "rewards",
+             "answer", "margin"),
+}
+# The keys of tasks.REWARD_FUNCTIONS (a test keeps them equal), which imports models' code.
+REWARD_FUNCTION_NAMES: tuple[str, ...] = ("animal_sounds", "brief")
+
+# Upper bounds on sizes: far above any published RLHF setting (global batches of a few thousand
+# sequences, 128 completions a prompt, 128k-token contexts), low enough that a typo such as
+# batchSize 1e12 is refused here instead of allocating gigabytes before step 1.
+MAX_BATCH = 2**20  # examples (or samples) per optimizer step, prompts per rollout step
+MAX_TOKENS = 2**20  # hyperparameters.maxLength
+MAX_NEW_TOKENS = 2**17  # tokens generated per response
+MAX_PER_PROMPT = 2**10  # completions sampled per prompt
 
 # Environment variable that tells a trainer where the workspace volume is mounted. Relative
 # paths in a StageConfig (model.path, dataset.path, outputDir) are resolved against it.
@@ -36,18 +77,29 @@ DnsLabel = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_
 
 
 class ApiModel(BaseModel):
-    """Base for every spec model: camelCase aliases, unknown fields refused."""
+    """Base for every spec model: camelCase aliases, unknown fields refused, numbers finite
+    (status models that carry measured values read a non-finite one as None)."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
     )
 
     def dump(self) -> dict[str, Any]:
         """The wire form: camelCase keys, unset optional fields left out."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+FIELD_ERROR = "field"
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """What a model validator raises about one of its fields (camelCase, dotted below it):
+    `validation_problems` puts `field` on the error's path."""
+    return PydanticCustomError(FIELD_ERROR, "{message}", {"field": field, "message": message})
 
 
 class SecretKeyRef(ApiModel):
@@ -153,6 +205,18 @@ class DatasetSpec(ApiModel):
             raise ValueError("set one of `evalFraction` or an explicit `evalSplit`/`evalPath`")
         return self
 
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str] | None, info: ValidationInfo) -> Any:
+        fmt = info.data.get("format", "jsonl")
+        unknown = sorted(set(value or {}) - set(KNOWN_FIELDS[fmt]))
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)} is not a field of format {fmt!r}; map some of "
+                f"{', '.join(KNOWN_FIELDS[fmt])} to your column names"
+            )
+        return value
+
     def held_out(self) -> DatasetSpec | None:
         """The explicit evaluation split as a dataset of its own, or None."""
         if self.eval_split is not None:
@@ -173,13 +237,23 @@ class Hyperparameters(ApiModel):
     batch_size: int = Field(
         default=8,
         gt=0,
+        le=MAX_BATCH,
         description=(
             "Global batch: examples per optimizer step over all ranks. Each rank takes "
-            "batchSize / (worldSize * gradientAccumulation) per micro-step."
+            "batchSize / (worldSize * gradientAccumulation) per micro-step, so it must divide "
+            "by trainer.nodes x processes per node x gradientAccumulation. At most 2^20: far "
+            "above published RLHF batches, so a typo fails validation, not the trainer."
         ),
     )
-    gradient_accumulation: int = Field(default=1, gt=0, description="Micro-steps per step.")
-    max_length: int = Field(default=512, gt=0, description="Truncate sequences to this length.")
+    gradient_accumulation: int = Field(
+        default=1, gt=0, le=MAX_BATCH, description="Micro-steps per step."
+    )
+    max_length: int = Field(
+        default=512,
+        gt=0,
+        le=MAX_TOKENS,
+        description="Truncate sequences to this length (at most 2^20 tokens).",
+    )
     seed: int = Field(default=42, ge=0, description="Seed for data order, init and sampling.")
     shuffle: bool = Field(
         default=True,
@@ -224,7 +298,18 @@ class LoRAOptions(ApiModel):
 class SFTOptions(ApiModel):
     """Options of the `sft` stage."""
 
-    packing: bool = Field(default=False, description="Pack several examples into one sequence.")
+    packing: bool = Field(
+        default=False,
+        description="Pack several examples into one sequence: not implemented yet, so only "
+        "false is accepted.",
+    )
+
+    @field_validator("packing")
+    @classmethod
+    def _no_packing(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("packing is not implemented yet; set it to false or leave it out")
+        return value
 
 
 class RewardModelOptions(ApiModel):
@@ -284,14 +369,16 @@ class RRHFOptions(ApiModel):
         "read them, with their rewards or scored by `reward`, from a ranked dataset.",
     )
     samples_per_prompt: int = Field(
-        default=4, ge=2, description="k responses per query (online sampling only)."
+        default=4, ge=2, le=MAX_PER_PROMPT, description="k responses per query (online only)."
     )
     rollout_batch_size: int = Field(
-        default=16, gt=0, description="Queries sampled per step (online only)."
+        default=16, gt=0, le=MAX_BATCH, description="Queries sampled per step (online only)."
     )
     temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (online).")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Sampling top-p (online).")
-    max_new_tokens: int = Field(default=64, gt=0, description="Response length (online).")
+    max_new_tokens: int = Field(
+        default=64, gt=0, le=MAX_NEW_TOKENS, description="Response length (online)."
+    )
     async_: bool = Field(
         default=False,
         alias="async",
@@ -357,9 +444,10 @@ class PPOOptions(PolicyGradientOptions):
     kl_target: float | None = Field(default=None, gt=0, description="Target KL (adaptive).")
     kl_horizon: int = Field(default=10000, gt=0, description="Horizon of the adaptive controller.")
     advantage_whitening: bool = Field(
-        default=False,
-        description="Whiten advantages over the batch. Off: MOSS-RLHF's released scripts do not, "
-        "and its paper (appendix B.1) warns against it with reward scaling and value clipping.",
+        default=True,
+        description="Whiten advantages over the batch (all ranks), as TRL and OpenRLHF do; on "
+        "here, it learned more than off (docs/ALGORITHMS.md). MOSS-RLHF's released scripts do "
+        "not whiten, and `preset: ppo-max` turns it off.",
     )
     value_clip: float | None = Field(default=0.2, gt=0)
     policy_clip: float = Field(default=0.2, gt=0)
@@ -403,11 +491,11 @@ class PPOOptions(PolicyGradientOptions):
     gamma: float = Field(default=1.0, ge=0, le=1)
     lam: float = Field(default=0.95, ge=0, le=1)
     critic_learning_rate: float = Field(default=1.5e-6, gt=0)
-    rollout_batch_size: int = Field(default=128, gt=0)
+    rollout_batch_size: int = Field(default=128, gt=0, le=MAX_BATCH)
     ppo_epochs: int = Field(default=1, gt=0)
     temperature: float = Field(default=0.8, gt=0)
     top_p: float = Field(default=0.9, gt=0, le=1)
-    max_new_tokens: int = Field(default=64, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0, le=MAX_NEW_TOKENS)
     ptx_dataset: DatasetSpec | None = Field(
         default=None,
         description="Supervised data (jsonl, hh, preference) for the ptx LM loss; needed when "
@@ -419,6 +507,16 @@ class PPOOptions(PolicyGradientOptions):
         description="Generate step t+1 while step t trains (one step off-policy; the "
         "importance ratio uses the rollout servers' behaviour logprobs).",
     )
+
+    @model_validator(mode="after")
+    def _needs(self) -> typing.Self:
+        if self.ptx_coef > 0 and self.ptx_dataset is None:
+            raise field_error("ptxDataset", "ptxCoef > 0 mixes in an LM loss on supervised "
+                              "data; set ptxDataset, or ptxCoef to 0")  # fmt: skip
+        if self.kl_controller == "adaptive" and self.kl_target is None:
+            raise field_error("klTarget", "the adaptive KL controller needs a target KL; set "
+                              "klTarget, or klController to fixed")  # fmt: skip
+        return self
 
 
 class OverlongPenalty(ApiModel):
@@ -435,7 +533,9 @@ class OverlongPenalty(ApiModel):
 class GRPOOptions(PolicyGradientOptions):
     """Options of the critic-free `grpo` stage."""
 
-    num_generations: int = Field(default=8, ge=2, description="Completions per prompt (G).")
+    num_generations: int = Field(
+        default=8, ge=2, le=MAX_PER_PROMPT, description="Completions per prompt (G)."
+    )
     scale_rewards: Literal["group", "batch", "none"] = Field(default="group")
     clip: float = Field(default=0.2, gt=0)
     clip_high: float | None = Field(
@@ -471,10 +571,12 @@ class GRPOOptions(PolicyGradientOptions):
         default=None, description="DAPO's soft penalty for responses near maxNewTokens."
     )
     kl_coef: float = Field(default=0.0, ge=0, description="β; 0 loads no reference model.")
-    rollout_batch_size: int = Field(default=64, gt=0, description="Prompts per step.")
+    rollout_batch_size: int = Field(
+        default=64, gt=0, le=MAX_BATCH, description="Prompts per step."
+    )
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    max_new_tokens: int = Field(default=64, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0, le=MAX_NEW_TOKENS)
     async_: bool = Field(
         default=False,
         alias="async",
@@ -564,6 +666,7 @@ class FeedbackOptions(JudgeRequestOptions):
     responses_per_prompt: int = Field(
         default=2,
         ge=2,
+        le=MAX_PER_PROMPT,
         description="Responses per prompt: sampled from the policy for a prompts-only dataset, "
         "the first k of a ranked row. Every pair of them is judged.",
     )
@@ -571,7 +674,9 @@ class FeedbackOptions(JudgeRequestOptions):
     max_prompts: int | None = Field(default=None, gt=0, description="Judge at most N prompts.")
     temperature: float = Field(default=1.0, gt=0, description="Policy sampling temperature.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Policy sampling top-p.")
-    max_new_tokens: int = Field(default=64, gt=0, description="Policy response length.")
+    max_new_tokens: int = Field(
+        default=64, gt=0, le=MAX_NEW_TOKENS, description="Policy response length."
+    )
 
 
 class JudgeReward(JudgeRequestOptions):
@@ -655,7 +760,10 @@ class JudgeProtocol(ApiModel):
     temperature: float = Field(default=0.1, ge=0, description="Sampling of answer and critique.")
     top_p: float = Field(default=0.9, gt=0, le=1)
     max_new_tokens: int = Field(
-        default=512, gt=0, description="Length of the judge's own answer and of its critique."
+        default=512,
+        gt=0,
+        le=MAX_NEW_TOKENS,
+        description="Length of the judge's own answer and of its critique.",
     )
     templates: JudgeTemplates = Field(default_factory=JudgeTemplates)
     chat_template: str | None = Field(
@@ -697,8 +805,12 @@ class EvaluateOptions(ApiModel):
         description="Held-out pairs on which to report the pairwise accuracy of the reward "
         "model (`reward.from`).",
     )
-    max_new_tokens: int = Field(default=64, gt=0, description="Greedy tokens per response.")
-    batch_size: int = Field(default=16, gt=0, description="Prompts per generation batch.")
+    max_new_tokens: int = Field(
+        default=64, gt=0, le=MAX_NEW_TOKENS, description="Greedy tokens per response."
+    )
+    batch_size: int = Field(
+        default=16, gt=0, le=MAX_BATCH, description="Prompts per generation batch."
+    )
 
 
 class StageConfig(ApiModel):
@@ -788,6 +900,8 @@ def validation_problems(err: ValidationError, source: str) -> list[str]:
     for item in err.errors():
         loc = format_loc(tuple(item["loc"]))
         msg = _HINTS.get(item["type"], item["msg"]).removeprefix("Value error, ")
+        if item["type"] == FIELD_ERROR:
+            loc = f"{loc}.{item['ctx']['field']}"
         head, sep, rest = msg.partition(": ")
         if sep and head.startswith("stages[") and " " not in head:
             loc, msg = f"{loc}.{head}", rest

@@ -37,7 +37,13 @@ from typing import Any, TypeVar, cast
 
 from rlhf_trainer import chat_data
 from rlhf_trainer.chat_format import ChatFormat, Message, load_chat_format
-from rlhf_trainer.config import DatasetSpec, ModelSource, resolve_path
+from rlhf_trainer.config import (
+    KNOWN_FIELDS,
+    READER_FORMATS,
+    DatasetSpec,
+    ModelSource,
+    resolve_path,
+)
 from rlhf_trainer.errors import DataError
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -111,17 +117,6 @@ NEEDS: dict[str, str] = {
     "tldr": 'each row needs {"info": {"post", "title"?, "subreddit"?}, "summaries": '
     '[{"text"}, {"text"}], "choice": 0 or 1}',
     "chat": chat_data.NEEDS_CHAT,
-}
-KNOWN_FIELDS: dict[str, tuple[str, ...]] = {
-    "jsonl": ("prompt", "response"),
-    "hh": ("chosen", "rejected"),
-    "preference": ("prompt", "chosen", "rejected", "margin"),
-    "ranked": ("prompt", "responses", "rewards"),
-    "prompts": ("prompt", "answer"),
-    "shp": ("history", "human_ref_A", "human_ref_B", "labels"),
-    "tldr": ("info", "summaries", "choice"),
-    "chat": ("messages", "prompt", "completion", "chosen", "rejected", "responses", "rewards",
-             "answer", "margin"),
 }
 
 
@@ -473,7 +468,7 @@ def load_sft_rows(spec: DatasetSpec, chat: ChatFormat | None = None) -> Rows[SFT
         pairs = _read(spec, _pair_parser(spec, chat))
         sft = [SFTRow(r.prompt, r.chosen, chat=r.chat, where=r.where) for r in pairs]
         return _derived(pairs, sft)
-    raise _unsupported(spec, "sft", ("jsonl", *PAIRS))
+    raise _unsupported(spec, "sft", READER_FORMATS["sft"])
 
 
 def load_preference_rows(
@@ -494,7 +489,7 @@ def load_preference_rows(
     if spec.format == "ranked":
         ranked = _read(spec, parse_ranked)
         return _derived(ranked, [pair for row in ranked for pair in expand_pairs(row)])
-    raise _unsupported(spec, "preference", (*PAIRS, "ranked"))
+    raise _unsupported(spec, "preference", READER_FORMATS["preference"])
 
 
 def load_ranked_rows(
@@ -521,7 +516,7 @@ def load_ranked_rows(
             RankedRow(r.prompt, (r.chosen, r.rejected), (1.0, 0.0), r.chat, r.where) for r in pairs
         ]
         return _derived(pairs, ranked)
-    raise _unsupported(spec, "ranked", ("ranked", *PAIRS))
+    raise _unsupported(spec, "ranked", READER_FORMATS["ranked"])
 
 
 def load_prompt_rows(spec: DatasetSpec, chat: ChatFormat | None = None) -> Rows[PromptRow]:
