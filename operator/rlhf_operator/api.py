@@ -124,7 +124,14 @@ class RewardSource(ApiModel):
         "score gets the mean reward of its batch (counted by outcome, never fatal).",
     )
     function: str | None = Field(
-        default=None, description="A registered reward function (verifiable rewards)."
+        default=None,
+        description="A Python reward function (verifiable rewards): a built-in name "
+        "(animal_sounds, brief) or `module:callable`, a function f(prompt, response) -> float "
+        "(with chat data it may also take `messages`). The trainer imports a module only when "
+        "it starts with a prefix listed, comma-separated, in its $RLHF_REWARD_FUNCTION_MODULES "
+        "(empty by default: set it in the trainer image, or in the local environment of "
+        "`rlhf run`); the module must be importable there. `module:callable` serves the "
+        "online stages (ppo, grpo, online rrhf).",
     )
 
     @model_validator(mode="after")

@@ -23,9 +23,13 @@ class UsageError(Exception):
 def load_documents(path: str) -> list[Any]:
     """Every YAML document in a file, or UsageError naming the file, line and problem."""
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
     except OSError as err:
         raise UsageError(f"{path}: cannot read: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise UsageError(
+            f"{path}: not a text file (byte {err.start} is not UTF-8); give the RLHFRun's YAML"
+        ) from err
     try:
         return [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as err:
@@ -115,6 +119,7 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from rlhf_operator import restart
     from rlhf_operator.local import LocalExecutor, preflight
     from rlhf_operator.metrics import RunMetrics
     from rlhf_operator.plots import write_plots
@@ -125,6 +130,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     problems = preflight(run, workdir)
     if problems:
         raise UsageError("\n".join(f"{args.file}: {p}" for p in problems))
+    if args.restart is not None:
+        try:
+            stages = restart.stages_from(run, args.restart)
+        except ValueError as err:
+            raise UsageError(f"{args.file}: {err}") from None
+        for moved in restart.move_aside(workdir / run.metadata.name, stages):
+            print(f"Moved stage {moved.stage}'s outputs aside to {moved.target}", file=sys.stderr)
     metrics = RunMetrics()
     if args.metrics_port is not None:
         try:
@@ -148,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"Failed to write plots under {run_dir / 'plots'}: {err}", file=sys.stderr)
         plots = []
     display.summary(status, run_dir / "status.json", plots)
-    return 0 if status.phase == "Succeeded" else 1
+    return restart.exit_code(status)
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
@@ -164,20 +176,24 @@ def cmd_docs(args: argparse.Namespace) -> int:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     from rlhf_operator.controller import run_operator
+    from rlhf_operator.kube import KubeConfigError
     from rlhf_operator.metrics import port_from_env
 
     try:
         metrics_port = args.metrics_port if args.metrics_port is not None else port_from_env()
     except ValueError as err:
         raise UsageError(str(err)) from err
-    run_operator(
-        args.namespace or [],
-        args.all_namespaces,
-        resync_seconds=args.resync_seconds,
-        liveness=args.liveness,
-        metrics_port=metrics_port,
-        verbose=args.verbose,
-    )
+    try:
+        run_operator(
+            args.namespace or [],
+            args.all_namespaces,
+            resync_seconds=args.resync_seconds,
+            liveness=args.liveness,
+            metrics_port=metrics_port,
+            verbose=args.verbose,
+        )
+    except KubeConfigError as err:
+        raise UsageError(f"rlhf operator: {err}") from err
     return 0
 
 
@@ -235,6 +251,12 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         metavar="PORT",
         help="port of the trainer's rank-0 metrics (default: 9400, as in the pod; 0: off)",
+    )
+    p.add_argument(
+        "--restart",
+        metavar="STAGE",
+        help="train STAGE and every stage after it again from the start; their old outputs are "
+        "moved aside to <stage>.old-<time> (default: resume, and refuse changed inputs)",
     )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("crd", help="print the RLHFRun CustomResourceDefinition")

@@ -235,10 +235,11 @@ def run_operator(
     """Run until SIGINT/SIGTERM, with the kubeconfig or the in-cluster service account."""
     kopf.configure(verbose=verbose)
     logging.getLogger("rlhf_operator").setLevel(logging.INFO)
+    client = kube.ApiKube.from_environment()  # before anything starts: no cluster, no operator
     metrics = RunMetrics()
     server = metrics.serve(metrics_port)
     logger.info("Serving operator metrics on port %d", server.server_port)
-    controller = Controller(Reconciler(kube.ApiKube.from_environment(), metrics=metrics))
+    controller = Controller(Reconciler(client, metrics=metrics))
     kopf.run(
         registry=build_registry(controller, resync_seconds, webhook_server(os.environ)),
         standalone=True,  # one replica (Recreate); no peering objects needed

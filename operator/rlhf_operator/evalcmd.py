@@ -42,9 +42,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--kl-reference", metavar="NAME|PATH", help="default: the first policy")
     p.add_argument("--reference-data", help="supervised JSONL for perplexity")
     p.add_argument("--pairs", help="held-out preference pairs for reward-model accuracy")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-length", type=positive_int, default=512)
     return p
 
 
@@ -121,3 +121,14 @@ def run_eval(args: argparse.Namespace, run: api.RLHFRun | None) -> int:
     if reference is not None and reference not in names:
         resolved["kl_reference"] = str(Path(reference).resolve())
     return subprocess.call(trainer_argv(args, resolved))
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse names the flag on error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value

@@ -56,6 +56,10 @@ CHILDREN: tuple[Resource, ...] = (CONFIGMAPS, *JOBS, DEPLOYMENTS, SERVICES)
 BY_KIND: dict[str, Resource] = {r.kind: r for r in (RUNS, *CHILDREN, PODS, EVENTS)}
 
 
+class KubeConfigError(Exception):
+    """No credentials for any cluster: neither in-cluster config nor a kubeconfig file."""
+
+
 class KubeError(Exception):
     """A failed API call: `status` is the HTTP status, None when the server was not reached."""
 
@@ -109,7 +113,8 @@ class ApiKube:
 
     @classmethod
     def from_environment(cls) -> ApiKube:
-        """In-cluster config inside a pod, else the kubeconfig ($KUBECONFIG, read now)."""
+        """In-cluster config inside a pod, else the kubeconfig ($KUBECONFIG, read now);
+        KubeConfigError, saying what to set, when there is neither."""
         from kubernetes import client, config
 
         configuration = client.Configuration()
@@ -119,9 +124,15 @@ class ApiKube:
             )
         except config.ConfigException:
             path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=path, client_configuration=configuration
-            )
+            try:
+                config.load_kube_config(  # type: ignore[no-untyped-call]
+                    config_file=path, client_configuration=configuration
+                )
+            except (config.ConfigException, OSError) as err:
+                raise KubeConfigError(
+                    f"kubeconfig: no cluster to talk to ({err}); outside a pod, set $KUBECONFIG "
+                    f"to a kubeconfig file or write ~/.kube/config"
+                ) from None
         return cls(client.ApiClient(configuration))
 
     def _request(

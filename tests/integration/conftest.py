@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
-from test_online_vllm import SFT_STEPS, confused_sft_rows, env_for, torchrun, write
+from test_online_vllm import env_for, torchrun, weak_sft_workspace
 
 
 @pytest.fixture(scope="session")
@@ -18,16 +17,7 @@ def policy(
     mislabelled 60% of the time), trained once for the engine, GRPO-option and PPO runs. Each
     run writes its own `it/<stage>` folder in the workspace, so they never share outputs."""
     workspace = tmp_path_factory.mktemp("engine")
-    data = workspace / "data"
-    data.mkdir()
-    (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in confused_sft_rows()))
-    (data / "prompts.jsonl").write_text((fixtures_dir / "prompts.jsonl").read_text())
-    sft = write(workspace, {
-        "run": "it", "stage": "sft", "type": "sft", "model": {"path": str(tiny_model_dir)},
-        "dataset": {"path": "data/sft.jsonl"}, "outputDir": "it/sft",
-        "hyperparameters": {"maxSteps": SFT_STEPS, "learningRate": 3e-3, "batchSize": 16,
-                            "maxLength": 64, "warmupSteps": 5, "saveEvery": 1000, "seed": 0},
-    })  # fmt: skip
+    sft = weak_sft_workspace(workspace, tiny_model_dir, fixtures_dir)
     proc = subprocess.run(torchrun("sft", sft), env=env_for(workspace), capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
-from test_operator import EXAMPLES, JOBS, TRAINJOBS, Cluster
+from test_operator import EXAMPLES, JOBS, TRAINJOBS, Cluster, running_operator
 
-from kube_emulator import TEST_AGENT, Client, Emulator, stop, wait_for
+from kube_emulator import TEST_AGENT, wait_for
 from rlhf_operator import backends, builders
 
 pytestmark = pytest.mark.integration
@@ -38,22 +38,11 @@ KUEUE_ENTRY: Obj = {
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("kueue")
-    with Emulator() as emulator:
-        cluster = Cluster(
-            emulator=emulator,
-            client=Client(emulator.url),
-            kubeconfig=emulator.kubeconfig(tmp / "kubeconfig"),
-            log=tmp / "operator.log",
-        )
-        cluster.start_operator()
+    with running_operator(tmp_path_factory.mktemp("kueue")) as cluster:
         try:
             yield cluster
         finally:
             print("--- operator log ---\n" + cluster.log_tail(60))  # shown when a test fails
-            for context, proc in reversed(cluster.procs):
-                stop(proc)
-                context.__exit__(None, None, None)
 
 
 def queued_run(kind: str) -> Obj:

@@ -91,6 +91,21 @@ def env_for(workspace: Path) -> dict[str, str]:
     }
 
 
+def weak_sft_workspace(workspace: Path, tiny_model_dir: Path, fixtures_dir: Path) -> Path:
+    """Fill `workspace` with the confused SFT rows and the prompts; return the config of the
+    SFT stage that trains the weak policy on them (into it/sft/final)."""
+    data = workspace / "data"
+    data.mkdir()
+    (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in confused_sft_rows()))
+    (data / "prompts.jsonl").write_text((fixtures_dir / "prompts.jsonl").read_text())
+    return write(workspace, {
+        "run": "it", "stage": "sft", "type": "sft", "model": {"path": str(tiny_model_dir)},
+        "dataset": {"path": "data/sft.jsonl"}, "outputDir": "it/sft",
+        "hyperparameters": {"maxSteps": SFT_STEPS, "learningRate": 3e-3, "batchSize": 16,
+                            "maxLength": 64, "warmupSteps": 5, "saveEvery": 1000, "seed": 0},
+    })  # fmt: skip
+
+
 def torchrun(stage: str, config: Path, nproc: int = NPROC) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -109,17 +124,7 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, fixtures_dir: Path
 ) -> Iterator[Stack]:
     workspace = tmp_path_factory.mktemp("online")
-    data = workspace / "data"
-    data.mkdir()
-    rows = confused_sft_rows()
-    (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (data / "prompts.jsonl").write_text((fixtures_dir / "prompts.jsonl").read_text())
-    sft = write(workspace, {
-        "run": "it", "stage": "sft", "type": "sft", "model": {"path": str(tiny_model_dir)},
-        "dataset": {"path": "data/sft.jsonl"}, "outputDir": "it/sft",
-        "hyperparameters": {"maxSteps": SFT_STEPS, "learningRate": 3e-3, "batchSize": 16,
-                            "maxLength": 64, "warmupSteps": 5, "saveEvery": 1000, "seed": 0},
-    })  # fmt: skip
+    sft = weak_sft_workspace(workspace, tiny_model_dir, fixtures_dir)
     log = workspace / "sft.log"
     with log.open("wb") as out:  # trains while the server starts
         training = subprocess.Popen(

@@ -7,6 +7,7 @@ namespace, so they share one emulator and one operator process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -154,7 +155,13 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("operator")
+    with running_operator(tmp_path_factory.mktemp("operator")) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def running_operator(tmp: Path) -> Iterator[Cluster]:
+    """An emulated API server with `rlhf operator` running against it; both stopped after."""
     with Emulator() as emulator:
         cluster = Cluster(
             emulator=emulator,

@@ -82,3 +82,28 @@ def test_a_constant_reward_gives_finite_bounded_metrics_and_a_warning(
             assert abs(m[key]) < BOUND, (key, m)
     warned = [f"Every reward of step {s} was {REWARD:.4g}:" in proc.stderr for s in range(STEPS)]
     assert all(warned), proc.stderr[-3000:]
+
+
+def test_grpo_warns_when_every_reward_of_a_step_is_equal(
+    tmp_path: Path, tiny_model_dir: Path, fixtures_dir: Path
+) -> None:
+    """Equal rewards make every group-relative advantage 0: the step learns nothing, and the
+    log says so instead of reporting a loss of 0 as if all were well."""
+    env = constant_workspace(tmp_path, fixtures_dir)
+    config = {
+        "run": "it", "stage": "grpo", "type": "grpo", "model": {"path": str(tiny_model_dir)},
+        "dataset": {"path": "data/prompts.jsonl", "format": "prompts"},
+        "outputDir": "it/grpo", "rewardFunction": f"{MODULE}:constant",
+        "rollout": {"engine": "trainer", "servedModel": "policy"},
+        "hyperparameters": {"maxSteps": 2, "batchSize": 8, "maxLength": 64, "seed": 0},
+        "grpo": {"numGenerations": 2, "rolloutBatchSize": 4, "maxNewTokens": 4},
+    }  # fmt: skip
+    proc = subprocess.run(torchrun("grpo", write(tmp_path, config), 1), env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for step in (1, 2):
+        assert f"Every reward of step {step} was {REWARD:.4g}: every advantage is 0" in (
+            proc.stderr
+        ), proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "it" / "grpo" / "metrics.jsonl").open()]
+    assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))

@@ -178,3 +178,21 @@ def test_stop_tokens_gather_every_eos_the_model_and_tokenizer_name() -> None:
     model.config = SimpleNamespace(eos_token_id=[2, 7])  # type: ignore[assignment]
     model.generation_config = SimpleNamespace(eos_token_id=9)  # type: ignore[assignment]
     assert stop_token_ids(SimpleNamespace(eos_token_id=2), model) == {2, 7, 9}
+
+
+def test_a_batch_larger_than_the_data_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """More rows per step than the training split holds would repeat rows inside a step."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n"
+                            for i in range(6)))  # fmt: skip
+
+    def sft(batch: int) -> StageConfig:
+        return StageConfig.model_validate({
+            "run": "r", "stage": "sft", "type": "sft", "model": {"path": str(tiny_model_dir)},
+            "dataset": {"path": str(data), "evalFraction": 0.5}, "outputDir": str(tmp_path),
+            "hyperparameters": {"batchSize": batch},
+        })  # fmt: skip
+
+    assert len(preflight.check_sft(sft(3), 1).train_rows) == 3
+    with pytest.raises(UserError, match=r"hyperparameters.batchSize: 4 is more than the 3 "):
+        preflight.check_sft(sft(4), 1)

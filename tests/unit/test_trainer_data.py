@@ -142,6 +142,19 @@ def test_invalid_json_missing_file_and_empty_file(tmp_path: Path) -> None:
         load_sft_rows(spec(path))
 
 
+def test_hh_pairs_whose_earlier_turns_differ_are_refused_or_skipped(tmp_path: Path) -> None:
+    chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: cow?\n\nAssistant: moo."
+    good = {"chosen": chosen, "rejected": chosen.replace("moo.", "woof.")}
+    bad = {"chosen": chosen, "rejected": chosen.replace("cow?", "dog?").replace("moo.", "woof.")}
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=r"line 2: .*differ before their last Assistant turn"):
+        load_preference_rows(spec(path, "hh"))
+    lenient = DatasetSpec.model_validate({"path": str(path), "format": "hh", "skipInvalid": True})
+    rows = load_preference_rows(lenient)
+    assert [r.rejected for r in rows] == [" woof."] and rows.skipped == 1
+
+
 @pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085", "\x0c", "\x1c"])
 def test_line_separators_inside_strings_stay_in_their_row(tmp_path: Path, separator: str) -> None:
     """`json.dumps(ensure_ascii=False)` and `jq -c` leave these raw inside strings;

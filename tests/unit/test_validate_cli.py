@@ -128,3 +128,43 @@ def test_render_keeps_a_uid_the_file_gives(
     assert not out.startswith("#")
     assert all(d["metadata"]["ownerReferences"][0]["uid"] == doc["metadata"]["uid"]
                for d in yaml.safe_load_all(out))  # fmt: skip
+
+
+def test_a_binary_file_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x00\x01\xd0\xff" * 16)
+    assert cli.main(["validate", str(binary)]) == 1
+    err = capsys.readouterr().err
+    assert "not a text file (byte 2 is not UTF-8)" in err and "Traceback" not in err
+
+
+def test_a_bom_in_the_spec_is_accepted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (Path(__file__).parents[2] / "manifests" / "examples" / "quickstart.yaml").read_text()
+    spec = tmp_path / "bom.yaml"
+    spec.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert cli.main(["validate", str(spec)]) == 0, capsys.readouterr().err
+
+
+def test_the_operator_without_a_cluster_says_what_to_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No in-cluster service account and no kubeconfig: one line naming $KUBECONFIG, exit 1,
+    and no operator half started (no traceback, no metrics server)."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert cli.main(["operator", "--all-namespaces", "--metrics-port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "kubeconfig: no cluster to talk to" in err and "set $KUBECONFIG" in err
+
+
+@pytest.mark.parametrize("flag", ["--max-new-tokens", "--batch-size", "--max-length"])
+def test_eval_refuses_a_count_below_one_naming_the_flag(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "manifests/examples/quickstart.yaml", flag, "0"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: 0 is not at least 1" in capsys.readouterr().err

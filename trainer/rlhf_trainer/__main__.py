@@ -110,6 +110,9 @@ def _run_stage(command: str, config_path: str, validate_only: bool, world_size: 
     if validate_only:
         log.info("Validated %s: %s", config_path, preflight.describe(inputs))
         return
+    from rlhf_trainer.stage_inputs import guard_outputs
+
+    guard_outputs(config, env_rank())  # a finished or checkpointed stage refuses new inputs
     if env_rank() == 0:
         from rlhf_trainer.metrics import start_server
 

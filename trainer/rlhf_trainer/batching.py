@@ -49,6 +49,18 @@ def too_long(where: str, length: int, max_length: int) -> DataError:
     )
 
 
+def char_budget(tokenizer: Any, max_length: int) -> int:
+    """Characters beyond which a text surely holds more than `max_length` tokens: no token
+    spells more characters than the longest entry of the vocabulary, so max_length tokens span
+    at most max_length x that many; doubled, so that cutting there leaves the kept tokens as
+    the whole text would tokenize them. Spares minutes of tokenizing a row of megabytes."""
+    longest = getattr(tokenizer, "_rlhf_longest_token", None)
+    if longest is None:
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=16)
+        tokenizer._rlhf_longest_token = longest  # one pass over the vocabulary per tokenizer
+    return 2 * max_length * max(int(longest), 1) + 64
+
+
 def _chat_example(row: SFTRow, tokenizer: Any, max_length: int, ends: set[int]) -> Example:
     """A chat row as the ids of its whole rendering, so the prompt/response boundary is the
     one the tokenizer draws on the conversation (tokenizing the parts apart can split the
@@ -57,6 +69,12 @@ def _chat_example(row: SFTRow, tokenizer: Any, max_length: int, ends: set[int]) 
     that merged the prompt's trailing space with the response's first word, say) is trained."""
     spans = [*row.trained_spans, (len(row.prompt), len(row.prompt) + len(row.response))]
     text = row.prompt + row.response
+    if len(text) > char_budget(tokenizer, max_length):
+        raise DataError(
+            f"{row.where}: the rendered conversation is {len(text)} characters, far more than "
+            f"hyperparameters.maxLength {max_length} tokens; shorten the row or set "
+            "dataset.skipInvalid to leave such rows out"
+        )
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [
@@ -82,13 +100,15 @@ def tokenize_sft(rows: Sequence[SFTRow], tokenizer: Any, max_length: int) -> lis
     """
     ends = stop_ids(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    budget = char_budget(tokenizer, max_length)
     out = []
     for row in rows:
         if row.chat:
             out.append(_chat_example(row, tokenizer, max_length, ends))
             continue
-        p = list(tokenizer(row.prompt)["input_ids"])
-        r = list(tokenizer(row.response, add_special_tokens=False)["input_ids"])
+        # Only the prompt's end and the response's start can survive the cut below.
+        p = list(tokenizer(row.prompt[-budget:])["input_ids"])
+        r = list(tokenizer(row.response[:budget], add_special_tokens=False)["input_ids"])
         r = (r + eos if not r or r[-1] not in ends else r)[:max_length]
         p = p[len(p) - (max_length - len(r)) :] if len(p) + len(r) > max_length else p
         out.append(Example(p + r, [IGNORE_INDEX] * len(p) + r))

@@ -156,8 +156,19 @@ def parse_jsonl(rec: Record, where: str) -> SFTRow:
 
 
 def parse_hh(rec: Record, where: str) -> PreferenceRow:
+    """Both transcripts must share the conversation before their last Assistant turn: that is
+    the prompt the two replies answer. Rows where it differs are refused (with `skipInvalid`,
+    skipped and counted) rather than paired under the chosen side's prompt."""
     prompt, chosen = split_hh(_string(rec, "chosen", where, "hh"), "chosen", where)
-    _, rejected = split_hh(_string(rec, "rejected", where, "hh"), "rejected", where)
+    other, rejected = split_hh(_string(rec, "rejected", where, "hh"), "rejected", where)
+    if other != prompt:
+        at = next((i for i, (a, b) in enumerate(zip(prompt, other, strict=False)) if a != b), None)
+        at = min(len(prompt), len(other)) if at is None else at
+        raise DataError(
+            f'{where}: fields "chosen" and "rejected" differ before their last Assistant turn '
+            f"(from character {at}), so they answer different prompts; fix the row or set "
+            "dataset.skipInvalid: true to skip such rows"
+        )
     return PreferenceRow(prompt, chosen, rejected)
 
 

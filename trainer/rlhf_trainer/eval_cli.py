@@ -49,9 +49,9 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument("--reference-format", default="jsonl", help="dataset format of it")
     p.add_argument("--pairs", help="held-out preference pairs for reward-model accuracy")
     p.add_argument("--pairs-format", default="preference", help="dataset format of --pairs")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-length", type=positive_int, default=512)
 
 
 def _functions() -> str:
@@ -127,3 +127,14 @@ def run_eval_command(args: argparse.Namespace) -> None:
     if report is not None:  # rank 0
         print(comparison_table(report), file=sys.stderr, flush=True)
         print(json.dumps(report, indent=2), flush=True)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse names the flag on error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value

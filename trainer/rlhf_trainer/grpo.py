@@ -72,7 +72,7 @@ from rlhf_trainer.online_steps import (
 )
 from rlhf_trainer.policy_losses import aggregate_loss, grpo_loss, kl_k3
 from rlhf_trainer.preflight import StageInputs
-from rlhf_trainer.rewards import overlong_penalty
+from rlhf_trainer.rewards import all_equal, overlong_penalty
 from rlhf_trainer.rollout import Sampling
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,12 @@ class GRPO:
         if opts.dynamic_sampling:
             chosen, live = pick_groups(groups.rewards, g, self.prompts_per_step)
         metrics = self._step_metrics(groups, int(live.sum()))
+        if not opts.dynamic_sampling and all_equal(groups.rewards):  # every rank's rewards
+            log.warning(
+                "Every reward of step %d was %.4g: every advantage is 0, so the step carries no "
+                "reward signal (a reward function or model that cannot tell samples apart?)",
+                step + 1, float(groups.rewards[0]),
+            )  # fmt: skip
         if not live.any():
             log.warning(
                 "Skipped the update of step %d: every group of its %d sampling round(s) had "

@@ -23,6 +23,7 @@ from rlhf_trainer import lora
 from rlhf_trainer.config import LoRAOptions, ModelSource, StageConfig
 from rlhf_trainer.distributed import DistContext, barrier, shard_model
 from rlhf_trainer.errors import UserError
+from rlhf_trainer.stage_inputs import RECORD_FILE
 from rlhf_trainer.tiny import portable_tokenizer_config
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,9 @@ def save_final(
         tmp.mkdir(parents=True)
         export = export or causal_lm_exporter(model.config)
         _write_hf(export(state), tokenizer, tmp, dtype)
+        record = output_dir / RECORD_FILE  # the inputs it was trained on travel with it
+        if record.is_file():
+            shutil.copy2(record, tmp / RECORD_FILE)
         _replace_dir(tmp, final)
         log.info("Wrote %s (Hugging Face format, %s)", final, str(dtype).removeprefix("torch."))
     barrier()

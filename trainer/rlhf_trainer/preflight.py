@@ -106,6 +106,19 @@ def total_steps(max_steps: int | None, epochs: float, n_rows: int, batch_size: i
     return max(1, math.ceil(round(epochs * n_rows / batch_size, 9)))
 
 
+# Offline stages whose batchSize counts dataset rows (online stages batch samples, not rows).
+BATCHED_BY_ROWS = frozenset({"sft", "reward", "dpo", "rrhf"})
+
+
+def check_batch_fits(rows: int, batch: int, field: str) -> None:
+    """A batch of more rows than the training split would repeat rows inside one step."""
+    if batch > rows:
+        raise UserError(
+            f"{field}: {batch} is more than the {rows} training rows, so one step would see "
+            f"rows twice; lower it to at most {rows} or add data"
+        )
+
+
 def _stage_inputs(
     config: StageConfig,
     world_size: int,
@@ -128,6 +141,9 @@ def _stage_inputs(
         train, held_out = rows, load(explicit, chat)
     else:
         train, held_out = split_eval(rows, config.dataset.eval_fraction)
+    online = config.rrhf is not None and config.rrhf.online
+    if config.type in BATCHED_BY_ROWS and not online:
+        check_batch_fits(len(train), hp.batch_size, "hyperparameters.batchSize")
     steps = total_steps(hp.max_steps, hp.epochs, len(train), hp.batch_size)
     skipped = getattr(rows, "skipped", 0) + getattr(held_out, "skipped", 0)
     return StageInputs(config, model_ref, train, held_out, micro, steps, skipped_rows=skipped)
@@ -272,6 +288,7 @@ def _check_online(
             f"{per_prompt}); pick a divisor of {samples}"
         )
     inputs = _stage_inputs(config, world_size, load_prompt_rows)
+    check_batch_fits(len(inputs.train_rows), prompts_per_step, f"{config.type}.rolloutBatchSize")
     steps = total_steps(hp.max_steps, hp.epochs, len(inputs.train_rows), prompts_per_step)
     inputs = dataclasses.replace(inputs, total_steps=steps)
     if config.reward_model_path is not None:
