@@ -51,6 +51,7 @@ class Observed:
 
     children: list[Obj] = field(default_factory=list)
     progress: dict[str, api.StageMetrics] = field(default_factory=dict)
+    failures: dict[str, stage_job.StageFailure] = field(default_factory=dict)
     workspace: str = builders.WORKSPACE_MOUNT
     now: str = "1970-01-01T00:00:00Z"
 
@@ -146,7 +147,8 @@ def plan(run: api.RLHFRun, observed: Observed) -> Plan:
             stages.append(api.StageStatus(name=stage.name, type=stage.type))
             continue
         desired = backends.build_stage_children(run, stage)
-        decided = stage_job.decide(run, stage, desired[-1], jobs.get(stage.name))
+        failure = observed.failures.get(stage.name)
+        decided = stage_job.decide(run, stage, desired[-1], jobs.get(stage.name), failure)
         job = decided.observed
         rollout = [
             *servers.rollout_children(run, stage),
@@ -278,9 +280,17 @@ def _stage_status(
         start_time=started,
         completion_time=finished if phase in ("Succeeded", "Failed") else None,
         output=output,
-        message=stage_job.job_message(job) if job is not None and phase == "Failed" else None,
+        message=_failure_message(job, observed.failures.get(stage.name)) if phase == "Failed"
+        else None,
         metrics=observed.progress.get(stage.name, before.metrics if before else None),
     )
+
+
+def _failure_message(job: Obj | None, failure: stage_job.StageFailure | None) -> str | None:
+    """The trainer's own reason (its pod's termination message) over the job controller's."""
+    if failure is not None and failure.message:
+        return failure.message
+    return stage_job.job_message(job) if job is not None else None
 
 
 def _run_phase(run: api.RLHFRun, stages: list[api.StageStatus]) -> api.Phase:

@@ -207,7 +207,10 @@ class Reconciler:
         ]
         pods = self.kube.list(PODS, namespace, labels)
         return Observed(
-            children=children, progress=sync.progress_by_stage(pods), now=self.clock()
+            children=children,
+            progress=sync.progress_by_stage(pods),
+            failures=sync.failures_by_stage(pods),
+            now=self.clock(),
         )
 
     def apply(self, run: api.RLHFRun, desired: list[Obj], observed: list[Obj]) -> Applied:

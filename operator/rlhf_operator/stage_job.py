@@ -32,6 +32,20 @@ EDIT_REASON = "RunningStageEdited"
 SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp", "managedFields", "generation")
 
 
+# The trainer's exit status for a bad input (its one `error:` line says which): retrying the
+# job cannot help, so the stage fails at once (a changed re-run, a bad row, a bad setting).
+USER_ERROR_EXIT = 2
+
+
+@dataclass(frozen=True)
+class StageFailure:
+    """Why a stage's trainer container last stopped with an error, read from its pod: the
+    termination message (the trainer's `error:` line) and the exit status."""
+
+    message: str
+    exit_code: int
+
+
 @dataclass(frozen=True)
 class StageJob:
     """The planner's decision for one stage's job.
@@ -82,9 +96,15 @@ def with_attempt(job: Obj, attempt: int, previous_failure: str | None) -> Obj:
     return out
 
 
-def decide(run: api.RLHFRun, stage: api.Stage, desired: Obj, job: Obj | None) -> StageJob:
+def decide(
+    run: api.RLHFRun,
+    stage: api.Stage,
+    desired: Obj,
+    job: Obj | None,
+    failure: StageFailure | None = None,
+) -> StageJob:
     """Keep, retry, or leave running the stage's observed `job`, given the `desired` one
-    rendered from the spec."""
+    rendered from the spec; a job whose trainer refused its input is not retried."""
     if job is None:
         return StageJob(observed=None, desired=desired, attempt=1)
     attempt = attempt_of(job)
@@ -96,10 +116,11 @@ def decide(run: api.RLHFRun, stage: api.Stage, desired: Obj, job: Obj | None) ->
     phase = backends.for_kind(str(job.get("kind"))).job_phase(job)
     if phase == "Failed" and not unchanged:
         return StageJob(observed=None, desired=desired, attempt=1)  # edited: start over
-    if phase == "Failed" and attempt <= run.spec.stage_backoff_limit(stage):
-        failure = job_message(job) or "the job failed"
-        retry = with_attempt(desired, attempt + 1, failure)
-        return StageJob(observed=None, desired=retry, attempt=attempt + 1, previous_failure=failure)
+    refused = failure is not None and failure.exit_code == USER_ERROR_EXIT
+    if phase == "Failed" and attempt <= run.spec.stage_backoff_limit(stage) and not refused:
+        reason = (failure.message if failure else None) or job_message(job) or "the job failed"
+        retry = with_attempt(desired, attempt + 1, reason)
+        return StageJob(observed=None, desired=retry, attempt=attempt + 1, previous_failure=reason)
     if phase == "Running" and not unchanged:
         kept = as_desired(job)
         set_suspended(kept, builders.held(run))

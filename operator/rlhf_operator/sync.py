@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rlhf_operator import api, backends, builders
+from rlhf_operator import api, backends, builders, stage_job
 
 Obj = dict[str, Any]
 
@@ -214,6 +214,31 @@ def status_patch(old: Obj | None, new: Obj) -> Obj | None:
     patch: Obj = {k: v for k, v in new.items() if old.get(k) != v}
     patch.update({k: None for k in STATUS_FIELDS if k in old and k not in new})
     return patch or None
+
+
+def failures_by_stage(pods: list[Obj]) -> dict[str, stage_job.StageFailure]:
+    """Per stage, the newest error a trainer container stopped with: its termination message
+    (the trainer writes its one `error:` line there) and exit status, from the container's
+    state or, after a restart, its last state."""
+    best: dict[str, tuple[str, stage_job.StageFailure]] = {}
+    for pod in pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        stage = labels.get(builders.LABEL_STAGE)
+        if not stage or labels.get(builders.LABEL_COMPONENT) != "trainer":
+            continue
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            for state in (status.get("state"), status.get("lastState")):
+                ended = (state or {}).get("terminated") or {}
+                code = int(ended.get("exitCode") or 0)
+                message = str(ended.get("message") or "").strip()
+                if code == 0 or not message:
+                    continue
+                lines = [line for line in message.splitlines() if line.startswith("error: ")]
+                failure = stage_job.StageFailure((lines or [message])[-1][:1024], code)
+                when = str(ended.get("finishedAt") or "")
+                if stage not in best or when > best[stage][0]:
+                    best[stage] = (when, failure)
+    return {stage: failure for stage, (_, failure) in best.items()}
 
 
 def progress_by_stage(pods: list[Obj]) -> dict[str, api.StageMetrics]:

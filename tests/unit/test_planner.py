@@ -417,3 +417,48 @@ def test_a_queued_run_is_created_suspended_and_then_follows_its_job() -> None:
     unqueued = make_run(manifest(suspend=True))
     assert not builders.kueue_queued(unqueued) and builders.held(unqueued)
     assert builders.kueue_queued(run) and not builders.held(run)
+
+
+def trainer_pod(stage: str, code: int, message: str, when: str = "t2") -> dict[str, object]:
+    """A trainer pod whose container stopped with `code` and a termination message."""
+    return {
+        "metadata": {"labels": {"rlhf.dev/stage": stage, "rlhf.dev/component": "trainer"}},
+        "status": {"containerStatuses": [{"name": "pytorch", "state": {"terminated": {
+            "exitCode": code, "message": message, "finishedAt": when}}}]},
+    }  # fmt: skip
+
+
+def test_a_trainer_that_refused_its_input_fails_the_stage_at_once_saying_why() -> None:
+    """Exit 2 is a bad input (here a changed re-run): a retry cannot help, so the stage fails
+    at once, whatever its backoffLimit, with the trainer's own line instead of the job
+    controller's; other exits are retried, the reason carried into the next attempt."""
+    from rlhf_operator import sync
+
+    run = make_run(manifest(backoffLimit=2))
+    p0 = plan(run, Observed(now="t0"))
+    p1 = plan(advance(run, p0), observed_for(p0, "sft", "Running", now="t1"))
+    line = "error: sft: the stage's inputs changed since its final output: maxSteps 3 -> 4"
+    failed = observed_for(p1, "sft", "Running", "Failed", message="job failed", now="t2")
+    refused = Observed(
+        children=failed.children, now="t2",
+        failures=sync.failures_by_stage([trainer_pod("sft", 2, "torchrun noise\n" + line)]),
+    )  # fmt: skip
+    p2 = plan(advance(run, p1), refused)
+    assert p2.status.phase == "Failed" and stage_phases(p2)["sft"] == "Failed"
+    assert p2.status.stages[0].message is not None and line in p2.status.stages[0].message
+    crashed = Observed(children=failed.children, now="t2",
+                       failures=sync.failures_by_stage([trainer_pod("sft", 1, "error: OOM")]))
+    p3 = plan(advance(run, p1), crashed)
+    assert stage_phases(p3)["sft"] == "Pending" and p3.status.stages[0].attempts == 2
+    assert p3.status.stages[0].message == "Attempt 1 of 3 failed: error: OOM"
+
+
+def test_failures_are_read_from_the_newest_terminated_trainer_container() -> None:
+    from rlhf_operator import sync
+
+    old, new = trainer_pod("sft", 2, "error: old", "t1"), trainer_pod("sft", 2, "error: new", "t3")
+    ok = trainer_pod("sft", 0, "fine", "t9")
+    server = trainer_pod("ppo", 1, "error: vllm")
+    server["metadata"] = {"labels": {"rlhf.dev/stage": "ppo", "rlhf.dev/component": "rollout"}}
+    failures = sync.failures_by_stage([old, new, ok, server])
+    assert failures == {"sft": sync.stage_job.StageFailure("error: new", 2)}

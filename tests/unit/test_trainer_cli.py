@@ -137,3 +137,18 @@ def test_validate_only_writes_nothing(
     args = ["sft", "--config", str(path), "--validate-only", "--world-size", "3"]
     assert main(args) == 2
     assert "batchSize: 16 does not divide into 3 ranks" in error_line(capsys)
+
+
+def test_the_error_line_goes_to_the_termination_log_in_a_container(
+    capsys: pytest.CaptureFixture[str], workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a pod the kubelet creates the file; the operator reads the line from the container
+    status. Outside one (no file) nothing is written."""
+    log = workspace / "termination-log"
+    monkeypatch.setenv("RLHF_TERMINATION_LOG", str(log))
+    assert main(["sft", "--config", str(workspace / "nope.yaml")]) == 2
+    assert not log.exists()
+    log.write_text("")
+    assert main(["sft", "--config", str(workspace / "nope.yaml")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert log.read_text() == line + "\n" and line.startswith("error: ")

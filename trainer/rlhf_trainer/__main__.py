@@ -8,11 +8,13 @@ with status 2 before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from rlhf_trainer.config import STAGE_TYPES, ConfigError, StageConfig, load_stage_config
 from rlhf_trainer.errors import UserError
@@ -127,12 +129,28 @@ def _run_stage(command: str, config_path: str, validate_only: bool, world_size: 
     record(run)(inputs)  # under torchrun, a crash's traceback reaches its failure summary
 
 
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LOG_ENV = "RLHF_TERMINATION_LOG"  # tests point it elsewhere
+
+
 def _report(err: UserError) -> None:
     """Print the one `error:` line: rank 0 at once; another rank only if it is still running
     after the grace period, that is when rank 0 did not fail the same way."""
     if env_rank() != 0:
         time.sleep(float(os.environ.get(REPORT_GRACE_ENV, REPORT_GRACE_SECONDS)))
     print(f"error: {err}", file=sys.stderr, flush=True)
+    _termination_message(f"error: {err}")
+
+
+def _termination_message(line: str) -> None:
+    """In a Kubernetes container, the line also goes to the termination-message file (the
+    kubelet's default `terminationMessagePath`), where the operator reads why the stage failed;
+    torchrun's own failure report, printed after it, would bury it in the logs."""
+    path = Path(os.environ.get(TERMINATION_LOG_ENV, TERMINATION_LOG))
+    if not path.exists():  # not in a container: the kubelet creates the file
+        return
+    with contextlib.suppress(OSError):
+        path.write_text(line[:4000] + "\n", encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
