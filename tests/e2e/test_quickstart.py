@@ -113,8 +113,7 @@ def test_unsupported_stage_is_refused_locally(tmp_path: Path, tiny_model_dir: Pa
     spec = tmp_path / "unsupported.yaml"
     spec.write_text(yaml.safe_dump(doc))
     result = rlhf_run(spec, workdir)
+    # Refused when the file is read, as `rlhf validate` refuses it: nothing starts or is written.
     assert result.returncode == 1
-    status = json.loads((workdir / "quickstart" / "status.json").read_text())
-    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
-    assert degraded["status"] == "True" and "cannot serve rollouts yet" in degraded["message"]
-    assert "spec.stages[0].rollout.engine" in degraded["message"]
+    assert "spec.stages[0].rollout.engine: 'lmdeploy' cannot serve rollouts yet" in result.stderr
+    assert not (workdir / "quickstart").exists()
