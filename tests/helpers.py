@@ -50,6 +50,31 @@ def job_with(job: dict[str, Any], *conditions: str, message: str = "") -> dict[s
     return out
 
 
+def merge(base: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies it."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(base) if isinstance(base, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge(out.get(key), value)
+    return out
+
+
+def save_small_llama(out: Path) -> Path:
+    """A 2-layer Llama (vocabulary 64, hidden 32) with seeded random weights, saved to `out`."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
 def load_generate() -> ModuleType:
     """manifests/generate.py (a script, not a package module): renders the Helm chart."""
     path = Path(__file__).resolve().parents[1] / "manifests" / "generate.py"

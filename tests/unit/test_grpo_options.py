@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import save_small_llama
 from rlhf_trainer.batching import DataStream
 from rlhf_trainer.config import StageConfig
 from rlhf_trainer.data import PromptRow
@@ -55,14 +56,7 @@ G, P = 4, 4  # completions per prompt, prompts per step
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import transformers
-
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2)  # fmt: skip
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    return out
+    return save_small_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def reward_of(sample: Sample) -> float:

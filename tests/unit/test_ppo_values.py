@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import save_small_llama
 from rlhf_trainer.config import StageConfig
 from rlhf_trainer.distributed import DistContext
 from rlhf_trainer.feed import StepRollouts
@@ -26,14 +27,7 @@ PROMPTS = 8
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import transformers
-
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2)  # fmt: skip
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    return out
+    return save_small_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def ppo(model_dir: Path, ctx: DistContext, fold: bool | None, epochs: int = 1) -> PPO:

@@ -11,7 +11,7 @@ import kopf
 import kubernetes_validate
 import pytest
 
-from helpers import manifest
+from helpers import manifest, merge
 from rlhf_operator import backends
 from rlhf_operator.controller import PERSISTENT_DELAY, TRANSIENT_DELAY, Controller
 from rlhf_operator.kube import BY_KIND, RUNS, ApiKube, Kube, KubeError, Resource, has_labels
@@ -85,19 +85,6 @@ class FakeKube(Kube):
 
     def kinds(self, kind: str) -> list[str]:
         return sorted(name for (k, _, name) in self.objects if k == kind)
-
-
-def merge(base: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(base) if isinstance(base, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge(out.get(key), value)
-    return out
 
 
 def clock() -> str:

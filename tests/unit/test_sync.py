@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from helpers import job_with, make_run, manifest
+from helpers import job_with, make_run, manifest, merge
 from rlhf_operator import backends, sync
 from rlhf_operator.planner import Observed, plan
 
@@ -274,19 +274,6 @@ def test_a_missing_operator_runtime_patch_is_appended() -> None:
     patch = job_patch(job, observed)
     assert patch == {"spec": {"runtimePatches": [KUEUE_ENTRY, job["spec"]["runtimePatches"][0]]}}
     assert job_patch(job, merge(observed, patch)) is None
-
-
-def merge(base: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch, as the API server applies it."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(base) if isinstance(base, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge(out.get(key), value)
-    return out
 
 
 def test_every_child_has_the_controller_owner_reference() -> None:
