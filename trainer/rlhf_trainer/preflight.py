@@ -150,9 +150,8 @@ def _stage_inputs(
 
 
 def check_sft(config: StageConfig, world_size: int) -> StageInputs[SFTRow]:
-    """Validate an sft stage for `world_size` ranks; raise UserError naming the problem."""
-    if config.sft is not None and config.sft.packing:
-        raise UserError("sft.packing: packing is not implemented yet; set it to false")
+    """Validate an sft stage for `world_size` ranks; raise UserError naming the problem.
+    (`sft.packing: true` never gets here: SFTOptions refuses it when the config loads.)"""
     return _stage_inputs(config, world_size, load_sft_rows)
 
 
@@ -298,17 +297,12 @@ def _check_online(
 
 
 def check_ppo(config: StageConfig, world_size: int) -> StageInputs[PromptRow]:
-    """A ppo stage: one sample per prompt; ptx data checked when ptxCoef > 0."""
+    """A ppo stage: one sample per prompt; the ptx data read when ptxCoef > 0 (PPOOptions
+    has already refused ptxCoef without ptxDataset, and an adaptive controller without
+    klTarget, when the config loaded)."""
     options = config.ppo or PPOOptions()
-    if options.ptx_coef > 0:
-        if options.ptx_dataset is None:
-            raise UserError(
-                "ppo.ptxDataset: ppo.ptxCoef > 0 mixes in an LM loss on supervised data; set "
-                "ppo.ptxDataset, or ptxCoef to 0"
-            )
+    if options.ptx_dataset is not None and options.ptx_coef > 0:
         load_sft_rows(options.ptx_dataset, dataset_chat(options.ptx_dataset, config.model))
-    if options.kl_controller == "adaptive" and options.kl_target is None:
-        raise UserError("ppo.klTarget: the adaptive KL controller needs a target KL; set klTarget")
     return _check_online(
         config, world_size, options.rollout_batch_size, 1, options.max_new_tokens
     )
