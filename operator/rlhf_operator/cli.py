@@ -121,6 +121,7 @@ def cmd_crd(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from rlhf_operator import restart
     from rlhf_operator.local import LocalExecutor, preflight
+    from rlhf_operator.local_check import check_stage_files
     from rlhf_operator.metrics import RunMetrics
     from rlhf_operator.plots import write_plots
     from rlhf_operator.progress import RunDisplay
@@ -137,6 +138,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.file}: {err}") from None
         for moved in restart.move_aside(workdir / run.metadata.name, stages):
             print(f"Moved stage {moved.stage}'s outputs aside to {moved.target}", file=sys.stderr)
+    problems = check_stage_files(run, workdir)  # every later stage's files, before the first
+    if problems:
+        raise UsageError("\n".join(f"{args.file}: {p}" for p in problems))
     metrics = RunMetrics()
     if args.metrics_port is not None:
         try:

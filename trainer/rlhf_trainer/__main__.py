@@ -62,6 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     from rlhf_trainer.eval_cli import add_eval_parser
 
     add_eval_parser(sub)
+    plan = sub.add_parser(
+        "check-stages",
+        help="check the files of a run's stages before the first starts (`rlhf run` does)",
+    )
+    plan.add_argument("configs", nargs="+", metavar="CONFIG", help="rendered stage configs")
+    plan.add_argument("--world-size", type=int, required=True, help="ranks of each stage")
+    plan.add_argument(
+        "--stand-in",
+        required=True,
+        metavar="MODEL",
+        help="model folder that stands in for one an earlier stage has not written yet",
+    )
     tiny = sub.add_parser("tiny-model", help="write the tiny test model and tokenizer to DIR")
     tiny.add_argument("dir", metavar="DIR")
     tiny.add_argument("--seed", type=int, default=0)
@@ -129,6 +141,16 @@ def _run_stage(command: str, config_path: str, validate_only: bool, world_size: 
     record(run)(inputs)  # under torchrun, a crash's traceback reaches its failure summary
 
 
+def _check_stages(configs: list[str], world_size: int, stand_in: str) -> int:
+    """One `error: stage NAME: ...` line per stage whose files fail its check; exit 2 if any."""
+    from rlhf_trainer.plan_check import check_stages
+
+    problems = check_stages(configs, world_size, stand_in)
+    for problem in problems:
+        print(f"error: stage {problem.stage}: {problem.message}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR if problems else 0
+
+
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LOG_ENV = "RLHF_TERMINATION_LOG"  # tests point it elsewhere
 
@@ -161,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rlhf_trainer.tiny import build_tiny_model
 
             build_tiny_model(args.dir, seed=args.seed, preset=args.preset)
+        elif args.command == "check-stages":
+            return _check_stages(args.configs, args.world_size, args.stand_in)
         elif args.command == "eval":
             from rlhf_trainer.eval_cli import run_eval_command
 
