@@ -789,6 +789,42 @@ class JudgeTarget(JudgeProtocol):
     )
 
 
+class EpisodeOptions(ApiModel):
+    """How an online stage plays multi-turn episodes against an environment server (HTTP +
+    JSON: `GET /health`, `POST /reset`, `POST /step`; docs/ENVIRONMENTS.md)."""
+
+    max_turns: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Assistant turns after which an episode ends if the environment has not "
+        "said `done`.",
+    )
+    timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Timeout of one /reset or /step request; a late reply drops the episode.",
+    )
+    concurrency: int = Field(
+        default=16, ge=1, le=1024, description="Environment requests in flight."
+    )
+    startup_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        le=86400,
+        description="How long the trainer waits for the environment's /health before failing.",
+    )
+
+
+class EnvironmentTarget(EpisodeOptions):
+    """The environment servers of a stage, as rendered for the trainer by the operator."""
+
+    urls: list[str] = Field(
+        min_length=1, description="Base URL of each environment replica (an episode stays on one)."
+    )
+
+
 class EvaluateOptions(ApiModel):
     """Options of the `evaluate` stage."""
 
@@ -849,6 +885,11 @@ class StageConfig(ApiModel):
     judge: JudgeTarget | None = Field(
         default=None,
         description="feedback, and reward: {judge}: the judge servers, filled in by the operator.",
+    )
+    environment: EnvironmentTarget | None = Field(
+        default=None,
+        description="grpo: the environment servers its episodes run against, filled in by the "
+        "operator.",
     )
     policies: dict[str, str] | None = Field(
         default=None,
