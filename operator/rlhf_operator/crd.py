@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from rlhf_operator import api, names, spec_checks
+from rlhf_operator import api, env_servers, names, spec_checks
 
 Schema = dict[str, Any]
 
@@ -68,8 +68,10 @@ def _stage_rules() -> list[Schema]:
             "reason": "FieldValueRequired",
         },
         {
-            "rule": f"!(self.type in {_type_list(api.NEEDS_REWARD)}) || has(self.reward)",
-            "message": "ppo and grpo stages need `reward` ({from|judge|function})",
+            "rule": f"!(self.type in {_type_list(api.NEEDS_REWARD)}) || has(self.reward) || "
+            "has(self.environment)",
+            "message": "ppo and grpo stages need `reward` ({from|judge|function}), or, for grpo, "
+            "an `environment` whose episodes are rewarded",
             "fieldPath": ".reward",
             "reason": "FieldValueRequired",
         },
@@ -192,6 +194,7 @@ _MODEL_RULES: dict[str, list[Schema]] = {
     ],
     "Stage": _stage_rules(),
     "Rollout": _ROLLOUT_RULES,
+    "Environment": env_servers.CEL_RULES,
     "RLHFRunSpec": [
         {
             "rule": "has(self.judge) || !self.stages.exists(s, s.type == 'feedback' || "

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rlhf_operator import api, backends, builders
+from rlhf_operator import api, backends, builders, local_servers
 from rlhf_operator.local_precision import bf16_fallback_events, host_cpu_bf16
 from rlhf_operator.local_procs import StopSignals, die_with_parent, interrupted_status, stop_groups
 from rlhf_operator.local_servers import SERVER_KINDS, LocalServers, local_server_env
@@ -218,9 +218,10 @@ class LocalExecutor:
         env.update(injected)
         for item in container.get("env", []):
             if "value" in item:
-                env[item["name"]] = remap(str(item["value"]), mounts)
+                env[item["name"]] = remap(expand(str(item["value"]), env), mounts)
         env.update(self.host_env)
-        argv = [remap(expand(arg, env), mounts) for arg in container["command"]]
+        command = [*container["command"], *container.get("args", [])]
+        argv = [remap(expand(arg, env), mounts) for arg in command]
         argv = (to_local or local_argv)(argv)
         env.update(local_server_env(argv))
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -365,11 +366,11 @@ def _model_paths(run: api.RLHFRun) -> list[tuple[str, str]]:
 
 
 def preflight(run: api.RLHFRun, workdir: Path) -> list[str]:
-    """Inputs a local run can check before anything starts: local model and dataset paths."""
+    """What a local run can check before anything starts: models, datasets, environments."""
     def local(path: str) -> Path:
         return Path(path) if Path(path).is_absolute() else workdir / path
 
-    problems = []
+    problems = local_servers.environment_problems(run)
     for where, path in _model_paths(run):
         if not local(path).exists():
             build = f", or build one with `rlhf tiny-model {local(path)}`"
@@ -393,6 +394,3 @@ def preflight(run: api.RLHFRun, workdir: Path) -> list[str]:
                 "relative paths are relative to --workdir"
             )
     return problems
-
-
-

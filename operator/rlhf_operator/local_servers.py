@@ -9,11 +9,17 @@ reaches the very server a cluster would route it to. The process's state comes b
 as the status a Deployment controller would write: `Available` once `/health` answers 200,
 and `Progressing=False, reason=ProgressDeadlineExceeded` when the process exits or is not
 ready within the Deployment's `progressDeadlineSeconds`.
+
+An environment server's command (env_servers) runs as it is, with `python` and `rlhf` taken from
+this interpreter's environment and its env var PORT set to the free port, so that `$(PORT)`
+expands to it. One given as an `image` alone has no command to run here: `rlhf run` refuses it
+before it starts (`environment_problems`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import os
 import re
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_operator import engine_versions
+from rlhf_operator import api, builders, engine_versions, env_servers
 from rlhf_operator.local_precision import host_bf16_kept, local_vllm_dtype
 
 Obj = dict[str, Any]
@@ -108,6 +114,40 @@ def local_server_argv(argv: list[str], port: int, gpu: bool, bf16_kept: bool = T
             out += engine_versions.lmdeploy_metrics_flags(engine_versions.parse_version(installed))
         return _set_flag(_set_flag(out, "--server-port", str(port)), "--server-name", "127.0.0.1")
     raise ValueError(f"the local executor cannot run the server command {argv[:3]}")
+
+
+def local_environment_argv(argv: list[str]) -> list[str]:
+    """An environment server's command, with `python` and `rlhf` from this interpreter's
+    environment (a pod finds them on the image's PATH; `rlhf run` may be started by path)."""
+    if argv and argv[0] in ("python", "python3"):
+        return [sys.executable, *argv[1:]]
+    script = Path(sys.executable).parent / "rlhf"
+    if argv and argv[0] == "rlhf" and script.exists():
+        return [str(script), *argv[1:]]
+    return argv
+
+
+def environment_pod(pod: Obj, port: int) -> Obj:
+    """The pod of an environment server with its PORT at `port`: processes here share one
+    address, so each gets a free port, and `$(PORT)` in its command expands to that."""
+    out = copy.deepcopy(pod)
+    for item in out["containers"][0].get("env", []):
+        if item["name"] == api.ENV_SERVER_PORT_VAR:
+            item["value"] = str(port)
+    return out
+
+
+def environment_problems(run: api.RLHFRun) -> list[str]:
+    """Environment servers `rlhf run` cannot run: one given by its image alone."""
+    return [
+        f"spec.stages[{index}].environment.command: the environment server is given by its "
+        f"image ({stage.environment.image}) alone, which `rlhf run` cannot run; set command "
+        "(a local process, `$(PORT)` being its port), or url for one that already runs"
+        for index, stage in enumerate(run.spec.stages)
+        if env_servers.runs_servers(stage)
+        and stage.environment is not None
+        and stage.environment.command is None
+    ]
 
 
 def installed_lmdeploy() -> str | None:
@@ -238,9 +278,16 @@ class LocalServers:
         port = self.free_port()
         log = self.log_dir / f"{obj['metadata']['name']}.log"
         deadline = time.monotonic() + float(obj["spec"].get("progressDeadlineSeconds", 600))
-        proc = self.spawn(
-            pod, log, lambda argv: local_server_argv(argv, port, self.gpu, self.bf16_kept)
-        )
+        component = obj["metadata"]["labels"].get(builders.LABEL_COMPONENT)
+        if component == env_servers.COMPONENT_ENVIRONMENT:
+            if "command" not in pod["containers"][0]:
+                name = obj["metadata"]["name"]
+                raise ValueError(f"cannot run environment server {name} here: no command")
+            proc = self.spawn(environment_pod(pod, port), log, local_environment_argv)
+        else:
+            proc = self.spawn(
+                pod, log, lambda argv: local_server_argv(argv, port, self.gpu, self.bf16_kept)
+            )
         return LocalServer(obj, port, proc, log, deadline)
 
     def observe(self) -> list[Obj]:

@@ -28,6 +28,7 @@ from rlhf_operator import (
     backends,
     builders,
     engine_versions,
+    env_servers,
     judge_servers,
     servers,
     stage_job,
@@ -153,6 +154,7 @@ def plan(run: api.RLHFRun, observed: Observed) -> Plan:
         rollout = [
             *servers.rollout_children(run, stage),
             *judge_servers.judge_children(run, stage),
+            *env_servers.environment_children(run, stage),
         ]
         gate = servers.readiness(rollout, observed.children)
         stage_status = _stage_status(run, stage, job, observed, previous)
@@ -168,7 +170,7 @@ def plan(run: api.RLHFRun, observed: Observed) -> Plan:
             children.extend(kept)
             edited = stage_job.edit_message(run, index, decided)
         else:
-            # Rollout servers come first; the trainer starts once every one is available.
+            # Servers come first; the trainer starts once every one is available.
             children.extend([*desired[:-1], *rollout])
             if job is not None or gate.ready:
                 children.append(decided.desired)
@@ -236,7 +238,7 @@ def _gated(
 
 def _kept_children(children: list[Obj], stage: str) -> list[Obj]:
     """A finished stage keeps the objects it ran with, not ones rebuilt from an edited spec;
-    its rollout servers go (their GPUs are free again)."""
+    its rollout, judge and environment servers go (their GPUs are free again)."""
     kept = []
     for child in children:
         labels = child.get("metadata", {}).get("labels") or {}
@@ -245,6 +247,7 @@ def _kept_children(children: list[Obj], stage: str) -> list[Obj]:
         if labels.get(builders.LABEL_COMPONENT) in (
             servers.COMPONENT_ROLLOUT,
             judge_servers.COMPONENT_JUDGE,
+            env_servers.COMPONENT_ENVIRONMENT,
         ):
             continue
         kept.append(stage_job.as_desired(child))

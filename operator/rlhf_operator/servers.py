@@ -113,7 +113,8 @@ def lmdeploy_command(model: ModelSource, rollout: api.Rollout) -> list[str]:
     return argv + engine_versions.lmdeploy_metrics_flags(engine_versions.tag_version(image))
 
 
-def _probe(path: str, period: int, failures: int) -> Obj:
+def probe(path: str, period: int, failures: int) -> Obj:
+    """An HTTP GET probe on the container port `http`."""
     return {
         "httpGet": {"path": path, "port": "http"},
         "periodSeconds": period,
@@ -136,14 +137,16 @@ def _server_env(run: api.RLHFRun, engine: str) -> list[Obj]:
     return env
 
 
-def _volumes(run: api.RLHFRun) -> list[Obj]:
+def workspace_volume(run: api.RLHFRun) -> Obj:
+    """The volume `workspace`: the run's claim, or an emptyDir."""
     claim = run.spec.workspace.claim_name
-    workspace: Obj = (
-        {"name": "workspace", "persistentVolumeClaim": {"claimName": claim}}
-        if claim
-        else {"name": "workspace", "emptyDir": {}}
-    )
-    return [workspace, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    if claim:
+        return {"name": "workspace", "persistentVolumeClaim": {"claimName": claim}}
+    return {"name": "workspace", "emptyDir": {}}
+
+
+def _volumes(run: api.RLHFRun) -> list[Obj]:
+    return [workspace_volume(run), {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
 
 
 def server_container(run: api.RLHFRun, rollout: api.Rollout, command: list[str]) -> Obj:
@@ -154,11 +157,11 @@ def server_container(run: api.RLHFRun, rollout: api.Rollout, command: list[str])
         "env": _server_env(run, rollout.engine),
         "ports": [{"name": "http", "containerPort": builders.SERVER_PORT, "protocol": "TCP"}],
         # Weights load (and may download) before /v1/models answers: allow startupTimeout.
-        "startupProbe": _probe(
+        "startupProbe": probe(
             "/v1/models", 10, max(1, int(rollout.startup_timeout_seconds // 10))
         ),
-        "readinessProbe": _probe("/health", 5, 3),
-        "livenessProbe": _probe("/health", 10, 6),
+        "readinessProbe": probe("/health", 5, 3),
+        "livenessProbe": probe("/health", 10, 6),
         "volumeMounts": [
             {"name": "workspace", "mountPath": builders.WORKSPACE_MOUNT},
             {"name": "dshm", "mountPath": "/dev/shm"},
@@ -172,16 +175,23 @@ def server_container(run: api.RLHFRun, rollout: api.Rollout, command: list[str])
 
 
 def build_server_deployment(
-    run: api.RLHFRun, stage: str, name: str, replica: int, container: Obj, startup_s: float
+    run: api.RLHFRun,
+    stage: str,
+    name: str,
+    replica: int,
+    container: Obj,
+    startup_s: float,
+    component: str = COMPONENT_ROLLOUT,
+    volumes: list[Obj] | None = None,
 ) -> Obj:
     """A one-pod Deployment; `Recreate`, so a changed spec never holds two pods' GPUs.
 
     Without the run's Kueue queue label, on the Deployment and its pods: Kueue v0.19 enables
     its deployment and pod integrations by default, and would admit each server pod on its own,
     apart from the job's gang admission (docs/INSTALL.md, "Kueue")."""
-    meta = builders.metadata(run, name, stage, COMPONENT_ROLLOUT)
+    meta = builders.metadata(run, name, stage, component)
     meta["labels"].pop(builders.KUEUE_QUEUE_LABEL, None)
-    selector = {**builders.labels(run, stage, COMPONENT_ROLLOUT), LABEL_REPLICA: str(replica)}
+    selector = {**builders.labels(run, stage, component), LABEL_REPLICA: str(replica)}
     selector.pop(builders.KUEUE_QUEUE_LABEL, None)
     meta["labels"][LABEL_REPLICA] = str(replica)
     return {
@@ -197,18 +207,28 @@ def build_server_deployment(
             "selector": {"matchLabels": selector},
             "template": {
                 "metadata": {"labels": dict(meta["labels"])},
-                "spec": {"containers": [container], "volumes": _volumes(run)},
+                "spec": {
+                    "containers": [container],
+                    "volumes": _volumes(run) if volumes is None else volumes,
+                },
             },
         },
     }
 
 
-def build_server_service(run: api.RLHFRun, stage: str, name: str, replica: int) -> Obj:
-    meta = builders.metadata(run, name, stage, COMPONENT_ROLLOUT)
+def build_server_service(
+    run: api.RLHFRun,
+    stage: str,
+    name: str,
+    replica: int,
+    component: str = COMPONENT_ROLLOUT,
+    port_number: int = builders.SERVER_PORT,
+) -> Obj:
+    meta = builders.metadata(run, name, stage, component)
     meta["labels"][LABEL_REPLICA] = str(replica)
-    selector = {**builders.labels(run, stage, COMPONENT_ROLLOUT), LABEL_REPLICA: str(replica)}
+    selector = {**builders.labels(run, stage, component), LABEL_REPLICA: str(replica)}
     selector.pop(builders.KUEUE_QUEUE_LABEL, None)
-    port = {"name": "http", "port": builders.SERVER_PORT, "targetPort": "http", "protocol": "TCP"}
+    port = {"name": "http", "port": port_number, "targetPort": "http", "protocol": "TCP"}
     return {
         "apiVersion": "v1",
         "kind": "Service",

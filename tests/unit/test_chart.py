@@ -555,7 +555,8 @@ def test_monitoring_objects() -> None:
     objs = render(SCENARIOS["monitoring"])
     monitors = {m["metadata"]["name"]: m for m in find(objs, "PodMonitor")}
     assert set(monitors) == {"rlhf-operator", "rlhf-operator-trainers",
-                             "rlhf-operator-trainjob-trainers", "rlhf-operator-servers"}
+                             "rlhf-operator-trainjob-trainers", "rlhf-operator-servers",
+                             "rlhf-operator-environments"}
     for monitor in monitors.values():
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     trainers = monitors["rlhf-operator-trainers"]["spec"]
@@ -584,6 +585,13 @@ def test_monitoring_objects() -> None:
     [expression] = servers["selector"]["matchExpressions"]
     assert expression == {"key": "rlhf.dev/component", "operator": "In",
                           "values": ["rollout", "judge"]}
+    environments = monitors["rlhf-operator-environments"]["spec"]
+    assert environments["selector"] == {"matchLabels": {"rlhf.dev/component": "environment"}}
+    [endpoint] = environments["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    without = render({"monitoring": {"podMonitor": {"enabled": True, "environments": False}}})
+    assert "rlhf-operator-environments" not in {m["metadata"]["name"]
+                                                for m in find(without, "PodMonitor")}
     assert monitors["rlhf-operator"]["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
     dashboard = one(objs, "ConfigMap")
     assert dashboard["metadata"]["namespace"] == "grafana"
@@ -597,7 +605,8 @@ def test_monitoring_objects() -> None:
 def test_service_monitor_replaces_the_operator_pod_monitor() -> None:
     objs = render(SCENARIOS["servicemonitor"])
     assert {m["metadata"]["name"] for m in find(objs, "PodMonitor")} == {
-        "rlhf-operator-trainers", "rlhf-operator-trainjob-trainers", "rlhf-operator-servers"
+        "rlhf-operator-trainers", "rlhf-operator-trainjob-trainers", "rlhf-operator-servers",
+        "rlhf-operator-environments",
     }
     monitor = one(objs, "ServiceMonitor")
     service = one(objs, "Service", "rlhf-operator-metrics")

@@ -102,6 +102,34 @@ def test_cel_rules_accept_a_valid_spec() -> None:
     assert cel_failures(manifest()["spec"]) == []
 
 
+def _grpo(environment: dict[str, Any]) -> Any:
+    """Make the second stage a grpo stage with `environment`."""
+    grpo = {"type": "grpo", "dataset": {"path": "data/prompts.jsonl", "format": "prompts"},
+            "reward": {"function": "brief"}, "environment": environment}  # fmt: skip
+    return lambda s: s["stages"][1].update(copy.deepcopy(grpo))
+
+
+# What the API server fills in before it evaluates the rules (the CRD's defaults).
+_SERVER_DEFAULTS = {"port": 8000, "replicas": 1, "env": [],
+                    "resources": {"requests": {}, "limits": {}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "environment",
+    [
+        {"command": ["rlhf", "env", "serve", "calculator", "--port", "$(PORT)"]},
+        {"image": "example.com/env:1", "env": [{"name": "A", "value": "1"}, {"name": "B"}]},
+        {"url": "http://env.example.com:8000"},
+        {"url": "http://env.example.com:8000", **_SERVER_DEFAULTS},
+    ],
+)
+def test_cel_rules_accept_environments(environment: dict[str, Any]) -> None:
+    doc = manifest()
+    _grpo(environment)(doc["spec"])
+    assert cel_failures(doc["spec"]) == []
+    api.parse_run(doc)
+
+
 @pytest.mark.parametrize(
     ("mutate", "needle"),
     [
@@ -127,6 +155,15 @@ def test_cel_rules_accept_a_valid_spec() -> None:
             ),
             "has(self.rollout)",
         ),
+        (lambda s: s["stages"][0].update({"environment": {"command": ["x"]}}),
+         "self.type == 'grpo'"),
+        (_grpo({"maxTurns": 2}), "has(self.url) || has(self.command) || has(self.image)"),
+        (_grpo({"url": "http://e:1", "command": ["x"]}), "!has(self.url) || (!has(self.command))"),
+        (_grpo({"url": "http://e:1", "replicas": 2}), "self.replicas == 1"),
+        (_grpo({"url": "http://e:1", "resources": {"limits": {"cpu": 1}}}),
+         "size(self.resources.limits) == 0"),
+        (_grpo({"command": ["x"], "env": [{"name": "PORT", "value": "1"}]}), "e.name != 'PORT'"),
+        (_grpo({"command": ["x"], "env": [{"name": "A"}, {"name": "A"}]}), "exists_one(f"),
     ],
 )
 def test_cel_rules_refuse_what_validate_refuses(mutate: Any, needle: str) -> None:

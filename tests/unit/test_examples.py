@@ -44,6 +44,7 @@ EXPECTED = {
     "smollm2-rlhf.yaml",
     "smollm2-dpo.yaml",
     "smollm2-grpo.yaml",
+    "smollm2-grpo-guess.yaml",
 }
 
 # Examples `rlhf render` refuses today, with the message it refuses them with.

@@ -389,7 +389,7 @@ def make_feed(
     syncer = SimpleNamespace(sync=lambda actor, step: {"logprob_mismatch_mean": 0.0})
     setup = SimpleNamespace(
         ctx=ctx, client=client if ctx.is_main else None, tokenizer=tokenizer, max_prompt=8,
-        async_=async_, actor=None, syncer=syncer,
+        async_=async_, actor=None, syncer=syncer, episodes=None,
         inputs=SimpleNamespace(train_rows=rows, config=config),
     )
     stream = DataStream(40, seed=0, shuffle=False)

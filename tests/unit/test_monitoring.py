@@ -33,6 +33,7 @@ ALERTS = {
     "RLHFKLTooHigh",
     "RLHFRewardCollapse",
     "RLHFRolloutServerDown",
+    "RLHFEnvironmentDown",
     "RLHFWeightSyncParityFailure",
 }
 Obj = dict[str, Any]
@@ -159,7 +160,7 @@ def test_default_values_render_the_rules_file() -> None:
 def test_thresholds_and_durations_come_from_values(promtool: str, tmp_path: Path) -> None:
     groups = rendered_groups(
         {"stalledMinutes": 30, "stalledFor": "15m", "klThreshold": 2.5, "klFor": "1h",
-         "rewardDropStddevs": 1.5, "serverDownFor": "20m"}
+         "rewardDropStddevs": 1.5, "serverDownFor": "20m", "environmentDownFor": "2m"}
     )
     found = alerts(groups)
     assert found["RLHFRunStalled"]["expr"].endswith("> 1800")
@@ -168,6 +169,7 @@ def test_thresholds_and_durations_come_from_values(promtool: str, tmp_path: Path
     assert found["RLHFKLTooHigh"]["for"] == "1h"
     assert found["RLHFRewardCollapse"]["expr"].endswith("> 1.5")
     assert found["RLHFRolloutServerDown"]["for"] == "20m"
+    assert found["RLHFEnvironmentDown"]["for"] == "2m"
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": groups}))
     run_promtool(promtool, "check", "rules", str(path), cwd=tmp_path)
@@ -210,6 +212,7 @@ def alert_cases(rules: dict[str, Obj]) -> list[Obj]:
     collapsing = {**ml, "run": "collapsing", "stage": "grpo"}
     down = {**ml, "run": "r1", "component": "rollout", "pod": "r1-ppo-rollout-0"}
     desynced = {**ml, "run": "desynced", "stage": "ppo"}
+    env_down = {**ml, "run": "r2", "stage": "grpo", "pod": "r2-grpo-env-0-abc"}
     return [
         case(
             "RLHFRunStalled",
@@ -278,6 +281,20 @@ def alert_cases(rules: dict[str, Obj]) -> list[Obj]:
             ],
             [("10m", []), ("20m", [expect(rules["RLHFRolloutServerDown"], down)]),
              ("40m", [])],
+        ),
+        case(
+            "RLHFEnvironmentDown",
+            [
+                ('up{namespace="ml", run="r2", stage="grpo", component="environment", '
+                 'pod="r2-grpo-env-0-abc"}', "1x5 0x10 1x20"),
+                ('up{namespace="ml", run="r2", stage="grpo", component="environment", '
+                 'pod="r2-grpo-env-1-def"}', "1x35"),
+                # A rollout server down is RLHFRolloutServerDown's business.
+                ('up{namespace="ml", run="r2", stage="grpo", component="rollout", '
+                 'pod="r2-grpo-rollout-0-ghi"}', "0x35"),
+            ],
+            [("7m", []), ("13m", [expect(rules["RLHFEnvironmentDown"], env_down)]),
+             ("30m", [])],
         ),
         case(
             "RLHFWeightSyncParityFailure",

@@ -210,7 +210,7 @@ def test_trainer_metrics_match_the_contract() -> None:
     metrics.observe_step({"step": 1, **{key: 1.0 for key in SERIES}})
     metrics.observe_weight_sync("disk", 1.0)
     doc = documented("Trainer")
-    assert len(doc) == 14
+    assert len(doc) == 18
     assert exposed(metrics.exposition()) == doc
     # Label values used by SERIES are the ones the doc lists for that label.
     text = METRICS_DOC.read_text()

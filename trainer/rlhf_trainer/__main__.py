@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="model folder that stands in for one an earlier stage has not written yet",
     )
+    env = sub.add_parser(
+        "env-serve", help="serve a built-in environment over HTTP (docs/ENVIRONMENTS.md)"
+    )
+    env.add_argument("name", metavar="NAME", help="the environment: calculator or guess")
+    env.add_argument("--port", type=int, required=True, help="port to listen on (0: any free)")
+    env.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
     tiny = sub.add_parser("tiny-model", help="write the tiny test model and tokenizer to DIR")
     tiny.add_argument("dir", metavar="DIR")
     tiny.add_argument("--seed", type=int, default=0)
@@ -185,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_tiny_model(args.dir, seed=args.seed, preset=args.preset)
         elif args.command == "check-stages":
             return _check_stages(args.configs, args.world_size, args.stand_in)
+        elif args.command == "env-serve":
+            from rlhf_trainer.env_server import serve
+
+            serve(args.name, args.host, args.port)
         elif args.command == "eval":
             from rlhf_trainer.eval_cli import run_eval_command
 

@@ -89,6 +89,8 @@ class PromptRow:
     messages: tuple[Message, ...] | None = None  # chat rows: the prompt before rendering
     chat: bool = False  # as SFTRow.chat
     where: str = dataclasses.field(default="", compare=False)
+    # The row as read (`prompts` rows): what an environment's /reset gets (episodes.py).
+    record: dict[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 Record = dict[str, Any]
@@ -275,7 +277,7 @@ def parse_prompts(rec: Record, where: str) -> PromptRow:
         raise DataError(
             f"{where}: field {_name(rec, 'answer')} must be a string; {NEEDS['prompts']}"
         )
-    return PromptRow(_string(rec, "prompt", where, "prompts"), answer)
+    return PromptRow(_string(rec, "prompt", where, "prompts"), answer, record=rec)
 
 
 def jsonl_lines(data: bytes) -> list[str]:

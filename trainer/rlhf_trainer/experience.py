@@ -37,7 +37,7 @@ class Batch:
 
     sequences: torch.Tensor  # (B, P + R) int64: left-padded prompt, right-padded response
     attention_mask: torch.Tensor  # (B, P + R) int64: 1 on real tokens
-    response_mask: torch.Tensor  # (B, R) float32: 1 on real response tokens
+    response_mask: torch.Tensor  # (B, R) float32: 1 on the response tokens that carry the loss
     behaviour_logprobs: torch.Tensor  # (B, R) float32: the server's logprobs of the tokens
 
     @property
@@ -97,7 +97,8 @@ def collate_samples(samples: Sequence[Sample], pad_id: int, device: torch.device
         attention[i, width_p - p : width_p + r] = 1
         if r:
             sequences[i, width_p : width_p + r] = torch.tensor(s.response_ids)
-            response_mask[i, :r] = 1.0
+            trained = s.trained_mask if s.trained_mask is not None else (1,) * r
+            response_mask[i, :r] = torch.tensor(trained, dtype=torch.float32)
             behaviour[i, :r] = torch.tensor(s.logprobs)
     return Batch(
         sequences.to(device),
@@ -143,7 +144,9 @@ def _packed(model: nn.Module, batch: Batch) -> tuple[PackedRows, torch.Tensor] |
     p = batch.prompt_len
     real = batch.attention_mask.bool().cpu()
     ids = batch.sequences.cpu()
-    lengths = batch.response_mask.sum(dim=1).long().cpu().tolist()
+    # Response lengths from the attention mask: an episode's environment tokens are attended
+    # but masked out of the loss (`Sample.trained_mask`).
+    lengths = batch.attention_mask[:, p:].sum(dim=1).long().cpu().tolist()
     prompts = [ids[i, :p][real[i, :p]].tolist() for i in range(ids.size(0))]
     sequences = [
         prompt + ids[i, p : p + n].tolist()

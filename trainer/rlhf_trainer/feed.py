@@ -204,13 +204,19 @@ class RolloutFeed:
         assert setup.client is not None
         indices = self.stream.next_batch(self.per_step if count is None else count)
         rows = [setup.inputs.train_rows[i] for i in indices]
-        prompts = [row.prompt for row in rows]
-        ids = prompt_token_ids(setup.tokenizer, rows, setup.max_prompt)
         seed = setup.inputs.config.hyperparameters.seed + step * SEED_STRIDE + offset
         sampling = replace(self.sampling, seed=seed)
         started = time.perf_counter()
         try:
-            groups = setup.client.generate(ids, sampling)
+            if setup.episodes is not None:  # multi-turn, against the stage's environment
+                records = [row.record or {"prompt": row.prompt} for row in rows]
+                prompts, samples, extra = setup.episodes.play(
+                    records, seed, sampling.n, setup.client, sampling
+                )
+            else:
+                prompts, extra = [row.prompt for row in rows], {}
+                ids = prompt_token_ids(setup.tokenizer, rows, setup.max_prompt)
+                samples = [s for group in setup.client.generate(ids, sampling) for s in group]
         except RolloutError as err:
             if setup.client.lost_connection:
                 raise ServersLost(str(err)) from None
@@ -218,7 +224,6 @@ class RolloutFeed:
         if setup.client.lost_connection:  # retried through, maybe to a restarted server
             raise ServersLost("a connection dropped and a retry got through")
         seconds = time.perf_counter() - started
-        samples = [s for group in groups for s in group]
         tokens = sum(len(s.response_ids) for s in samples)
         truncated = sum(1 for s in samples if s.finish_reason == "length")
         metrics = {
@@ -227,7 +232,7 @@ class RolloutFeed:
             "response_length": tokens / max(len(samples), 1),
             "truncated_fraction": truncated / max(len(samples), 1),
         }
-        return StepRollouts(prompts, samples, metrics)
+        return StepRollouts(prompts, samples, metrics | extra)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -73,7 +73,7 @@ from rlhf_trainer.online_steps import (
 from rlhf_trainer.policy_losses import aggregate_loss, grpo_loss, kl_k3
 from rlhf_trainer.preflight import StageInputs
 from rlhf_trainer.rewards import all_equal, overlong_penalty
-from rlhf_trainer.rollout import Sampling
+from rlhf_trainer.rollout import Sampling, generated_tokens
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class GRPO:
         scores = gather_scores(local).cpu()
         if penalty is None:
             return scores, scores
-        lengths = torch.tensor([len(s.response_ids) for s in rollouts.samples])
+        lengths = torch.tensor([generated_tokens(s) for s in rollouts.samples])
         shaped = overlong_penalty(lengths, self.opts.max_new_tokens, penalty.buffer, penalty.factor)
         return scores, scores + shaped
 

@@ -62,7 +62,16 @@ SERIES: dict[str, tuple[str, dict[str, str]]] = {
     "train_tokens_per_s": ("tokens_per_second", {"phase": "train"}),
     "generate_tokens_per_s": ("tokens_per_second", {"phase": "generate"}),
     "logprob_mismatch": ("logprob_mismatch", {}),
+    "episode_reward": ("episode_reward", {}),
+    "episode_turns": ("episode_turns", {}),
 }
+# metrics.jsonl key of a step's count -> reason of rlhf_trainer_episodes_dropped_total.
+EPISODES_DROPPED: dict[str, str] = {
+    **{f"episodes_dropped_{r}": r for r in ("timeout", "http_status", "malformed", "connection")},
+    "episodes_cut": "cut",
+}
+# An environment answers in milliseconds; a sandbox that runs code may take seconds.
+ENV_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +116,27 @@ class TrainerMetrics:
                 "Max abs logprob gap of the last parity probe.",
                 registry=r,
             ),
+            "episode_reward": Gauge(
+                "rlhf_trainer_episode_reward", "Mean episode reward of the step.", registry=r
+            ),
+            "episode_turns": Gauge(
+                "rlhf_trainer_episode_turns", "Mean assistant turns per episode.", registry=r
+            ),
         }
+        self.episodes_dropped = Counter(
+            "rlhf_trainer_episodes_dropped",  # exposed with _total
+            "Episodes dropped (timeout, http_status, malformed, connection) or cut at maxLength.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in EPISODES_DROPPED.values():  # present at 0, so rate() works from the start
+            self.episodes_dropped.labels(reason=reason)
+        self.environment_requests = Histogram(
+            "rlhf_trainer_environment_request_seconds",
+            "Latency of one /reset or /step request to an environment server.",
+            buckets=ENV_REQUEST_BUCKETS,
+            registry=r,
+        )
         self.weight_sync = Histogram(
             "rlhf_trainer_weight_sync_seconds",
             "Time of one weight sync to the rollout servers.",
@@ -153,6 +182,10 @@ class TrainerMetrics:
                 continue
             gauge = self.gauges[series]
             (gauge.labels(**labels) if labels else gauge).set(value)
+        for key, reason in EPISODES_DROPPED.items():
+            count = _number(record.get(key))
+            if count is not None and count >= 0:
+                self.episodes_dropped.labels(reason=reason).inc(count)
 
     def observe_weight_sync(self, backend: SyncBackend, seconds: float) -> None:
         if backend not in get_args(SyncBackend):
@@ -230,6 +263,11 @@ def weight_sync_timer(backend: SyncBackend) -> Iterator[None]:
 def observe_parity(mismatch: float, failed: bool) -> None:
     """Record a parity probe (rlhf_trainer_logprob_mismatch, ..._parity_failures_total)."""
     METRICS.observe_parity(mismatch, failed)
+
+
+def observe_environment_request(seconds: float) -> None:
+    """One /reset or /step latency (rlhf_trainer_environment_request_seconds)."""
+    METRICS.environment_requests.observe(seconds)
 
 
 def count_rollout_failure(outcome: str, count: int = 1) -> None:

@@ -28,6 +28,7 @@ from rlhf_trainer.config import (
 from rlhf_trainer.data import PromptRow
 from rlhf_trainer.distributed import DistContext, all_reduce_sum, broadcast_object
 from rlhf_trainer.engine import EngineSync, TrainerEngine
+from rlhf_trainer.episodes import EpisodeRunner, episode_runner
 from rlhf_trainer.experience import in_chunks, scored_sequences
 from rlhf_trainer.feed import prompt_token_ids
 from rlhf_trainer.judge_reward import JudgeRewardSource
@@ -119,6 +120,7 @@ class OnlineSetup:
     async_: bool
     backend: WeightSync
     export: Exporter  # how final/ is written (merged, or the adapter alone, with LoRA)
+    episodes: EpisodeRunner | None = None  # rank 0, with an environment: multi-turn episodes
 
     @property
     def sampled_by_policy(self) -> bool:
@@ -153,8 +155,19 @@ def _options(inputs: StageInputs[PromptRow]) -> tuple[int, bool]:
     return options.max_new_tokens, options.async_
 
 
+class EpisodeReward:
+    """An episode's reward: the sum of its environment's step rewards (episodes.py)."""
+
+    def score(self, samples: Sequence[Sample], prompts: Sequence[str]) -> torch.Tensor:
+        del prompts
+        return torch.tensor([s.reward or 0.0 for s in samples], dtype=torch.float32)
+
+
 def _reward(inputs: StageInputs[PromptRow], tokenizer: Any, ctx: DistContext) -> RewardSource:
     config = inputs.config
+    sources = (inputs.reward_model_ref, config.judge, config.reward_function)
+    if config.environment is not None and all(s is None for s in sources):
+        return EpisodeReward()
     if inputs.reward_model_ref is not None:
         model = load_value_model(inputs.reward_model_ref, trainable=False, bf16=ctx.bf16)
         return ModelReward(model, tokenizer, ctx.device)
@@ -287,4 +300,5 @@ def prepare(inputs: StageInputs[PromptRow], ctx: DistContext) -> OnlineSetup:
         async_,
         backend,
         export,
+        episode_runner(config, tokenizer) if ctx.is_main else None,
     )

@@ -218,6 +218,8 @@ def _check_reward_source(config: StageConfig) -> None:
     """An online stage has exactly one reward source, and that source can be used."""
     judge = config.judge
     sources = [config.reward_model_path, config.reward_function, judge]
+    if config.environment is not None and all(s is None for s in sources):
+        return  # the episodes' rewards come from the environment
     if sum(s is not None for s in sources) != 1:
         raise UserError(
             "reward: set exactly one of reward.from (a reward stage), reward.judge (the AI "
@@ -274,6 +276,10 @@ def _check_online(
             "load them as; the operator fills it in, so render the stage with it"
         )
     _check_reward_source(config)
+    if config.environment is not None:
+        from rlhf_trainer.episodes import check_environment
+
+        check_environment(config)
     if max_new >= hp.max_length:
         raise UserError(
             f"hyperparameters.maxLength: {hp.max_length} leaves no room for prompts after "

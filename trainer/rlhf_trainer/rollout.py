@@ -61,6 +61,16 @@ class Sample:
     response_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     finish_reason: str | None
+    # Multi-turn episodes (episodes.py): 1 on the tokens the policy generated, 0 on those the
+    # environment added (no loss); None: every response token was generated.
+    trained_mask: tuple[int, ...] | None = None
+    reward: float | None = None  # an episode's reward from its environment
+
+
+def generated_tokens(sample: Sample) -> int:
+    """The response tokens the policy generated (an episode's environment turns excluded)."""
+    mask = sample.trained_mask
+    return len(sample.response_ids) if mask is None else sum(mask)
 
 
 def parse_sample(
