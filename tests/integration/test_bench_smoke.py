@@ -13,6 +13,8 @@ model), `rollout.py` and `weight_sync.py` (a vLLM server each), and `online.py`'
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import shutil
 import subprocess
@@ -94,3 +96,26 @@ def test_operator_scale_bench_runs_a_few_runs() -> None:
                     "--no-doc")  # fmt: skip
     assert "6 RLHFRuns (the tests' two-stage sft run) POSTed at once" in out, out
     assert re.search(r"^\| \*\*writes\*\* \| [\d.]+ \|", out, re.M), out
+
+
+def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
+    """`gpu_check.py`'s CPU mode: the torchrun launch, FSDP2 on gloo, the SFT and DPO steps with
+    the trainer's losses, the fused decoder and the JSON document, at tiny shapes. Its figures
+    are only checked to be there and finite, against a made-up --peak-tflops."""
+    out = tmp_path / "gpu.json"
+    run_bench("gpu_check.py", "--device", "cpu", "--tiny", "--peak-tflops", "1",
+              "--out", str(out), timeout=300)  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert doc["environment"]["backend"] == "gloo"
+    assert doc["environment"]["peak_source"] == "--peak-tflops"
+    for kind in ("sft", "dpo"):
+        for model in ("smollm2-135m", "llama-1b"):
+            part = doc["parts"][f"{kind}:{model}"]
+            assert part["measured"], part
+            assert part["tokens_per_s"] > 0 and part["flops_per_token"] > 0
+            assert math.isfinite(part["mfu"]) and part["mfu"] > 0
+            assert part["mfu"] == pytest.approx(part["tflops_per_device"])  # against 1 TFLOPs
+            assert len(part["step_s"]) == 2 and part["peak_memory_gib"][0] > 0
+    decoder = doc["parts"]["decoder"]
+    assert decoder["measured"], decoder
+    assert decoder["decoder"] == "LlamaDecoder" and decoder["tokens_per_s"] > 0
