@@ -113,7 +113,7 @@ def run_ours(
     workdir: Path,
     args: argparse.Namespace,
 ) -> dict[str, list[float]]:
-    from rlhf_trainer.config import WORKSPACE_ENV, StageConfig
+    from rlhf_trainer.config import CPU_BF16_ENV, WORKSPACE_ENV, StageConfig
     from rlhf_trainer.progress import read_metrics
 
     workdir.mkdir(parents=True)
@@ -124,6 +124,8 @@ def run_ours(
             str(args.nproc), "-m", "rlhf_trainer", algo, "--config", str(config)]  # fmt: skip
     env = {**os.environ, **trainer_env(args), WORKSPACE_ENV: str(workdir),
            "RLHF_METRICS_PORT": "0"}  # fmt: skip
+    if setup.bf16:  # bf16 was asked for on both sides: no float32 fallback on AVX2-only CPUs
+        env[CPU_BF16_ENV] = "force"
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ours {algo} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -355,8 +357,9 @@ float32 parameters, gradients and optimizer state, forward and backward in bf16;
 decoder holds bf16 weights), TRL with `bf16=True` and `ACCELERATE_MIXED_PRECISION=bf16` (what \
 `accelerate launch --mixed_precision bf16` sets; TRL 1.12.0's `PPOTrainer` builds its own \
 `Accelerator`, which ignores `bf16=True` and reads only that) for accelerate's CPU autocast over \
-float32 parameters. Each run's report is checked: ours' log says `bf16 True`; TRL's accelerator \
-says `bf16` and its policy's output layer produced bf16 tensors"""
+float32 parameters; ours with `RLHF_CPU_BF16=force`, so a CPU without native bf16 computes in \
+bf16 too rather than falling back to float32. Each run's report is checked: ours' log says \
+`bf16 True`; TRL's accelerator says `bf16` and its policy's output layer produced bf16 tensors"""
 
 
 def section(
