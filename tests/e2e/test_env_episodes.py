@@ -52,5 +52,7 @@ def test_grpo_with_a_guessing_environment_raises_the_episode_reward(
     assert all(1.0 < m["episode_turns"] <= 3.0 for m in steps), steps
     assert all(m[f"episodes_dropped_{r}"] == 0 for m in steps for r in ("timeout", "malformed"))
     first, last = rewards[:3], rewards[-3:]
-    assert sum(last) / 3 > sum(first) / 3 + 0.08, rewards  # measured: 0.19 -> 0.35
+    # Measured 0.19 -> 0.34 (docs/BENCHMARKS.md); one step's mean over 16 episodes varies by
+    # about 0.05, so the bound leaves room for another CPU's sampling to differ.
+    assert sum(last) / 3 > sum(first) / 3 + 0.06, rewards
     assert (run / "grpo" / "final" / "config.json").is_file()
