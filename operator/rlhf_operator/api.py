@@ -567,6 +567,10 @@ class StageMetrics(ApiModel):
     reward: Measured = None
     kl: Measured = None
     loss: Measured = None
+    # Stages with an environment: the latest step's mean assistant turns per episode, and
+    # its episodes lost to the environment (timeouts, errors, malformed replies).
+    episode_turns: Measured = None
+    episodes_dropped: Measured = None
 
     @classmethod
     def from_progress(cls, data: Any) -> StageMetrics | None:
@@ -590,6 +594,8 @@ class StageMetrics(ApiModel):
             reward=number(metrics.get("reward")),
             kl=number(metrics.get("kl")),
             loss=number(metrics.get("loss")),
+            episode_turns=number(metrics.get("episodeTurns")),
+            episodes_dropped=number(metrics.get("episodesDropped")),
         )
 
 

@@ -10,6 +10,7 @@ from render import EXAMPLES, ROOT, StageRender, containers
 from upstream import Upstream, describe, version_of
 
 from rlhf_operator import api, builders
+from rlhf_operator.env_servers import COMPONENT_ENVIRONMENT
 
 pytestmark = pytest.mark.conformance
 
@@ -81,6 +82,8 @@ def server_problems(upstream: Upstream, obj: Obj) -> list[str]:
     if obj["kind"] != "Deployment":
         return []
     role = (obj["metadata"].get("labels") or {}).get(builders.LABEL_COMPONENT, "")
+    if role == COMPONENT_ENVIRONMENT:  # the stage's own environment server, no inference engine
+        return []
     out = []
     for container in containers(obj["spec"]["template"]):
         argv = [*container.get("command", []), *container.get("args", [])]

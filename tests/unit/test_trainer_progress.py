@@ -50,3 +50,22 @@ def test_atomic_write_replaces(tmp_path: Path) -> None:
     write_json_atomic(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["p.json"]
+
+
+def test_episode_metrics_reach_the_run_status(tmp_path: Path) -> None:
+    """A stage with an environment: its step's turns and dropped episodes (all reasons) go to
+    progress.json, which the operator and the local executor read into the stage's status."""
+    from rlhf_operator import api
+
+    reporter = ProgressReporter(tmp_path, total_steps=8, enabled=True)
+    reporter.log(3, 0.1, {"reward_mean": 0.4, "episode_turns": 2.5, "episode_reward": 0.4,
+                          "episodes_dropped_timeout": 1.0, "episodes_dropped_malformed": 2.0,
+                          "episodes_dropped_http_status": 0.0})  # fmt: skip
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["metrics"]["episodeTurns"] == 2.5
+    assert progress["metrics"]["episodesDropped"] == 3.0
+    status = api.StageMetrics.from_progress(progress)
+    assert status is not None
+    assert (status.reward, status.episode_turns, status.episodes_dropped) == (0.4, 2.5, 3.0)
+    wire = status.model_dump(by_alias=True, exclude_none=True)
+    assert wire["episodeTurns"] == 2.5 and wire["episodesDropped"] == 3.0

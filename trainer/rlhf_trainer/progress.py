@@ -81,6 +81,8 @@ class ProgressReporter:
             "reward": metrics.get("reward_mean"),
             "kl": metrics.get("kl"),
             "agreementRate": metrics.get("agreement_rate"),  # feedback stages
+            "episodeTurns": metrics.get("episode_turns"),  # stages with an environment
+            "episodesDropped": _dropped(metrics),
         }
         write_json_atomic(
             self.progress_path,
@@ -94,3 +96,9 @@ class ProgressReporter:
         )
         # In a pod, the same document reaches the operator as an annotation on this pod.
         kube_progress.publish_file(self.progress_path)
+
+
+def _dropped(metrics: dict[str, float]) -> float | None:
+    """A step's episodes dropped for any reason (`episodes_dropped_<reason>`), None without."""
+    counts = [v for k, v in metrics.items() if k.startswith("episodes_dropped_")]
+    return float(sum(counts)) if counts else None
