@@ -181,9 +181,11 @@ class EpisodeRunner:
         turn: int,
     ) -> None:
         """One assistant turn of every active episode, in one generate call."""
-        room = [e for e in active if len(e.ids) + sampling.max_tokens <= self.settings.max_length]
+        room = []
         for episode in active:
-            if episode not in room:
+            if len(episode.ids) + sampling.max_tokens <= self.settings.max_length:
+                room.append(episode)
+            else:
                 episode.cut = True  # no room for another turn under maxLength
         if not room:
             return
