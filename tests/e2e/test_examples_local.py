@@ -37,6 +37,7 @@ RUN_ELSEWHERE = {
     "smollm2-dpo.yaml": "e2e/test_real_model.py",
     "smollm2-grpo.yaml": "e2e/test_real_model.py",
     "smollm2-grpo-guess.yaml": "e2e/test_env_episodes.py",
+    "smollm2-calculator.yaml": "e2e/test_env_episodes.py",
 }
 # The real model's whole pipeline is `make run` (SFT -> RM -> PPO on SmolLM2-135M-Instruct,
 # about 10 minutes on 2 cores): beyond CI's budget, so its pieces run in other tests instead

@@ -176,9 +176,10 @@ def test_dpo_raises_held_out_implicit_reward_accuracy(dpo_run: Run) -> None:
     assert progress["step"] == progress["totalSteps"] == 60
 
 
-def evaluate(workspace: Path, *args: str) -> dict[str, Any]:
+def evaluate(workspace: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "rlhf_trainer", "eval", *args]
-    proc = subprocess.run(cmd, env=env_for(workspace), capture_output=True, text=True, timeout=300)
+    env = {**env_for(workspace), **(env or {})}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stderr.split("INFO")[-1])
     report: dict[str, Any] = json.loads(proc.stdout)
@@ -186,11 +187,14 @@ def evaluate(workspace: Path, *args: str) -> dict[str, Any]:
 
 
 def test_rrhf_raises_the_greedy_task_reward(rrhf_run: Run, weak_sft: Path, workspace: Path) -> None:
+    """Scored by the registered function's `module:callable` name (`animal_sounds` is
+    `rlhf_trainer.tasks:check`): evaluation resolves reward functions as GRPO does."""
     assert {"loss", "rank_loss", "sft_loss"} <= set(rrhf_run.metrics()[-1])
     report = evaluate(
         workspace, "--policy", f"sft={weak_sft}", "--policy", f"rrhf={rrhf_run.output_dir}/final",
-        "--prompts", "data/prompts.jsonl", "--reward-function", "animal_sounds",
+        "--prompts", "data/prompts.jsonl", "--reward-function", "rlhf_trainer.tasks:check",
         "--max-new-tokens", "8", "--batch-size", "50",
+        env={"RLHF_REWARD_FUNCTION_MODULES": "rlhf_trainer.tasks"},
     )  # fmt: skip
     sft, rrhf = (report["policies"][k]["reward_function_score"] for k in ("sft", "rrhf"))
     print(f"RRHF greedy task reward on 100 held-out prompts: SFT {sft:.2f} -> RRHF {rrhf:.2f}")

@@ -3,7 +3,9 @@ evaluator."""
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,7 @@ from rlhf_trainer.environments import (
     CalcError,
     Calculator,
     Guess,
+    calculator_demonstration,
     generate_question,
     safe_eval,
 )
@@ -200,6 +203,52 @@ def test_calculator_generates_questions_from_the_seed() -> None:
         assert question == generate_question(random.Random(seed))[0]
         expression = question.removeprefix("What is ").removesuffix("?")
         assert len(expression.split()) in (3, 5)
+        assert env.step(f"ANSWER: {safe_eval(expression)}").reward == 1.0
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "env"
+
+
+def replay(messages: list[dict[str, str]]) -> float:
+    """The reward the calculator gives a whole transcript: its assistant turns stepped in order,
+    the environment's replies checked against the transcript's other turns."""
+    env = Calculator()
+    question = messages[1]["content"]
+    answer = safe_eval(question.removeprefix("What is ").removesuffix("?"))
+    assert env.reset({"question": question, "answer": answer}, 0) == messages[:2]
+    total, rest = 0.0, messages[2:]
+    while rest:
+        assert rest[0]["role"] == "assistant", rest
+        step = env.step(rest[0]["content"])
+        total += step.reward or 0.0
+        assert step.messages == rest[1 : 1 + len(step.messages)]
+        rest = rest[1 + len(step.messages) :]
+        assert step.done == (not rest)
+    return total
+
+
+def test_calculator_demonstrations_use_the_tool_and_score() -> None:
+    rng = random.Random(3)
+    for _ in range(30):
+        messages = calculator_demonstration(rng)
+        assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+        assert messages[2]["content"].startswith("CALC: ")
+        assert replay(messages) == 1.0
+
+
+def test_calculator_example_data() -> None:
+    """The calculator example's files (examples/smollm2-calculator.yaml): the SFT rows are the
+    generator's output for seed 0, each scoring 1.0; the GRPO rows' answers are right."""
+    sft = [json.loads(line) for line in (FIXTURES / "calculator-sft.jsonl").open()]
+    rng = random.Random(0)
+    assert [row["messages"] for row in sft] == [calculator_demonstration(rng) for _ in sft]
+    assert all(replay(row["messages"]) == 1.0 for row in sft)
+    for line in (FIXTURES / "calculator.jsonl").open():
+        row = json.loads(line)
+        env = Calculator()
+        env.reset(row, 0)
+        assert isinstance(row["answer"], str)  # prompts rows keep `answer` a string
+        expression = row["question"].removeprefix("What is ").removesuffix("?")
         assert env.step(f"ANSWER: {safe_eval(expression)}").reward == 1.0
 
 

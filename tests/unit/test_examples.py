@@ -45,6 +45,7 @@ EXPECTED = {
     "smollm2-dpo.yaml",
     "smollm2-grpo.yaml",
     "smollm2-grpo-guess.yaml",
+    "smollm2-calculator.yaml",
 }
 
 # Examples `rlhf render` refuses today, with the message it refuses them with.

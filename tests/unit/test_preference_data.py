@@ -191,6 +191,24 @@ def test_preflight_scores_rrhf_rows_with_a_reward_function(
     assert len(reward.train_rows) == 500  # 5 ordered pairs from each 4-response row
 
 
+def test_offline_rrhf_takes_module_reward_functions(
+    tiny_model_dir: Path, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`module:callable` resolves as in GRPO: refused off the allow-list, scored on it."""
+    from rlhf_trainer import tasks
+    from rlhf_trainer.reward_functions import ALLOW_ENV
+
+    name = "rlhf_trainer.tasks:check"
+    stage = config(tiny_model_dir, fixtures_dir / "ranked.jsonl", "rrhf", rewardFunction=name)
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    with pytest.raises(UserError, match=r"^reward\.function: module 'rlhf_trainer\.tasks' is not"):
+        check_rrhf(stage, 1)
+    monkeypatch.setenv(ALLOW_ENV, "rlhf_trainer.tasks")
+    inputs = check_rrhf(stage, 1)
+    for row in inputs.train_rows[:10]:
+        assert row.rewards == tuple(tasks.check(row.prompt, r) for r in row.responses)
+
+
 @pytest.mark.parametrize("stage_type", ["reward", "dpo", "rrhf"])
 def test_bad_row_stops_the_trainer_before_anything_is_written(
     stage_type: str,

@@ -291,4 +291,21 @@ def generate_question(rng: random.Random) -> tuple[str, float]:
     return f"What is {expression}?", float(safe_eval(expression))
 
 
+def calculator_demonstration(rng: random.Random) -> list[Message]:
+    """A whole calculator episode that uses the tool and scores 1.0, as chat messages: the
+    opening, `CALC: <expression>`, the tool's result, `ANSWER: <result>`. Rows of these are SFT
+    data (`format: chat`) that teach a model the tool's format before GRPO
+    (examples/smollm2-calculator.yaml)."""
+    question, answer = generate_question(rng)
+    expression = question.removeprefix("What is ").removesuffix("?")
+    result = format_number(answer)
+    return [
+        {"role": "system", "content": CALC_SYSTEM},
+        _user(question),
+        {"role": "assistant", "content": f"CALC: {expression}"},
+        {"role": "tool", "content": f"RESULT: {result}"},
+        {"role": "assistant", "content": f"ANSWER: {result}"},
+    ]
+
+
 ENVIRONMENTS: dict[str, Callable[[], Environment]] = {"calculator": Calculator, "guess": Guess}

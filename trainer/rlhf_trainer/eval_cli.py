@@ -26,6 +26,7 @@ from rlhf_trainer.data import (
 )
 from rlhf_trainer.errors import UserError
 from rlhf_trainer.preflight import EvalInputs, Loader, check_model_source
+from rlhf_trainer.reward_functions import resolve_reward_function
 
 
 def add_eval_parser(sub: Any) -> None:
@@ -43,7 +44,11 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument("--prompts", help="held-out prompts (JSONL with a prompt field)")
     p.add_argument("--prompts-format", default="prompts", help="dataset format of --prompts")
     p.add_argument("--reward-model", help="reward model folder that scores the responses")
-    p.add_argument("--reward-function", help=f"registered reward function ({_functions()})")
+    p.add_argument(
+        "--reward-function",
+        help=f"reward function: a registered one ({_functions()}) or module:callable on the "
+        "trainer's allow-list ($RLHF_REWARD_FUNCTION_MODULES)",
+    )
     p.add_argument("--kl-reference", help="reference policy for KL: a --policy NAME or a PATH")
     p.add_argument("--reference-data", help="supervised JSONL for perplexity")
     p.add_argument("--reference-format", default="jsonl", help="dataset format of it")
@@ -77,10 +82,11 @@ def eval_inputs(args: argparse.Namespace) -> EvalInputs:
         raise UserError("--policy: give at least one policy (or --pairs for a reward model)")
     if policies and not args.prompts:
         raise UserError("--prompts: policies are evaluated on held-out prompts; give a JSONL file")
-    if args.reward_function and args.reward_function not in tasks.REWARD_FUNCTIONS:
-        raise UserError(
-            f"--reward-function: unknown {args.reward_function!r}; registered: {_functions()}"
-        )
+    if args.reward_function:
+        try:
+            resolve_reward_function(args.reward_function)
+        except UserError as err:
+            raise UserError(str(err).replace("reward.function:", "--reward-function:", 1)) from None
     if args.pairs and not args.reward_model:
         raise UserError("--pairs: pairwise accuracy is of a reward model; give --reward-model")
     reference = args.kl_reference

@@ -19,13 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from rlhf_trainer import tasks
 from rlhf_trainer.batching import collate, stop_ids, tokenize_sft
 from rlhf_trainer.config import ModelSource
 from rlhf_trainer.data import PromptRow, SFTRow
@@ -39,6 +37,7 @@ from rlhf_trainer.losses import count_targets, pairwise_accuracy, sft_loss_sum
 from rlhf_trainer.model import _replace_dir, load_causal_lm, load_tokenizer
 from rlhf_trainer.preflight import FINAL_DIR, EvalInputs
 from rlhf_trainer.progress import ProgressReporter, write_json_atomic
+from rlhf_trainer.reward_functions import ScoredFunction
 from rlhf_trainer.reward_model import RewardScorer, load_reward_model
 
 log = logging.getLogger(__name__)
@@ -142,8 +141,10 @@ def _policy_report(
     if scorer is not None:
         sums["rm"] = sum(scorer.score(prompts, responses, inputs.batch_size, chat))
     if inputs.reward_function is not None:
-        function: Callable[[str, str], float] = tasks.REWARD_FUNCTIONS[inputs.reward_function]
-        sums["fn"] = sum(function(p, r) for p, r in zip(prompts, responses, strict=True))
+        function = ScoredFunction(inputs.reward_function)
+        sums["fn"] = sum(
+            function(row.prompt, r, row.messages) for row, r in zip(mine, responses, strict=True)
+        )
     reference = nll_and_kl(model, None, _mine(inputs.reference_rows, ctx), tokenizer, inputs)
     sums |= {"ref_nll": reference["nll"], "ref_tokens": reference["tokens"]}
     total = _reduce(sums, ctx)

@@ -38,11 +38,7 @@ from rlhf_trainer.nccl_sync import NcclWeightSync, free_port
 from rlhf_trainer.online_models import ValueModel, load_policy, load_value_model
 from rlhf_trainer.parity import Syncer
 from rlhf_trainer.preflight import StageInputs
-from rlhf_trainer.reward_functions import (
-    RewardFunction,
-    accepts_messages,
-    resolve_reward_function,
-)
+from rlhf_trainer.reward_functions import ScoredFunction
 from rlhf_trainer.reward_model import last_token_values
 from rlhf_trainer.rollout import RolloutClient, RolloutGenerator, Sample
 from rlhf_trainer.weight_sync import DiskWeightSync, LoraWeightSync, WeightSync
@@ -61,15 +57,13 @@ class RewardSource(Protocol):
 
 class FunctionReward:
     """A Python reward function of (prompt as rendered, response decoded without special
-    tokens, so without the end-of-turn token). A function with a `messages` parameter also
-    gets a chat prompt's messages (None for a plain prompt)."""
+    tokens, so without the end-of-turn token), called as `ScoredFunction` calls it."""
 
     def __init__(
-        self, function: RewardFunction, tokenizer: Any, rows: Sequence[PromptRow] = ()
+        self, function: ScoredFunction, tokenizer: Any, rows: Sequence[PromptRow] = ()
     ) -> None:
         self.function, self.tokenizer = function, tokenizer
         self.messages = {r.prompt: r.messages for r in rows if r.messages is not None}
-        self.wants_messages = accepts_messages(function)
 
     def score(self, samples: Sequence[Sample], prompts: Sequence[str]) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(
@@ -78,11 +72,7 @@ class FunctionReward:
         values = []
         for s, text in zip(samples, texts, strict=True):
             prompt = prompts[s.prompt_index]
-            if self.wants_messages:
-                extra = self.messages.get(prompt)
-                values.append(float(self.function(prompt, text, messages=extra)))  # type: ignore[call-arg]
-            else:
-                values.append(float(self.function(prompt, text)))
+            values.append(self.function(prompt, text, self.messages.get(prompt)))
         return torch.tensor(values, dtype=torch.float32)
 
 
@@ -177,7 +167,7 @@ def _reward(inputs: StageInputs[PromptRow], tokenizer: Any, ctx: DistContext) ->
         references = {r.prompt: r.answer for r in rows if r.answer is not None}
         return JudgeRewardSource(config.judge, tokenizer, references)
     assert config.reward_function is not None  # preflight: exactly one source
-    function = resolve_reward_function(config.reward_function)
+    function = ScoredFunction(config.reward_function)
     return FunctionReward(function, tokenizer, [*inputs.train_rows, *inputs.eval_rows])
 
 

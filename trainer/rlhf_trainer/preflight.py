@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic
 
-from rlhf_trainer import lora, tasks
+from rlhf_trainer import lora
 from rlhf_trainer.chat_format import ChatFormat
 from rlhf_trainer.config import (
     IN_TRAINER,
@@ -38,6 +38,7 @@ from rlhf_trainer.data import (
     split_eval,
 )
 from rlhf_trainer.errors import UserError
+from rlhf_trainer.reward_functions import ScoredFunction, resolve_reward_function
 
 if TYPE_CHECKING:
     from rlhf_trainer.feedback import FeedbackInputs
@@ -175,8 +176,7 @@ def check_dpo(config: StageConfig, world_size: int) -> StageInputs[PreferenceRow
     return _stage_inputs(config, world_size, load_preference_rows)
 
 
-def _scored(rows: list[RankedRow], name: str) -> list[RankedRow]:
-    score = tasks.REWARD_FUNCTIONS[name]
+def _scored(rows: list[RankedRow], score: ScoredFunction) -> list[RankedRow]:
     return [
         dataclasses.replace(r, rewards=tuple(score(r.prompt, y) for y in r.responses)) for r in rows
     ]
@@ -194,12 +194,7 @@ def check_rrhf(
             config, world_size, options.rollout_batch_size, 1, options.max_new_tokens
         )
     scorer = config.reward_model_path or config.reward_function
-    function = config.reward_function
-    if function is not None and function not in tasks.REWARD_FUNCTIONS:
-        raise UserError(
-            f"reward.function: unknown reward function {function!r}; registered: "
-            f"{', '.join(sorted(tasks.REWARD_FUNCTIONS))}"
-        )
+    function = ScoredFunction(config.reward_function) if config.reward_function else None
     inputs = _stage_inputs(
         config,
         world_size,
@@ -226,8 +221,6 @@ def _check_reward_source(config: StageConfig) -> None:
             "judge of spec.judge) or reward.function"
         )
     if config.reward_function is not None:
-        from rlhf_trainer.reward_functions import resolve_reward_function
-
         resolve_reward_function(config.reward_function)
     if judge is not None:
         if judge.mode is None:
@@ -352,8 +345,8 @@ def check_evaluate(config: StageConfig, world_size: int) -> EvalInputs:
             "evaluate.policies: an evaluate stage needs `dataset` (prompts) and "
             "evaluate.policies (the stages to compare)"
         )
-    if config.reward_function and config.reward_function not in tasks.REWARD_FUNCTIONS:
-        raise UserError(f"reward.function: unknown reward function {config.reward_function!r}")
+    if config.reward_function:
+        resolve_reward_function(config.reward_function)
     rm = config.reward_model_path
 
     def rows(spec: DatasetSpec, load: Loader[Row]) -> list[Row]:

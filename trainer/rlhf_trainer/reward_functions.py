@@ -17,7 +17,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from rlhf_trainer import tasks
 from rlhf_trainer.errors import UserError
@@ -70,3 +71,21 @@ def accepts_messages(function: RewardFunction) -> bool:
     except (TypeError, ValueError):  # builtins without a signature
         return False
     return any(p.name == "messages" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+class ScoredFunction:
+    """A resolved reward function, called the same way by every stage (online sampling, offline
+    RRHF scoring, evaluation): a function with a `messages` parameter also gets a chat prompt's
+    messages (None for a plain prompt)."""
+
+    def __init__(self, name: str, env: Mapping[str, str] | None = None) -> None:
+        self.function = resolve_reward_function(name, env)
+        self.wants_messages = accepts_messages(self.function)
+
+    def __call__(
+        self, prompt: str, response: str, messages: Sequence[Mapping[str, Any]] | None = None
+    ) -> float:
+        if self.wants_messages:
+            extra = None if messages is None else list(messages)
+            return float(self.function(prompt, response, messages=extra))  # type: ignore[call-arg]
+        return float(self.function(prompt, response))
