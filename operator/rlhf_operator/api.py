@@ -41,6 +41,8 @@ from rlhf_trainer.config import (
     SFTOptions,
     StageType,
     field_error,
+    option_blocks,
+    stage_types,
     validation_problems,
 )
 
@@ -352,26 +354,15 @@ class Stage(ApiModel):
         return self
 
 
-# Which fields each stage type needs, and which option blocks belong to which type. Mirrored
-# by CEL rules in the CRD (crd.py) so `kubectl apply` refuses what `rlhf validate` refuses.
-NEEDS_DATASET: frozenset[str] = frozenset(
-    {"sft", "reward", "dpo", "rrhf", "ppo", "grpo", "feedback", "evaluate"}
-)
-LORA_TYPES: frozenset[str] = frozenset({"sft", "reward", "dpo", "rrhf", "ppo", "grpo"})
+# Which fields each stage type needs, and which option blocks belong to which type: derived
+# from the stage table (rlhf_trainer.config.stages). Mirrored by CEL rules in the CRD (crd.py)
+# so `kubectl apply` refuses what `rlhf validate` refuses.
+NEEDS_DATASET: frozenset[str] = stage_types(lambda kind: kind.needs_dataset)
+LORA_TYPES: frozenset[str] = stage_types(lambda kind: kind.lora)
 # Stage types whose output is a policy (a causal LM), i.e. what `evaluate.policies` may name.
-POLICY_TYPES: frozenset[str] = frozenset({"sft", "dpo", "rrhf", "ppo", "grpo"})
-NEEDS_REWARD: frozenset[str] = frozenset({"ppo", "grpo"})
-OPTION_BLOCKS: dict[str, str] = {
-    "sft": "sft",
-    "reward_model": "reward",
-    "dpo": "dpo",
-    "rrhf": "rrhf",
-    "ppo": "ppo",
-    "grpo": "grpo",
-    "feedback": "feedback",
-    "evaluate": "evaluate",
-    "environment": "grpo",
-}
+POLICY_TYPES: frozenset[str] = stage_types(lambda kind: kind.trains_policy)
+NEEDS_REWARD: frozenset[str] = stage_types(lambda kind: kind.needs_reward)
+OPTION_BLOCKS: dict[str, str] = option_blocks()
 
 
 # Formats whose rows hold no alternative responses: a feedback stage must sample them.

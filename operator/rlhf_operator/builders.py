@@ -21,6 +21,7 @@ from rlhf_trainer.config import (
     RolloutClientOptions,
     RolloutTarget,
     StageConfig,
+    stage_types,
 )
 
 Obj = dict[str, Any]
@@ -48,7 +49,7 @@ TRAINER_HOME = "/home/trainer"
 DROP_PRIVILEGES: Obj = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 SECCOMP_DEFAULT: Obj = {"seccompProfile": {"type": "RuntimeDefault"}}
 # Stage types that generate with rollout servers while they train.
-ONLINE_STAGE_TYPES: frozenset[str] = frozenset({"ppo", "grpo"})
+ONLINE_STAGE_TYPES: frozenset[str] = stage_types(lambda kind: kind.online)
 
 
 def child_name(run: api.RLHFRun, stage: str, suffix: str = "") -> str:

@@ -86,7 +86,7 @@ def _stage_rules() -> list[Schema]:
     rules.append(
         {
             "rule": f"!has(self.lora) || self.type in {_type_list(api.LORA_TYPES)}",
-            "message": "`lora` applies to sft, reward, dpo and rrhf stages",
+            "message": f"`lora` applies to {', '.join(sorted(api.LORA_TYPES))} stages",
             "fieldPath": ".lora",
             "reason": "FieldValueForbidden",
         }

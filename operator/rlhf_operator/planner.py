@@ -33,14 +33,13 @@ from rlhf_operator import (
     servers,
     stage_job,
 )
+from rlhf_trainer.config import STAGES
 
 Obj = dict[str, Any]
 
-# Stage types with a trainer. The others are refused with a Degraded condition until their
-# trainers land.
-SUPPORTED_STAGE_TYPES: frozenset[str] = frozenset(
-    {"sft", "feedback", "reward", "dpo", "rrhf", "evaluate", "ppo", "grpo"}
-)
+# Stage types with a trainer: every row of the stage table (a type declared in `StageType`
+# without a row would be refused with a Degraded condition).
+SUPPORTED_STAGE_TYPES: frozenset[str] = frozenset(STAGES)
 SUPPORTED_BACKENDS: frozenset[str] = frozenset({"pytorchjob", "trainjob"})
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Succeeded")

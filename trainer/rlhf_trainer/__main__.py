@@ -16,22 +16,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhf_trainer.config import STAGE_TYPES, ConfigError, StageConfig, load_stage_config
+from rlhf_trainer.config import (
+    STAGE_TYPES,
+    STAGES,
+    ConfigError,
+    StageConfig,
+    load_stage_config,
+)
 from rlhf_trainer.errors import UserError
 from rlhf_trainer.launch_env import env_rank, env_world_size
 from rlhf_trainer.tiny import PRESETS
 
 # Stage type -> (its check in rlhf_trainer.preflight, "module:function" of its trainer).
-TRAINERS: dict[str, tuple[str, str]] = {
-    "sft": ("check_sft", "rlhf_trainer.sft:run_sft"),
-    "reward": ("check_reward", "rlhf_trainer.reward:run_reward"),
-    "dpo": ("check_dpo", "rlhf_trainer.dpo:run_dpo"),
-    "rrhf": ("check_rrhf", "rlhf_trainer.rrhf:run_rrhf"),
-    "evaluate": ("check_evaluate", "rlhf_trainer.evaluate:run_evaluate"),
-    "feedback": ("check_feedback", "rlhf_trainer.feedback:run_feedback"),
-    "ppo": ("check_ppo", "rlhf_trainer.ppo:run_ppo"),
-    "grpo": ("check_grpo", "rlhf_trainer.grpo:run_grpo"),
-}
+TRAINERS: dict[str, tuple[str, str]] = {name: (k.check, k.run) for name, k in STAGES.items()}
 EXIT_USER_ERROR = 2
 # How long another rank that found a user error waits before reporting it itself. Every rank
 # checks the same inputs, and the first rank to exit ends a torchrun job (the others are

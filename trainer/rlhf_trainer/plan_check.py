@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_trainer.config import (
+    STAGES,
     ConfigError,
     ModelSource,
     StageConfig,
@@ -82,7 +83,7 @@ def check_stage(config: StageConfig, world_size: int, base: str) -> str | None:
     if planned is None or any(not path.exists() for path in _dataset_paths(config)):
         return None  # an earlier stage writes it: the stage checks it when it starts
     try:
-        inputs = getattr(preflight, f"check_{config.type}")(planned, world_size)
+        inputs = getattr(preflight, STAGES[config.type].check)(planned, world_size)
         if isinstance(inputs, preflight.StageInputs):
             tokenize(inputs)
     except UserError as err:

@@ -1,6 +1,6 @@
 """Typed, torch-free configuration shared by the operator and the trainers.
 
-The operator imports this module (and nothing else of `rlhf_trainer`): the pieces of the
+The operator imports this package (and nothing else of `rlhf_trainer`): the pieces of the
 `RLHFRun` spec that a trainer needs (model source, dataset, hyperparameters, per-algorithm
 options) are defined once here, and the operator renders a `StageConfig` per stage into a
 ConfigMap that the trainer reads back with `load_stage_config`.
@@ -31,6 +31,12 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from rlhf_trainer.config.stages import STAGES as STAGES
+from rlhf_trainer.config.stages import StageKind as StageKind
+from rlhf_trainer.config.stages import option_blocks as option_blocks
+from rlhf_trainer.config.stages import stage_types as stage_types
+
+# The keys of STAGES, the stage table (config/stages.py), in its order (a test keeps them equal).
 StageType = Literal["sft", "reward", "dpo", "rrhf", "ppo", "grpo", "feedback", "evaluate"]
 STAGE_TYPES: tuple[str, ...] = typing.get_args(StageType)
 

@@ -1,0 +1,71 @@
+"""The stage table (rlhf_trainer.config.stages) is where stage types are declared: every type
+has a row, and the operator's field rules, the CRD's CEL rules, the planner's supported types,
+the builders' online predicate and the trainer's dispatch come from it."""
+
+from __future__ import annotations
+
+import importlib
+import typing
+
+import pytest
+
+from rlhf_operator import api, builders, crd, planner
+from rlhf_trainer import preflight
+from rlhf_trainer.__main__ import TRAINERS
+from rlhf_trainer.config import STAGE_TYPES, STAGES, StageConfig, StageType, stage_types
+
+pytestmark = pytest.mark.unit
+
+
+def test_every_stage_type_has_a_row_in_the_order_of_stage_type() -> None:
+    assert tuple(STAGES) == STAGE_TYPES == typing.get_args(StageType)
+    assert typing.get_args(api.Stage.model_fields["type"].annotation) == STAGE_TYPES
+
+
+@pytest.mark.parametrize("name", STAGE_TYPES)
+def test_each_row_names_real_code_and_fields(name: str) -> None:
+    kind = STAGES[name]
+    assert callable(getattr(preflight, kind.check))
+    module, _, function = kind.run.partition(":")
+    # Imported by name, as `python -m rlhf_trainer TYPE` does (torch modules: slow but real).
+    assert callable(getattr(importlib.import_module(module), function))
+    for block in (kind.options, *kind.blocks):
+        assert block in StageConfig.model_fields and block in api.Stage.model_fields
+
+
+def test_operator_sets_come_from_the_table() -> None:
+    assert {n for n, k in STAGES.items() if k.needs_dataset} == api.NEEDS_DATASET
+    assert api.NEEDS_REWARD == {"ppo", "grpo"} == stage_types(lambda k: k.needs_reward)
+    assert {"sft", "reward", "dpo", "rrhf", "ppo", "grpo"} == api.LORA_TYPES
+    assert {"sft", "dpo", "rrhf", "ppo", "grpo"} == api.POLICY_TYPES
+    assert {"ppo", "grpo"} == builders.ONLINE_STAGE_TYPES
+    assert set(STAGE_TYPES) == planner.SUPPORTED_STAGE_TYPES
+    assert api.OPTION_BLOCKS == {
+        "sft": "sft", "reward_model": "reward", "dpo": "dpo", "rrhf": "rrhf", "ppo": "ppo",
+        "grpo": "grpo", "feedback": "feedback", "evaluate": "evaluate", "environment": "grpo",
+    }  # fmt: skip
+    assert {n: (k.check, k.run) for n, k in STAGES.items()} == TRAINERS
+
+
+def stage_rules() -> dict[str, list[dict[str, str]]]:
+    """The CRD's CEL rules on a stage, by the field each names."""
+    schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    stage = schema["properties"]["spec"]["properties"]["stages"]["items"]
+    by_field: dict[str, list[dict[str, str]]] = {}
+    for rule in stage["x-kubernetes-validations"]:
+        by_field.setdefault(rule.get("fieldPath", ""), []).append(rule)
+    return by_field
+
+
+def test_cel_rules_come_from_the_table() -> None:
+    rules = stage_rules()
+    [lora] = [r for r in rules[".lora"] if "self.type in" in r["rule"]]
+    for name in STAGE_TYPES:
+        assert (f"'{name}'" in lora["rule"]) == STAGES[name].lora
+        assert (name in lora["message"]) == STAGES[name].lora  # the message lists them too
+    [dataset] = rules[".dataset"]
+    assert all(f"'{name}'" in dataset["rule"] for name in api.NEEDS_DATASET)
+    for block, owner in api.OPTION_BLOCKS.items():
+        alias = api.Stage.model_fields[block].alias or block
+        assert any(r["rule"] == f"!has(self.{alias}) || self.type == '{owner}'"
+                   for r in rules[f".{alias}"])  # fmt: skip
