@@ -47,10 +47,11 @@ def _local_bytes(tensors: Any) -> int:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from rlhf_trainer import loop, preflight
+    from rlhf_trainer import preflight
     from rlhf_trainer.config import WORKSPACE_ENV
-    from rlhf_trainer.launch_env import env_rank, env_world_size
-    from rlhf_trainer.sft import run_sft
+    from rlhf_trainer.offline.sft import run_sft
+    from rlhf_trainer.runtime.launch_env import env_rank, env_world_size
+    from rlhf_trainer.training import loop
 
     baseline = _rss_mib()
     os.environ[WORKSPACE_ENV] = args.workdir

@@ -9,7 +9,7 @@ Models are built from configs with random weights (MFU does not depend on their 
 SmolLM2-135M-Instruct's shapes and Llama-3.2-1B's. The training parts run under torchrun
 (`python -m torch.distributed.run`, one process per GPU; this script re-launches itself), with
 FSDP2 (`fully_shard` per decoder layer, then the root) on NCCL (gloo on CPU). Precision is the
-trainer's (`rlhf_trainer.distributed.shard_model`): float32 parameters and AdamW state, bf16
+trainer's (`rlhf_trainer.runtime.distributed.shard_model`): float32 parameters and AdamW state, bf16
 compute (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32)`), not pure bf16 weights.
 
 - SFT step: forward, `losses.sft_loss_sum` over every token, backward, grad-norm clip, fused
@@ -26,7 +26,7 @@ compute (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32)`), not pu
       SFT: 6N + 12 L H Q T           (forward 2N + 4 L H Q T, backward twice that)
       DPO: 8N + 16 L H Q T           (the policy's SFT cost plus the reference's forward)
   MFU = step FLOPs / step time / (GPUs x the GPU's dense bf16 peak).
-- Decoder: `rlhf_trainer.decoders.build_decoder` (the fused `LlamaDecoder` that
+- Decoder: `rlhf_trainer.rollout.decoders.build_decoder` (the fused `LlamaDecoder` that
   `rollout.engine: trainer` generates with) over the 135M shapes in bf16, greedy, with the same
   prefill / decode calls as `engine.generate_batch` (engine.py itself imports pydantic through
   config.py, so it is not imported); new tokens / s of a whole batch, the prompt pass included.
@@ -224,7 +224,7 @@ def clip(model: nn.Module) -> None:
 
 def sft_part(config: Any, rows: int, seq: int, ctx: Ctx) -> tuple[Callable[[], None], int]:
     """The step, and its rows x tokens; every token is a target."""
-    from rlhf_trainer.losses import count_targets, sft_loss_sum
+    from rlhf_trainer.algos.losses import count_targets, sft_loss_sum
 
     model = build_sharded(config, ctx, train=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -244,7 +244,7 @@ def sft_part(config: Any, rows: int, seq: int, ctx: Ctx) -> tuple[Callable[[], N
 def dpo_part(config: Any, pairs: int, seq: int, ctx: Ctx) -> tuple[Callable[[], None], int]:
     """The step over `pairs` pairs: rows 0..pairs-1 chosen, the rest rejected (as the trainer's
     `chunk(2)` splits them), sharing a prompt of seq // 2 tokens that is not scored."""
-    from rlhf_trainer.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
+    from rlhf_trainer.algos.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
 
     policy = build_sharded(config, ctx, train=True)
     reference = build_sharded(config, ctx, train=False)
@@ -378,7 +378,7 @@ def worker(args: argparse.Namespace) -> None:
 def greedy_generate(decoder: Any, ids: torch.Tensor, real: torch.Tensor, new: int) -> None:
     """`engine.generate_batch`'s prefill / decode calls, greedy, no stop token (random weights
     would stop at random, and the batch would end early)."""
-    from rlhf_trainer.decoders import prompt_positions
+    from rlhf_trainer.rollout.decoders import prompt_positions
 
     width = ids.size(1)
     logits = decoder.prefill(ids, real, width + new)
@@ -394,7 +394,7 @@ def greedy_generate(decoder: Any, ids: torch.Tensor, real: torch.Tensor, new: in
 
 
 def decoder_part(args: argparse.Namespace) -> dict[str, Any]:
-    from rlhf_trainer.decoders import LlamaDecoder, build_decoder
+    from rlhf_trainer.rollout.decoders import LlamaDecoder, build_decoder
 
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -114,7 +114,7 @@ def run_ours(
     args: argparse.Namespace,
 ) -> dict[str, list[float]]:
     from rlhf_trainer.config import CPU_BF16_ENV, WORKSPACE_ENV, StageConfig
-    from rlhf_trainer.progress import read_metrics
+    from rlhf_trainer.runtime.progress import read_metrics
 
     workdir.mkdir(parents=True)
     config = workdir / f"{algo}.yaml"

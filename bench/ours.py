@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import FIXTURES
-from rlhf_trainer import loop, preflight
+from rlhf_trainer import preflight
 from rlhf_trainer.config import (
     WORKSPACE_ENV,
     DatasetSpec,
@@ -30,7 +30,8 @@ from rlhf_trainer.config import (
     ModelSource,
     StageConfig,
 )
-from rlhf_trainer.launch_env import env_rank, env_world_size
+from rlhf_trainer.runtime.launch_env import env_rank, env_world_size
+from rlhf_trainer.training import loop
 
 DATA = {"sft": FIXTURES / "sft.jsonl", "dpo": FIXTURES / "preference.jsonl"}
 FORMAT: dict[str, Any] = {"sft": "jsonl", "dpo": "preference"}
@@ -81,11 +82,11 @@ def main() -> None:
     loop.log_step = timed_log_step
     config = stage_config(args)
     if args.stage == "sft":
-        from rlhf_trainer.sft import run_sft
+        from rlhf_trainer.offline.sft import run_sft
 
         run_sft(preflight.check_sft(config, env_world_size()))
     else:
-        from rlhf_trainer.dpo import run_dpo
+        from rlhf_trainer.offline.dpo import run_dpo
 
         run_dpo(preflight.check_dpo(config, env_world_size()))
     if env_rank() == 0:

@@ -33,10 +33,10 @@ import torch
 
 from benchlib import load_note
 from rlhf_operator import api, builders, local_servers, servers
-from rlhf_trainer import tasks
 from rlhf_trainer.config import ModelSource, RolloutTarget
-from rlhf_trainer.rollout import RolloutClient, Sampling
-from rlhf_trainer.tiny import build_tiny_model
+from rlhf_trainer.models.tiny import build_tiny_model
+from rlhf_trainer.rollout.client import RolloutClient, Sampling
+from rlhf_trainer.tasks import animal_sounds as tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -142,7 +142,7 @@ def trainer_engine(model_dir: Path, ids: list[list[int]], repeats: int) -> float
     samples and lengths (no stop token, as HF's min_new_tokens forces it)."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_trainer.engine import TrainerEngine, live_state
+    from rlhf_trainer.rollout.engine import TrainerEngine, live_state
 
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     engine = TrainerEngine(model.config, [], torch.device("cpu"), torch.float32, len(ids))
@@ -155,7 +155,7 @@ def trainer_engine(model_dir: Path, ids: list[list[int]], repeats: int) -> float
 def bf16_parity(model_dir: Path, url: str) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_trainer.experience import collate_samples, policy_logprobs
+    from rlhf_trainer.online.experience import collate_samples, policy_logprobs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -71,7 +71,7 @@ def trl_grpo(model_dir: str, workdir: str, setup: Setup, vllm_url: str | None) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer  # type: ignore[attr-defined]
 
-    from rlhf_trainer import tasks
+    from rlhf_trainer.tasks import animal_sounds as tasks
 
     clock = generated_clock()
 
@@ -104,7 +104,7 @@ def function_reward_model(tokenizer: Any, clock: Any, ppo_module: Any) -> Any:
     padded by TRL) and scores them with the reward function; other models go through as-is."""
     import torch
 
-    from rlhf_trainer import tasks
+    from rlhf_trainer.tasks import animal_sounds as tasks
 
     reward = torch.nn.Module()
     original = ppo_module.get_reward

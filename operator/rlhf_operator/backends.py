@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from rlhf_operator import api, builders
-
-Obj = dict[str, Any]
+from rlhf_operator.objects import Obj
 
 TRAINJOB_RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs
 TRAINJOB_NODE = "node"  # the replicated job and container name in that runtime

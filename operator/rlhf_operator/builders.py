@@ -12,34 +12,46 @@ import json
 from typing import Any
 
 from rlhf_operator import api
+
+# Names, labels and ownership of every child live in children.py; re-exported because every
+# builder and most callers read them here.
+from rlhf_operator.children import KUEUE_QUEUE_LABEL as KUEUE_QUEUE_LABEL
+from rlhf_operator.children import LABEL_COMPONENT as LABEL_COMPONENT
+from rlhf_operator.children import LABEL_RUN as LABEL_RUN
+from rlhf_operator.children import LABEL_STAGE as LABEL_STAGE
+from rlhf_operator.children import MAX_NAME as MAX_NAME
+from rlhf_operator.children import WORKSPACE_MOUNT as WORKSPACE_MOUNT
+from rlhf_operator.children import child_name as child_name
+from rlhf_operator.children import create_suspended as create_suspended
+from rlhf_operator.children import held as held
+from rlhf_operator.children import kueue_queued as kueue_queued
+from rlhf_operator.children import labels as labels
+from rlhf_operator.children import metadata as metadata
+from rlhf_operator.children import owner_reference as owner_reference
+from rlhf_operator.children import stage_model as stage_model
+from rlhf_operator.children import stage_output_dir as stage_output_dir
+from rlhf_operator.children import token_env as token_env
+from rlhf_operator.children import workspace_volume as workspace_volume
+from rlhf_operator.objects import Obj
 from rlhf_trainer.config import (
     Hyperparameters,
     JudgeProtocol,
     JudgeRequestOptions,
     JudgeTarget,
-    ModelSource,
     RolloutClientOptions,
     RolloutTarget,
     StageConfig,
     stage_types,
 )
 
-Obj = dict[str, Any]
-
-LABEL_RUN = "rlhf.dev/run"
-LABEL_STAGE = "rlhf.dev/stage"
-LABEL_COMPONENT = "rlhf.dev/component"
 ANNOTATION_HASH = "rlhf.dev/config-hash"
 ANNOTATION_PROGRESS = "rlhf.dev/progress"  # written by the trainer's rank 0 on its own pod
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
-WORKSPACE_MOUNT = "/workspace"
 CONFIG_MOUNT = "/etc/rlhf"
 TRAINER_CONTAINER = "pytorch"  # the container name Kubeflow's PyTorchJob requires
 METRICS_PORT_NAME = "metrics"  # rank 0's /metrics; the chart's PodMonitor selects it by name
 METRICS_PORT = 9400
 METRICS_PORT_ENV = "RLHF_METRICS_PORT"
-MAX_NAME = 63
 # The trainer image's user (Dockerfile `USER 65532:65532`, home /home/trainer). Numeric, so the
 # kubelet can check runAsNonRoot without reading /etc/passwd.
 TRAINER_UID = 65532
@@ -50,79 +62,6 @@ DROP_PRIVILEGES: Obj = {"allowPrivilegeEscalation": False, "capabilities": {"dro
 SECCOMP_DEFAULT: Obj = {"seccompProfile": {"type": "RuntimeDefault"}}
 # Stage types that generate with rollout servers while they train.
 ONLINE_STAGE_TYPES: frozenset[str] = stage_types(lambda kind: kind.online)
-
-
-def child_name(run: api.RLHFRun, stage: str, suffix: str = "") -> str:
-    """`<run>-<stage>[-suffix]`, shortened with a stable hash when over a DNS label's length."""
-    base = f"{run.metadata.name}-{stage}"
-    tail = f"-{suffix}" if suffix else ""
-    if len(base) + len(tail) <= MAX_NAME:
-        return base + tail
-    digest = hashlib.sha256(base.encode()).hexdigest()[:8]
-    keep = MAX_NAME - len(tail) - len(digest) - 1
-    return f"{base[:keep].rstrip('-')}-{digest}{tail}"
-
-
-def labels(run: api.RLHFRun, stage: str, component: str) -> dict[str, str]:
-    out = {LABEL_RUN: run.metadata.name, LABEL_STAGE: stage, LABEL_COMPONENT: component}
-    queue = run.metadata.labels.get(KUEUE_QUEUE_LABEL)
-    if queue is not None:
-        out[KUEUE_QUEUE_LABEL] = queue
-    return out
-
-
-def kueue_queued(run: api.RLHFRun) -> bool:
-    """Whether Kueue queues the run (the queue-name label on the RLHFRun). Kueue then owns each
-    job's `suspend` after creation: the job is created suspended and Kueue un-suspends it on
-    admission, so `spec.suspend` is not the operator's gate (`held`)."""
-    return KUEUE_QUEUE_LABEL in run.metadata.labels
-
-
-def held(run: api.RLHFRun) -> bool:
-    """Whether the operator itself holds the run (`spec.suspend` on a run Kueue does not queue):
-    its job suspended, its servers at zero replicas, its phase Suspended."""
-    return run.spec.suspend and not kueue_queued(run)
-
-
-def create_suspended(run: api.RLHFRun) -> bool:
-    """The `suspend` a new job is created with: a queued job waits for Kueue's admission (its
-    webhook would set it too), a held one for `spec.suspend: false`."""
-    return run.spec.suspend or kueue_queued(run)
-
-
-def owner_reference(run: api.RLHFRun) -> Obj:
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "name": run.metadata.name,
-        "uid": run.metadata.uid or "",
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
-def metadata(run: api.RLHFRun, name: str, stage: str, component: str) -> Obj:
-    return {
-        "name": name,
-        "namespace": run.metadata.namespace,
-        "labels": labels(run, stage, component),
-        "ownerReferences": [owner_reference(run)],
-    }
-
-
-def stage_output_dir(run: api.RLHFRun, stage: str) -> str:
-    """Workspace-relative folder of a stage: final/, checkpoints/, progress.json."""
-    return f"{run.metadata.name}/{stage}"
-
-
-def stage_model(run: api.RLHFRun, stage: api.Stage) -> ModelSource:
-    """The initial weights of a stage: its own `model`, the output of its `from` stage, or else
-    the base model."""
-    if stage.model is not None:
-        return stage.model
-    if stage.from_ is None:
-        return run.spec.model
-    return ModelSource(path=f"{stage_output_dir(run, stage.from_)}/final")
 
 
 SERVER_PORT = 8000  # the rollout and judge servers' container port, named `http`
@@ -347,22 +286,12 @@ def _env(run: api.RLHFRun, stage: api.Stage) -> list[Obj]:
     ]
     # A stage with a `model` of its own reads it with that model's token, else spec.model's.
     own = stage.model.token_secret_ref if stage.model is not None else None
-    token = own or run.spec.model.token_secret_ref
-    if token is not None:
-        ref = {"secretKeyRef": {"name": token.name, "key": token.key}}
-        env.append({"name": "HF_TOKEN", "valueFrom": ref})
-    return env
+    return env + token_env(own or run.spec.model.token_secret_ref)
 
 
 def _volumes(run: api.RLHFRun, configmap: str) -> list[Obj]:
-    claim = run.spec.workspace.claim_name
-    workspace: Obj = (
-        {"name": "workspace", "persistentVolumeClaim": {"claimName": claim}}
-        if claim
-        else {"name": "workspace", "emptyDir": {}}
-    )
     return [
-        workspace,
+        workspace_volume(run),
         {"name": "config", "configMap": {"name": configmap}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         # The root filesystem is read-only: torchrun, torch and triton write under /tmp and HOME.

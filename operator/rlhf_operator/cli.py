@@ -213,7 +213,7 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
         raise UsageError("import-gguf: give either FILE or --smollm2, and OUT_DIR")
     # In the trainer's own process, as tiny-model: the conversion needs torch and transformers.
     source = ["--smollm2"] if args.smollm2 else [args.file]
-    argv = [sys.executable, "-m", "rlhf_trainer.gguf_import", *source, args.out_dir]
+    argv = [sys.executable, "-m", "rlhf_trainer.models.gguf_import", *source, args.out_dir]
     return subprocess.call(argv)
 
 
@@ -286,8 +286,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--preset",
-        # rlhf_trainer.tiny.PRESETS; the operator imports nothing of the trainer but its config,
-        # and `python -m rlhf_trainer tiny-model` refuses any other name itself.
+        # rlhf_trainer.models.tiny.PRESETS; the operator imports nothing of the trainer but its
+        # config, and `python -m rlhf_trainer tiny-model` refuses any other name itself.
         choices=["tiny", "20m", "judge"],
         default="tiny",
         help="tiny; 20m (~20M parameters, for benchmarks); judge (tiny with a larger "

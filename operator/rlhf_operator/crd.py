@@ -3,7 +3,7 @@
 Pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3 schema: no
 `$ref`, no `anyOf` with null, `nullable` instead, int-or-string as an extension, defaults that
 apply server-side. The CEL rules mirror the cross-field checks in `api.py` and, where CEL can
-say them, `spec_checks.py`'s, so `kubectl apply` refuses what `rlhf validate` refuses.
+say them, `cel_rules.py`'s, so `kubectl apply` refuses what `rlhf validate` refuses.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from rlhf_operator import api, env_servers, names, spec_checks
+from rlhf_operator import api, cel_rules, env_servers, names
 
 Schema = dict[str, Any]
 
@@ -130,7 +130,8 @@ _IN_TRAINER = "has(self.rollout) && has(self.rollout.engine) && self.rollout.eng
 
 
 def _in_trainer_rules() -> list[Schema]:
-    """What a stage cannot combine with `rollout.engine: trainer` (api._in_trainer_problems)."""
+    """What a stage cannot combine with `rollout.engine: trainer`
+    (stage_rules._in_trainer_problems)."""
     asynchronous = " || ".join(
         f"(has(self.{block}) && has(self.{block}.async) && self.{block}.async)"
         for block in ("ppo", "grpo", "rrhf")
@@ -158,7 +159,7 @@ def _in_trainer_rules() -> list[Schema]:
     ]
 
 
-# api.trainer_engine_problems: server settings with no servers.
+# stage_rules.trainer_engine_problems: server settings with no servers.
 _ROLLOUT_RULES: list[Schema] = [
     {
         "rule": f"!has(self.engine) || self.engine != 'trainer' || !has(self.{field}) || "
@@ -266,7 +267,7 @@ def _structural(node: Schema, defs: dict[str, Schema], name: str | None = None) 
         out["additionalProperties"] = _structural(node["additionalProperties"], defs)
     if node.get("type") == "object" and "properties" in node:
         _default_factories(out, node)
-    rules = _MODEL_RULES.get(name or "", []) + spec_checks.CEL_RULES.get(name or "", [])
+    rules = _MODEL_RULES.get(name or "", []) + cel_rules.CEL_RULES.get(name or "", [])
     if rules:
         out["x-kubernetes-validations"] = copy.deepcopy(rules)
     return out
@@ -301,7 +302,7 @@ def spec_schema() -> Schema:
     defs = raw.pop("$defs", {})
     schema = _structural(raw, defs, "RLHFRunSpec")
     schema["properties"]["stages"]["x-kubernetes-validations"] = copy.deepcopy(
-        _STAGE_LIST_RULES + spec_checks.STAGE_LIST_RULES
+        _STAGE_LIST_RULES + cel_rules.STAGE_LIST_RULES
     )
     return schema
 

@@ -55,7 +55,7 @@ VLLM_SINCE: dict[str, Since] = {
         "the four-phase weight-transfer protocol; huggingface/trl#5892 requires vllm>=0.22.0",
     ),
 }
-# What a rollout server's weight sync calls (rlhf_trainer.weight_sync, nccl_sync).
+# What a rollout server's weight sync calls (rlhf_trainer.rollout.weight_sync, nccl_sync).
 WEIGHT_SYNC_USES: dict[str, tuple[str, ...]] = {
     "disk": (PAUSE,),
     "nccl": (PAUSE, TRANSFER, FOUR_PHASE),

@@ -24,9 +24,8 @@ import math
 from typing import Any
 
 from rlhf_operator import api, builders, servers
+from rlhf_operator.objects import Obj
 from rlhf_trainer.config import EnvironmentTarget, EpisodeOptions
-
-Obj = dict[str, Any]
 
 COMPONENT_ENVIRONMENT = "environment"
 # Seconds between startup probes: an environment starts in seconds, not a model's minutes.
@@ -114,7 +113,7 @@ def environment_children(run: api.RLHFRun, stage: api.Stage) -> list[Obj]:
             environment_container(run, env),
             math.ceil(env.startup_timeout_seconds),
             component=COMPONENT_ENVIRONMENT,
-            volumes=[servers.workspace_volume(run)],
+            volumes=[builders.workspace_volume(run)],
         )
         service = servers.build_server_service(
             run, stage.name, name, replica, component=COMPONENT_ENVIRONMENT, port_number=env.port

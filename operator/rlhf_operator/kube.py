@@ -15,8 +15,7 @@ from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 from rlhf_operator import api, backends
-
-Obj = dict[str, Any]
+from rlhf_operator.objects import Obj
 
 MERGE_PATCH = "application/merge-patch+json"
 # Asked of every create and patch: a field the server's schema does not know (a CRD older or

@@ -24,16 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from rlhf_operator import api, backends, builders, local_servers
 from rlhf_operator.local_precision import bf16_fallback_events, host_cpu_bf16
 from rlhf_operator.local_procs import StopSignals, die_with_parent, interrupted_status, stop_groups
 from rlhf_operator.local_servers import SERVER_KINDS, LocalServers, local_server_env
 from rlhf_operator.metrics import RunMetrics
+from rlhf_operator.objects import Obj
 from rlhf_operator.planner import Event, Observed, Plan, config_hash, plan
 
-Obj = dict[str, Any]
 TERMINAL = ("Succeeded", "Failed")
 
 

@@ -33,12 +33,11 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rlhf_operator import api, builders, engine_versions, env_servers
 from rlhf_operator.local_precision import host_bf16_kept, local_vllm_dtype
+from rlhf_operator.objects import Obj
 
-Obj = dict[str, Any]
 SERVER_KINDS = ("Deployment", "Service")
 
 # vLLM on CPU: a share of RAM for the KV cache, no graph capture, and no chunked prefill:

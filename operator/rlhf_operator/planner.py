@@ -21,7 +21,7 @@ Semantics:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from rlhf_operator import (
     api,
@@ -33,14 +33,12 @@ from rlhf_operator import (
     servers,
     stage_job,
 )
-from rlhf_trainer.config import STAGES
+from rlhf_operator.objects import Obj
 
-Obj = dict[str, Any]
-
-# Stage types with a trainer: every row of the stage table (a type declared in `StageType`
-# without a row would be refused with a Degraded condition).
-SUPPORTED_STAGE_TYPES: frozenset[str] = frozenset(STAGES)
-SUPPORTED_BACKENDS: frozenset[str] = frozenset({"pytorchjob", "trainjob"})
+# What the planner refuses lives with the other spec checks; re-exported for its callers.
+from rlhf_operator.spec_checks import SUPPORTED_BACKENDS as SUPPORTED_BACKENDS
+from rlhf_operator.spec_checks import SUPPORTED_STAGE_TYPES as SUPPORTED_STAGE_TYPES
+from rlhf_operator.spec_checks import refusal as refusal
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Succeeded")
 
@@ -83,44 +81,6 @@ def _jobs_by_stage(children: list[Obj]) -> dict[str, Obj]:
             if stage:
                 out[stage] = child
     return out
-
-
-def refusal(run: api.RLHFRun) -> str | None:
-    """Why this spec cannot run yet (an unsupported stage type or backend), or None."""
-    for index, stage in enumerate(run.spec.stages):
-        if stage.type not in SUPPORTED_STAGE_TYPES:
-            return (
-                f"spec.stages[{index}].type: stage type {stage.type!r} is not supported yet; "
-                f"supported: {', '.join(sorted(SUPPORTED_STAGE_TYPES))}"
-            )
-        online = servers.online_stage_problem(run, index, stage)
-        if online is not None:
-            return online
-        offline = _offline_stage_problem(index, stage)
-        if offline is not None:
-            return offline
-    trainer = run.spec.trainer
-    if trainer.backend not in SUPPORTED_BACKENDS:
-        return f"spec.trainer.backend: {trainer.backend!r} is not supported yet"
-    if trainer.backend == "trainjob" and trainer.scheduler_name:
-        return (
-            "spec.trainer.schedulerName: a TrainJob takes its scheduler from its "
-            "ClusterTrainingRuntime (spec.podGroupPolicy); unset schedulerName, or use "
-            "backend pytorchjob"
-        )
-    return None
-
-
-def _offline_stage_problem(index: int, stage: api.Stage) -> str | None:
-    """What an offline rrhf or evaluate stage asks for that cannot run yet, or None."""
-    where = f"spec.stages[{index}]"
-    offline = stage.type == "evaluate" or (stage.type == "rrhf" and not builders.is_online(stage))
-    if offline and stage.reward is not None and stage.reward.judge:
-        return (
-            f"{where}.reward.judge: {stage.type} scores responses with reward.from (a reward "
-            "stage) or reward.function; the AI judge is not supported here yet"
-        )
-    return None
 
 
 def plan(run: api.RLHFRun, observed: Observed) -> Plan:

@@ -21,9 +21,8 @@ from rlhf_operator import api, builders, sync
 from rlhf_operator.defaults import with_install_defaults
 from rlhf_operator.kube import BY_KIND, CHILDREN, PODS, RUNS, Kube, KubeError
 from rlhf_operator.metrics import RunMetrics
+from rlhf_operator.objects import Obj
 from rlhf_operator.planner import CONDITION_TYPES, Event, Observed, plan
-
-Obj = dict[str, Any]
 
 logger = logging.getLogger("rlhf_operator.reconcile")
 

@@ -1,9 +1,10 @@
 """`rlhf run FILE --restart STAGE`: train a stage, and every stage after it, again from the start.
 
 A stage whose inputs changed since its checkpoint or final output refuses to run (the trainer
-exits 2, naming the changed fields; see rlhf_trainer/stage_inputs.py). Restarting moves the old
-outputs of that stage and of every later stage aside, to `<stage>.old-<UTC time>` beside them,
-so nothing the user trained is deleted; later stages go too because they were trained from it.
+exits 2, naming the changed fields; see rlhf_trainer/runtime/stage_inputs.py). Restarting moves
+the old outputs of that stage and of every later stage aside, to `<stage>.old-<UTC time>`
+beside them, so nothing the user trained is deleted; later stages go too because they were
+trained from it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from rlhf_operator import api
 
-# Must match rlhf_trainer.stage_inputs.REFUSAL_MARK (a unit test checks it); the operator imports
-# nothing of the trainer but its config.
+# Must match rlhf_trainer.runtime.stage_inputs.REFUSAL_MARK (a unit test checks it); the operator
+# imports nothing of the trainer but its config.
 REFUSAL_MARK = "the stage's inputs changed since"
 EXIT_INPUTS_CHANGED = 2
 

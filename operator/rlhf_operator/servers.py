@@ -11,19 +11,21 @@ as in trainer pods, because the disk weight sync hands servers a folder on it, a
 is a memory emptyDir (tensor-parallel workers share memory through it). vLLM runs with
 `VLLM_SERVER_DEV_MODE=1`, which enables the weight-reload routes (/pause, /collective_rpc,
 /reset_prefix_cache, /resume).
+
+One builder, `server_children`, makes every inference server from a `ServerRole`: the rollout
+role here, the judge's in judge_servers.py.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from rlhf_operator import api, builders, engine_versions, spec_checks
-from rlhf_trainer.config import ModelSource
-
-Obj = dict[str, Any]
+from rlhf_operator import api, builders, engine_versions
+from rlhf_operator.objects import Obj
+from rlhf_trainer.config import ModelSource, SecretKeyRef
 
 COMPONENT_ROLLOUT = "rollout"
 LABEL_REPLICA = "rlhf.dev/replica"
@@ -58,17 +60,20 @@ VLLM_RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 
 def vllm_command(
-    model: ModelSource, rollout: api.Rollout, lora_rank: int | None = None
+    model: ModelSource,
+    rollout: api.Rollout,
+    lora_rank: int | None = None,
+    served_name: str = builders.SERVED_MODEL,
 ) -> list[str]:
-    """`vllm serve MODEL ...`, the entry point of the vllm/vllm-openai image. With `lora_rank`
-    the server takes one runtime-loaded LoRA adapter of up to that rank (LoRA stages sync only
-    their adapters)."""
+    """`vllm serve MODEL ...`, the entry point of the vllm/vllm-openai image, answering to
+    `served_name`. With `lora_rank` the server takes one runtime-loaded LoRA adapter of up to
+    that rank (LoRA stages sync only their adapters)."""
     argv = ["vllm", "serve", model_argument(model)]
     if model.revision is not None:
         argv += ["--revision", model.revision]
     argv += [
         "--served-model-name",
-        builders.SERVED_MODEL,
+        served_name,
         "--port",
         str(builders.SERVER_PORT),
         "--tensor-parallel-size",
@@ -88,16 +93,18 @@ def vllm_command(
     return argv
 
 
-def lmdeploy_command(model: ModelSource, rollout: api.Rollout) -> list[str]:
+def lmdeploy_command(
+    model: ModelSource, rollout: api.Rollout, served_name: str = builders.SERVED_MODEL
+) -> list[str]:
     """`lmdeploy serve api_server MODEL ...`, the entry point of the openmmlab/lmdeploy image,
-    serving /metrics (the chart's PodMonitor scrapes it): `--enable-metrics` before lmdeploy
-    0.11, nothing after (engine_versions)."""
+    answering to `served_name` and serving /metrics (the chart's PodMonitor scrapes it):
+    `--enable-metrics` before lmdeploy 0.11, nothing after (engine_versions)."""
     argv = ["lmdeploy", "serve", "api_server", model_argument(model)]
     if model.revision is not None:
         argv += ["--revision", model.revision]
     argv += [
         "--model-name",
-        builders.SERVED_MODEL,
+        served_name,
         "--server-port",
         str(builders.SERVER_PORT),
         "--tp",
@@ -113,6 +120,29 @@ def lmdeploy_command(model: ModelSource, rollout: api.Rollout) -> list[str]:
     return argv + engine_versions.lmdeploy_metrics_flags(engine_versions.tag_version(image))
 
 
+@dataclass(frozen=True)
+class ServerRole:
+    """What sets one role's inference servers apart from another's. Rollout servers serve the
+    stage's policy and take weight reloads (vLLM's dev-mode routes, runtime LoRA); the judge
+    (judge_servers.judge_role) serves its own model under its own name and reloads nothing."""
+
+    component: str  # the `rlhf.dev/component` label
+    settings: api.Rollout  # engine, replicas, parallelism, image, resources, startup timeout
+    model: ModelSource
+    served_name: str  # what clients ask for (--served-model-name, lmdeploy --model-name)
+    name: Callable[[api.RLHFRun, str, int], str]  # (run, stage, replica) -> object name
+    token: SecretKeyRef | None  # the hub token `model` downloads with
+    dev_mode: bool  # vLLM's weight-reload routes
+    lora_rank: int | None = None  # one runtime-loaded LoRA adapter of up to this rank
+
+
+def server_command(role: ServerRole) -> list[str]:
+    """The role's `vllm serve ...` or `lmdeploy serve api_server ...` argv."""
+    if role.settings.engine == "vllm":
+        return vllm_command(role.model, role.settings, role.lora_rank, role.served_name)
+    return lmdeploy_command(role.model, role.settings, role.served_name)
+
+
 def probe(path: str, period: int, failures: int) -> Obj:
     """An HTTP GET probe on the container port `http`."""
     return {
@@ -123,38 +153,30 @@ def probe(path: str, period: int, failures: int) -> Obj:
     }
 
 
-def _server_env(run: api.RLHFRun, engine: str) -> list[Obj]:
+def _server_env(role: ServerRole) -> list[Obj]:
     env: list[Obj] = [
         {"name": "HF_HOME", "value": f"{builders.WORKSPACE_MOUNT}/.cache/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    if engine == "vllm":
+    if role.dev_mode and role.settings.engine == "vllm":
         env.append({"name": VLLM_DEV_MODE_ENV, "value": "1"})
-    token = run.spec.model.token_secret_ref
-    if token is not None:
-        ref = {"secretKeyRef": {"name": token.name, "key": token.key}}
-        env.append({"name": "HF_TOKEN", "valueFrom": ref})
+    env += builders.token_env(role.token)
+    if role.lora_rank is not None:
+        env.append({"name": VLLM_RUNTIME_LORA_ENV, "value": "True"})
     return env
 
 
-def workspace_volume(run: api.RLHFRun) -> Obj:
-    """The volume `workspace`: the run's claim, or an emptyDir."""
-    claim = run.spec.workspace.claim_name
-    if claim:
-        return {"name": "workspace", "persistentVolumeClaim": {"claimName": claim}}
-    return {"name": "workspace", "emptyDir": {}}
-
-
 def _volumes(run: api.RLHFRun) -> list[Obj]:
-    return [workspace_volume(run), {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    return [builders.workspace_volume(run), {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
 
 
-def server_container(run: api.RLHFRun, rollout: api.Rollout, command: list[str]) -> Obj:
+def server_container(role: ServerRole, command: list[str]) -> Obj:
+    rollout = role.settings
     container: Obj = {
         "name": SERVER_CONTAINER,
         "image": engine_versions.server_image(rollout.engine, rollout.image),
         "command": command,
-        "env": _server_env(run, rollout.engine),
+        "env": _server_env(role),
         "ports": [{"name": "http", "containerPort": builders.SERVER_PORT, "protocol": "TCP"}],
         # Weights load (and may download) before /v1/models answers: allow startupTimeout.
         "startupProbe": probe(
@@ -237,34 +259,49 @@ def build_server_service(
     }
 
 
-def rollout_children(run: api.RLHFRun, stage: api.Stage) -> list[Obj]:
-    """Every rollout server of an online stage, Deployment then Service per replica; [] for
-    other stage types and when the trainer generates itself (engine `trainer`)."""
-    if not builders.uses_rollout(stage):
-        return []
-    rollout = stage.rollout or api.Rollout()
-    if rollout.engine == api.IN_TRAINER:
-        return []
-    model = builders.stage_model(run, stage)
-    lora_rank = stage.lora.r if stage.lora is not None else None
-    command = (
-        vllm_command(model, rollout, lora_rank)
-        if rollout.engine == "vllm"
-        else lmdeploy_command(model, rollout)
-    )
+def server_children(run: api.RLHFRun, stage: api.Stage, role: ServerRole) -> list[Obj]:
+    """The role's servers for a stage: a Deployment then a Service per replica."""
+    command = server_command(role)
     out: list[Obj] = []
-    for replica in range(rollout.replicas):
-        name = builders.rollout_name(run, stage.name, replica)
-        container = server_container(run, rollout, command)
-        if lora_rank is not None:
-            container["env"].append({"name": VLLM_RUNTIME_LORA_ENV, "value": "True"})
+    for replica in range(role.settings.replicas):
+        name = role.name(run, stage.name, replica)
+        container = server_container(role, command)
+        startup_s = role.settings.startup_timeout_seconds
         out.append(
             build_server_deployment(
-                run, stage.name, name, replica, container, rollout.startup_timeout_seconds
+                run, stage.name, name, replica, container, startup_s, role.component
             )
         )
-        out.append(build_server_service(run, stage.name, name, replica))
+        out.append(build_server_service(run, stage.name, name, replica, role.component))
     return out
+
+
+def rollout_role(run: api.RLHFRun, stage: api.Stage) -> ServerRole | None:
+    """The rollout servers of a stage that generates with them; None for other stage types and
+    when the trainer generates itself (engine `trainer`)."""
+    if not builders.uses_rollout(stage):
+        return None
+    rollout = stage.rollout or api.Rollout()
+    if rollout.engine == api.IN_TRAINER:
+        return None
+    return ServerRole(
+        component=COMPONENT_ROLLOUT,
+        settings=rollout,
+        model=builders.stage_model(run, stage),
+        served_name=builders.SERVED_MODEL,
+        name=builders.rollout_name,
+        # spec.model's token even for a stage with its own `model`, as the servers always had.
+        token=run.spec.model.token_secret_ref,
+        dev_mode=True,
+        lora_rank=stage.lora.r if stage.lora is not None else None,
+    )
+
+
+def rollout_children(run: api.RLHFRun, stage: api.Stage) -> list[Obj]:
+    """Every rollout server of an online stage, Deployment then Service per replica; []
+    where `rollout_role` is None."""
+    role = rollout_role(run, stage)
+    return server_children(run, stage, role) if role is not None else []
 
 
 def deployment_available(obj: Obj) -> bool:
@@ -332,15 +369,3 @@ def readiness(wanted_servers: list[Obj], observed: list[Obj]) -> Readiness:
         for component in dict.fromkeys(wanted.values())
     ]
     return Readiness(ready=False, waiting="Waiting for " + ", ".join(counts))
-
-
-def online_stage_problem(run: api.RLHFRun, index: int, stage: api.Stage) -> str | None:
-    """What an online stage asks for that cannot run yet, naming the field, or None. Parsing
-    refuses the rollout settings already (spec_checks); the planner keeps them as a guard, and
-    checks the server image again once the install defaults have filled in an unset one."""
-    problem = spec_checks.rollout_problem(run.spec.trainer, index, stage)
-    if problem is not None or not builders.is_online(stage):
-        return problem
-    # Again here, after the operator's install defaults filled in an unset image.
-    server = engine_versions.stage_server(index, stage)
-    return engine_versions.server_problem(server) if server is not None else None

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf_operator import api, backends, builders
-
-Obj = dict[str, Any]
+from rlhf_operator.objects import Obj
 
 ANNOTATION_ATTEMPT = "rlhf.dev/attempt"
 ANNOTATION_PREVIOUS_FAILURE = "rlhf.dev/previous-failure"

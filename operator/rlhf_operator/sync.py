@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rlhf_operator import api, backends, builders, stage_job
-
-Obj = dict[str, Any]
+from rlhf_operator.objects import Obj
 
 Verb = Literal["create", "patch", "replace", "delete"]
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_trainer import tasks
+from rlhf_trainer.tasks import animal_sounds as tasks
 
 pytestmark = pytest.mark.e2e
 

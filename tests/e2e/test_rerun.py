@@ -1,6 +1,6 @@
 """End to end: re-running a finished run whose stage inputs changed stops before training and
 names the changed fields; `rlhf run --restart STAGE` moves the old outputs aside and trains
-again (rlhf_trainer/stage_inputs.py, rlhf_operator/restart.py)."""
+again (rlhf_trainer/runtime/stage_inputs.py, rlhf_operator/restart.py)."""
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kill_tree import descendants, gone
-from rlhf_trainer.env_client import EnvironmentClient, EpisodeDropped
-from rlhf_trainer.env_server import EnvironmentService, RequestError
+from rlhf_trainer.environments.client import EnvironmentClient, EpisodeDropped
+from rlhf_trainer.environments.server import EnvironmentService, RequestError
 
 pytestmark = pytest.mark.integration
 

@@ -18,11 +18,11 @@ import pytest
 import yaml
 
 from fake_judge import FakeJudge, fake_judge
-from rlhf_trainer.chat_format import ChatFormat
 from rlhf_trainer.config import DatasetSpec, JudgeTarget, ModelSource, StageConfig
-from rlhf_trainer.data import load_preference_rows
-from rlhf_trainer.judge_reward import JudgeRewardSource
-from rlhf_trainer.rollout import Sample
+from rlhf_trainer.data.chat_format import ChatFormat
+from rlhf_trainer.data.readers import load_preference_rows
+from rlhf_trainer.rewards.judge import JudgeRewardSource
+from rlhf_trainer.rollout.client import Sample
 
 pytestmark = pytest.mark.integration
 
@@ -184,7 +184,7 @@ def test_online_judge_rewards(feedback_run: tuple[Path, FakeJudge]) -> None:
         requests={"timeoutSeconds": 5, "maxRetries": 0},
     )
     chat = ChatFormat()
-    with mock.patch("rlhf_trainer.judge_reward.load_chat_format", return_value=chat):
+    with mock.patch("rlhf_trainer.rewards.judge.load_chat_format", return_value=chat):
         source = JudgeRewardSource(target, Tokenizer(), references={"Q1?": "a poor answer"})
         scores = source.score(samples, prompts).tolist()
         pointwise = JudgeRewardSource(target.model_copy(update={"mode": "pointwise"}), Tokenizer())

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_trainer.batching import end_of_turn_id
+from rlhf_trainer.data.batching import end_of_turn_id
 from rlhf_trainer.errors import UserError
-from rlhf_trainer.gguf_import import RECORD, import_gguf, smollm2_gguf
+from rlhf_trainer.models.gguf_import import RECORD, import_gguf, smollm2_gguf
 
 pytestmark = pytest.mark.integration
 

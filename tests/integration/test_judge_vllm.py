@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from rlhf_trainer.chat_format import load_chat_format
-from rlhf_trainer.completions import Completion, CompletionsClient, top_logprobs
 from rlhf_trainer.config import JudgeTarget, ModelSource
-from rlhf_trainer.judge import Judge, Judgement
-from rlhf_trainer.judge_reward import JudgeRewards
+from rlhf_trainer.data.chat_format import load_chat_format
+from rlhf_trainer.rewards.judge import JudgeRewards
+from rlhf_trainer.rewards.judge_core import Judge, Judgement
+from rlhf_trainer.rollout.completions import Completion, CompletionsClient, top_logprobs
 
 pytestmark = pytest.mark.integration
 

@@ -41,8 +41,9 @@ import pytest
 
 from kill_tree import descendants, gone, kill_tree, kill_when, logged_step, start_in_own_group
 from kill_tree import metrics as read_metrics
-from rlhf_trainer import checkpoint, tasks
 from rlhf_trainer.config import WORKSPACE_ENV, RolloutTarget, StageConfig
+from rlhf_trainer.runtime import checkpoint
+from rlhf_trainer.tasks import animal_sounds as tasks
 from vllm_server import free_port, start_vllm, stop, vllm_server, wait_until_ready
 
 pytestmark = pytest.mark.integration
@@ -194,7 +195,7 @@ def held_out_gain(metrics: list[dict[str, Any]]) -> tuple[float, float]:
 def test_rollout_client_on_vllm(stack: Stack) -> None:
     from transformers import AutoTokenizer
 
-    from rlhf_trainer.rollout import RolloutClient, Sampling
+    from rlhf_trainer.rollout.client import RolloutClient, Sampling
 
     tokenizer = AutoTokenizer.from_pretrained(stack.policy)
     prompts = [tokenizer(ex.prompt)["input_ids"] for ex in tasks.unique_examples(3, 6)]
@@ -214,10 +215,10 @@ def test_disk_sync_parity_and_a_skipped_sync_is_caught(stack: Stack) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_trainer.distributed import close_distributed, init_distributed
-    from rlhf_trainer.parity import Syncer
-    from rlhf_trainer.rollout import RolloutClient
-    from rlhf_trainer.weight_sync import DiskWeightSync, WeightSyncError
+    from rlhf_trainer.online.parity import Syncer
+    from rlhf_trainer.rollout.client import RolloutClient
+    from rlhf_trainer.rollout.weight_sync import DiskWeightSync, WeightSyncError
+    from rlhf_trainer.runtime.distributed import close_distributed, init_distributed
 
     target = RolloutTarget.model_validate(rollout(stack.url, parityThreshold=0.05))
     tokenizer = AutoTokenizer.from_pretrained(stack.policy)
@@ -307,8 +308,8 @@ def test_lora_grpo_syncs_only_its_adapters(stack: Stack) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_trainer.distributed import close_distributed, init_distributed
-    from rlhf_trainer.weight_sync import DiskWeightSync
+    from rlhf_trainer.rollout.weight_sync import DiskWeightSync
+    from rlhf_trainer.runtime.distributed import close_distributed, init_distributed
 
     # Earlier tests left their final policies on the server; LoRA syncs no base weights, so
     # put the stage's base back first (the parity probe would fail the run otherwise).

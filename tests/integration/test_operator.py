@@ -26,7 +26,7 @@ from helpers import load_generate, manifest
 from kube_emulator import TEST_AGENT, Client, Emulator, operator_process, stop, wait_for
 from rlhf_operator import backends
 from rlhf_operator.api import Phase
-from rlhf_trainer.kube_progress import PodAnnotator
+from rlhf_trainer.runtime.kube_progress import PodAnnotator
 from unit.test_backends import validate_trainjob
 from unit.test_builders import K8S_VERSION, validate_pytorchjob
 

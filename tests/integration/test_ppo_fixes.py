@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from test_online_vllm import env_for, torchrun, write
 
-from rlhf_trainer.reward_functions import ALLOW_ENV
+from rlhf_trainer.rewards.functions import ALLOW_ENV
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,8 @@
 
 All three start from a deliberately weak policy: the tiny model after 40 SFT steps, whose greedy
 answers are right for about 10-20% of held-out prompts (the full SFT of test_sft_torchrun reaches
-~94%, which would leave nothing to improve). The animal-sounds task is in rlhf_trainer.tasks.
+~94%, which would leave nothing to improve). The animal-sounds task is in
+rlhf_trainer.tasks.animal_sounds.
 
 Measured on the shared 2-core CI machine (numbers vary a little with the thread schedule):
 - reward model (80 steps, LM loss weight 1): held-out accuracy 0.44-0.50 before, 0.93-0.96 after,
@@ -30,8 +31,8 @@ from typing import Any
 import pytest
 
 from kill_tree import kill_when, logged_step, start_in_own_group
-from rlhf_trainer import checkpoint
 from rlhf_trainer.config import WORKSPACE_ENV, StageConfig
+from rlhf_trainer.runtime import checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -151,7 +152,7 @@ def test_reward_model_separates_held_out_pairs(reward_run: Run, workspace: Path)
     assert config["architectures"] == ["LlamaForSequenceClassification"]
     assert config["num_labels"] == 1 if "num_labels" in config else len(config["id2label"]) == 1
 
-    from rlhf_trainer.reward_model import load_reward_model
+    from rlhf_trainer.models.reward_model import load_reward_model
 
     scorer = load_reward_model(final)
     rows = [json.loads(x) for x in (workspace / "data" / "preference_eval.jsonl").open()]
@@ -188,13 +189,14 @@ def evaluate(workspace: Path, *args: str, env: dict[str, str] | None = None) -> 
 
 def test_rrhf_raises_the_greedy_task_reward(rrhf_run: Run, weak_sft: Path, workspace: Path) -> None:
     """Scored by the registered function's `module:callable` name (`animal_sounds` is
-    `rlhf_trainer.tasks:check`): evaluation resolves reward functions as GRPO does."""
+    `rlhf_trainer.tasks.animal_sounds:check`): evaluation resolves reward functions as GRPO does."""
     assert {"loss", "rank_loss", "sft_loss"} <= set(rrhf_run.metrics()[-1])
     report = evaluate(
         workspace, "--policy", f"sft={weak_sft}", "--policy", f"rrhf={rrhf_run.output_dir}/final",
-        "--prompts", "data/prompts.jsonl", "--reward-function", "rlhf_trainer.tasks:check",
+        "--prompts", "data/prompts.jsonl",
+        "--reward-function", "rlhf_trainer.tasks.animal_sounds:check",
         "--max-new-tokens", "8", "--batch-size", "50",
-        env={"RLHF_REWARD_FUNCTION_MODULES": "rlhf_trainer.tasks"},
+        env={"RLHF_REWARD_FUNCTION_MODULES": "rlhf_trainer.tasks.animal_sounds"},
     )  # fmt: skip
     sft, rrhf = (report["policies"][k]["reward_function_score"] for k in ("sft", "rrhf"))
     print(f"RRHF greedy task reward on 100 held-out prompts: SFT {sft:.2f} -> RRHF {rrhf:.2f}")
@@ -261,7 +263,7 @@ def test_lora_dpo_writes_an_adapter_that_later_stages_load(workspace: Path, weak
     import torch
 
     from rlhf_trainer.config import ModelSource
-    from rlhf_trainer.model import load_causal_lm
+    from rlhf_trainer.models.causal_lm import load_causal_lm
 
     merged, _ = load_causal_lm(ModelSource(path=str(final)), str(final))
     base, _ = load_causal_lm(ModelSource(path=str(weak_sft)), str(weak_sft))

@@ -22,17 +22,17 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_trainer.batching import stop_ids
-from rlhf_trainer.chat_format import load_chat_format
 from rlhf_trainer.config import ModelSource, RolloutTarget
-from rlhf_trainer.data import PromptRow
-from rlhf_trainer.distributed import DistContext
-from rlhf_trainer.engine import TrainerEngine, live_state
-from rlhf_trainer.experience import collate_samples, policy_logprobs
-from rlhf_trainer.feed import prompt_token_ids
-from rlhf_trainer.online_setup import stop_token_ids
-from rlhf_trainer.parity import Syncer, logprob_gap
-from rlhf_trainer.rollout import RolloutClient, Sample, Sampling
+from rlhf_trainer.data.batching import stop_ids
+from rlhf_trainer.data.chat_format import load_chat_format
+from rlhf_trainer.data.readers import PromptRow
+from rlhf_trainer.online.experience import collate_samples, policy_logprobs
+from rlhf_trainer.online.feed import prompt_token_ids
+from rlhf_trainer.online.parity import Syncer, logprob_gap
+from rlhf_trainer.online.setup import stop_token_ids
+from rlhf_trainer.rollout.client import RolloutClient, Sample, Sampling
+from rlhf_trainer.rollout.engine import TrainerEngine, live_state
+from rlhf_trainer.runtime.distributed import DistContext
 from vllm_server import vllm_server
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from kill_tree import kill_when, logged_step, start_in_own_group
-from rlhf_trainer import checkpoint, tasks
 from rlhf_trainer.config import (
     WORKSPACE_ENV,
     DatasetSpec,
@@ -29,6 +28,8 @@ from rlhf_trainer.config import (
     ModelSource,
     StageConfig,
 )
+from rlhf_trainer.runtime import checkpoint
+from rlhf_trainer.tasks import animal_sounds as tasks
 
 pytestmark = pytest.mark.integration
 

@@ -45,8 +45,14 @@ def test_trainer_config_is_torch_free() -> None:
         assert all(n.startswith("rlhf_trainer.config.") for n in outside), (path.name, outside)
 
 
-def test_losses_import_only_torch() -> None:
-    path = ROOT / "trainer" / "rlhf_trainer" / "losses.py"
-    assert path.exists()
-    allowed = {"torch", "__future__", "typing", "dataclasses", "math"}
-    assert {n.split(".")[0] for n in imports(path)} <= allowed
+def test_algos_import_only_torch() -> None:
+    """The algorithms' math (losses, advantages, reward shaping) is pure: torch and a few
+    standard modules, and each other."""
+    files = sorted((ROOT / "trainer" / "rlhf_trainer" / "algos").glob("*.py"))
+    assert len(files) >= 5
+    allowed = {"torch", "__future__", "typing", "dataclasses", "math", "collections"}
+    for path in files:
+        names = imports(path)
+        own = {n for n in names if n.startswith("rlhf_trainer")}
+        assert all(n.startswith("rlhf_trainer.algos.") for n in own), (path.name, own)
+        assert {n.split(".")[0] for n in names - own} <= allowed, path.name

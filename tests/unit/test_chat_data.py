@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from rlhf_trainer.batching import stop_ids, tokenize_pairs, tokenize_sft
-from rlhf_trainer.chat_data import end_of_turn
-from rlhf_trainer.chat_format import ChatFormat, load_chat_format
+from rlhf_trainer.algos.losses import IGNORE_INDEX
 from rlhf_trainer.config import DatasetSpec, ModelSource
-from rlhf_trainer.data import (
+from rlhf_trainer.data.batching import stop_ids, tokenize_pairs, tokenize_sft
+from rlhf_trainer.data.chat_data import end_of_turn
+from rlhf_trainer.data.chat_format import ChatFormat, load_chat_format
+from rlhf_trainer.data.readers import (
     dataset_chat,
     load_preference_rows,
     load_prompt_rows,
@@ -24,7 +25,6 @@ from rlhf_trainer.data import (
     load_sft_rows,
 )
 from rlhf_trainer.errors import DataError
-from rlhf_trainer.losses import IGNORE_INDEX
 
 pytestmark = pytest.mark.unit
 

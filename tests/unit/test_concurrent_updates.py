@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from helpers import minibatch_setup
-from rlhf_trainer.distributed import DistContext
-from rlhf_trainer.experience import Batch, Experience
-from rlhf_trainer.loop import build_optimizer
-from rlhf_trainer.online_steps import MinibatchTrainer, concurrent_updates, run_both
+from rlhf_trainer.online.experience import Batch, Experience
+from rlhf_trainer.online.steps import MinibatchTrainer, concurrent_updates, run_both
+from rlhf_trainer.runtime.distributed import DistContext
+from rlhf_trainer.training.loop import build_optimizer
 
 pytestmark = pytest.mark.unit
 

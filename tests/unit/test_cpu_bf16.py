@@ -24,7 +24,7 @@ from rlhf_trainer.config import (
     read_cpuinfo,
     resolve_bf16,
 )
-from rlhf_trainer.distributed import cpu_bf16_from_capability
+from rlhf_trainer.runtime.distributed import cpu_bf16_from_capability
 
 pytestmark = pytest.mark.unit
 

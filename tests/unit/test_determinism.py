@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch import nn
 
+from rlhf_trainer.algos.losses import token_logprobs
 from rlhf_trainer.config import StageConfig
-from rlhf_trainer.data import PreferenceRow
-from rlhf_trainer.determinism import disable_dropout
-from rlhf_trainer.distributed import DistContext
-from rlhf_trainer.losses import token_logprobs
-from rlhf_trainer.preflight import StageInputs
+from rlhf_trainer.data.inputs import StageInputs
+from rlhf_trainer.data.readers import PreferenceRow
+from rlhf_trainer.runtime.determinism import disable_dropout
+from rlhf_trainer.runtime.distributed import DistContext
 
 pytestmark = pytest.mark.unit
 
@@ -97,8 +97,8 @@ def test_dpo_policy_and_reference_passes_repeat(
     adapters off; both give the same log-probs twice (they differed before)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_trainer.batching import tokenize_pairs
-    from rlhf_trainer.dpo import DPOObjective, load_models
+    from rlhf_trainer.data.batching import tokenize_pairs
+    from rlhf_trainer.offline.dpo import DPOObjective, load_models
 
     config = StageConfig.model_validate(
         {"run": "r", "stage": "dpo", "type": "dpo", "outputDir": "runs/dpo",

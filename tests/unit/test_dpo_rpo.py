@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_trainer.batching import tokenize_pairs
+from rlhf_trainer.algos.losses import IGNORE_INDEX
+from rlhf_trainer.algos.preference_losses import dpo_nll_term
 from rlhf_trainer.config import WORKSPACE_ENV, StageConfig
-from rlhf_trainer.data import PreferenceRow
-from rlhf_trainer.distributed import DistContext
-from rlhf_trainer.dpo import DPOObjective
-from rlhf_trainer.losses import IGNORE_INDEX
-from rlhf_trainer.preference_losses import dpo_nll_term
-from rlhf_trainer.preflight import StageInputs
+from rlhf_trainer.data.batching import tokenize_pairs
+from rlhf_trainer.data.inputs import StageInputs
+from rlhf_trainer.data.readers import PreferenceRow
+from rlhf_trainer.offline.dpo import DPOObjective
+from rlhf_trainer.runtime.distributed import DistContext
 
 # Tiers per test: the acceptance test at the end runs whole stages (integration).
 unit = pytest.mark.unit
@@ -93,7 +93,7 @@ def test_sft_weight_adds_alpha_times_the_mean_chosen_nll(
 ) -> None:
     model, tokenizer = tiny
     if not packed:  # padded rows: the path for attention without a 4D mask
-        monkeypatch.setattr("rlhf_trainer.dpo.supports_packing", lambda model: False)
+        monkeypatch.setattr("rlhf_trainer.offline.dpo.supports_packing", lambda model: False)
     plain = objective(model, tokenizer, ctx, 0.0)
     rpo = objective(model, tokenizer, ctx, alpha)
     indices = list(range(len(ROWS)))
@@ -131,7 +131,7 @@ WRONG = "moo"
 
 
 def all_words() -> list[str]:
-    from rlhf_trainer import tasks
+    from rlhf_trainer.tasks import animal_sounds as tasks
 
     return [*tasks.SOUNDS, *tasks.SOUNDS.values()]
 

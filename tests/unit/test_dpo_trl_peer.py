@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_trainer.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
+from rlhf_trainer.algos.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
 
 pytestmark = pytest.mark.unit
 

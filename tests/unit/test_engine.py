@@ -16,14 +16,15 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_trainer.decoders import (
+from rlhf_trainer.rollout.client import RolloutError, Sample, Sampling
+from rlhf_trainer.rollout.decoders import (
     HFDecoder,
     LlamaDecoder,
     build_decoder,
     fused_supported,
     prefill_buckets,
 )
-from rlhf_trainer.engine import (
+from rlhf_trainer.rollout.engine import (
     EngineSync,
     TrainerEngine,
     live_state,
@@ -31,7 +32,6 @@ from rlhf_trainer.engine import (
     sample_tokens,
     score_sample,
 )
-from rlhf_trainer.rollout import RolloutError, Sample, Sampling
 
 pytestmark = pytest.mark.unit
 
@@ -305,7 +305,7 @@ def test_engine_refuses_samples_whose_logprobs_are_not_numbers() -> None:
 
 
 def test_engine_sync_loads_the_unsharded_policy_without_a_collective() -> None:
-    from rlhf_trainer.distributed import DistContext
+    from rlhf_trainer.runtime.distributed import DistContext
 
     model = model_named("llama")
     engine = TrainerEngine(model.config, [EOS], torch.device("cpu"), torch.float32, 8)
@@ -320,8 +320,8 @@ def test_a_skipped_engine_sync_is_caught_by_the_parity_probe(ctx: Any) -> None:
     """The optimizer moves the policy in place; the decoder shares most tensors but holds its
     own fused q/k/v and gate/up copies, so without the sync after the step it samples from
     stale weights, and the probe must say so. After the sync the gap is float rounding."""
-    from rlhf_trainer.parity import Syncer
-    from rlhf_trainer.weight_sync import WeightSyncError
+    from rlhf_trainer.online.parity import Syncer
+    from rlhf_trainer.rollout.weight_sync import WeightSyncError
 
     model = model_named("llama")
     engine = TrainerEngine(model.config, [EOS], torch.device("cpu"), torch.float32, 8)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from rlhf_trainer.env_client import (
+from rlhf_trainer.environments.client import (
     DROP_REASONS,
     EnvironmentClient,
     EnvironmentUnavailable,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_trainer.environments import (
+from rlhf_trainer.environments.builtin import (
     ENVIRONMENTS,
     BadRow,
     CalcError,

@@ -1,4 +1,4 @@
-"""Multi-turn episodes (rlhf_trainer.episodes) against a real environment server (the
+"""Multi-turn episodes (rlhf_trainer.online.episodes) against a real environment server (the
 calculator, served in a thread): the loss mask holds exactly the tokens the policy generated in
 each assistant turn, for a transcript with tool and user turns between them, and the
 transcript's tokens are those of the whole conversation rendered once by SmolLM2's template."""
@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from rlhf_trainer.chat_format import load_chat_format
 from rlhf_trainer.config import ModelSource
-from rlhf_trainer.env_client import EnvironmentClient
-from rlhf_trainer.env_server import make_server
-from rlhf_trainer.episodes import EpisodeRunner, EpisodeSettings, Transcript
-from rlhf_trainer.experience import collate_samples
-from rlhf_trainer.rollout import RolloutError, Sample, Sampling
+from rlhf_trainer.data.chat_format import load_chat_format
+from rlhf_trainer.environments.client import EnvironmentClient
+from rlhf_trainer.environments.server import make_server
+from rlhf_trainer.online.episodes import EpisodeRunner, EpisodeSettings, Transcript
+from rlhf_trainer.online.experience import collate_samples
+from rlhf_trainer.rollout.client import RolloutError, Sample, Sampling
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ import pytest
 
 from rlhf_trainer.config import StageConfig
 from rlhf_trainer.errors import UserError
-from rlhf_trainer.feedback import Tally, check_feedback
+from rlhf_trainer.feedback.stage import Tally, check_feedback
 
 pytestmark = pytest.mark.unit
 

@@ -32,22 +32,22 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import save_small_llama
-from rlhf_trainer.batching import DataStream
 from rlhf_trainer.config import StageConfig
-from rlhf_trainer.data import PromptRow
-from rlhf_trainer.distributed import DistContext
-from rlhf_trainer.experience import collate_samples, policy_logprobs, response_logits
-from rlhf_trainer.feed import RolloutFeed, StepRollouts
-from rlhf_trainer.grpo import GRPO
-from rlhf_trainer.grpo_sampling import (
+from rlhf_trainer.data.batching import DataStream
+from rlhf_trainer.data.readers import PromptRow
+from rlhf_trainer.online.experience import collate_samples, policy_logprobs, response_logits
+from rlhf_trainer.online.feed import RolloutFeed, StepRollouts
+from rlhf_trainer.online.grpo import GRPO
+from rlhf_trainer.online.grpo_sampling import (
     gather_scores,
     merge,
     pick_groups,
     refill_count,
     sample_groups,
 )
-from rlhf_trainer.online import shard
-from rlhf_trainer.rollout import RolloutError, Sample, Sampling
+from rlhf_trainer.online.loop import shard
+from rlhf_trainer.rollout.client import RolloutError, Sample, Sampling
+from rlhf_trainer.runtime.distributed import DistContext
 
 pytestmark = pytest.mark.unit
 
@@ -66,7 +66,7 @@ def reward_of(sample: Sample) -> float:
 
 def make_grpo(model_dir: Path, ctx: DistContext, hp: dict[str, Any] | None = None,
               sampled_by_policy: bool = False, **options: Any) -> GRPO:  # fmt: skip
-    from rlhf_trainer.model import load_causal_lm
+    from rlhf_trainer.models.causal_lm import load_causal_lm
 
     config = StageConfig.model_validate({
         "run": "r", "stage": "grpo", "type": "grpo", "model": {"path": str(model_dir)},

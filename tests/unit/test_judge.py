@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from rlhf_trainer.chat_format import ChatFormat, Message, load_chat_format
-from rlhf_trainer.completions import CallFailed, Completion, parse_choices
 from rlhf_trainer.config import JudgeTarget, JudgeTemplates, ModelSource
-from rlhf_trainer.judge import (
+from rlhf_trainer.data.chat_format import ChatFormat, Message, load_chat_format
+from rlhf_trainer.rewards.judge import fill_failures
+from rlhf_trainer.rewards.judge_core import (
     Judge,
     Judgement,
     Verdict,
@@ -25,8 +25,8 @@ from rlhf_trainer.judge import (
     read_choice,
     unlisted_bound,
 )
-from rlhf_trainer.judge_reward import fill_failures
-from rlhf_trainer.metrics import JudgeOutcome
+from rlhf_trainer.rollout.completions import CallFailed, Completion, parse_choices
+from rlhf_trainer.runtime.metrics import JudgeOutcome
 
 pytestmark = pytest.mark.unit
 

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf_trainer.chat_format import ChatFormat
-from rlhf_trainer.completions import CallFailed, CompletionsClient, parse_choices
 from rlhf_trainer.config import JudgeTarget, ModelSource
-from rlhf_trainer.judge import DIGITS, Judge, read_choice
-from rlhf_trainer.metrics import JudgeOutcome
+from rlhf_trainer.data.chat_format import ChatFormat
+from rlhf_trainer.rewards.judge_core import DIGITS, Judge, read_choice
+from rlhf_trainer.rollout.completions import CallFailed, CompletionsClient, parse_choices
+from rlhf_trainer.runtime.metrics import JudgeOutcome
 
 pytestmark = pytest.mark.unit
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from rlhf_trainer import kube_progress
-from rlhf_trainer.kube_progress import PodAnnotator
+from rlhf_trainer.runtime import kube_progress
+from rlhf_trainer.runtime.kube_progress import PodAnnotator
 
 pytestmark = pytest.mark.unit
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from rlhf_trainer.batching import char_budget, tokenize_sft
-from rlhf_trainer.data import SFTRow
+from rlhf_trainer.data.batching import char_budget, tokenize_sft
+from rlhf_trainer.data.readers import SFTRow
 from rlhf_trainer.errors import DataError
 
 pytestmark = pytest.mark.unit

@@ -11,9 +11,14 @@ import pytest
 import torch
 
 from rlhf_trainer.config import LoRAOptions, ModelSource
-from rlhf_trainer.lora import apply_lora
-from rlhf_trainer.model import _write_hf, causal_lm_exporter, load_causal_lm, load_tokenizer
-from rlhf_trainer.reward_model import (
+from rlhf_trainer.models.causal_lm import (
+    _write_hf,
+    causal_lm_exporter,
+    load_causal_lm,
+    load_tokenizer,
+)
+from rlhf_trainer.models.lora import apply_lora
+from rlhf_trainer.models.reward_model import (
     ScalarHeadModel,
     last_token_values,
     load_reward_backbone,

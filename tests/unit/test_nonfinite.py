@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rlhf_trainer.errors import NonFiniteError, UserError
-from rlhf_trainer.loop import grad_norm_and_clip
+from rlhf_trainer.training.loop import grad_norm_and_clip
 
 pytestmark = pytest.mark.unit
 

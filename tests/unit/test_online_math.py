@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rlhf_trainer.advantages import gae, group_advantages, masked_sums, whiten
-from rlhf_trainer.losses import entropy_from_logits, token_logprobs
-from rlhf_trainer.policy_losses import (
+from rlhf_trainer.algos.advantages import gae, group_advantages, masked_sums, whiten
+from rlhf_trainer.algos.losses import entropy_from_logits, token_logprobs
+from rlhf_trainer.algos.policy_losses import (
     approx_kl,
     clipped_surrogate,
     clipped_value_loss,
@@ -25,7 +25,7 @@ from rlhf_trainer.policy_losses import (
     kl_k1,
     kl_k3,
 )
-from rlhf_trainer.rewards import (
+from rlhf_trainer.algos.reward_shaping import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,

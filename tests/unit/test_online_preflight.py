@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from rlhf_trainer import preflight, reward_functions
+from rlhf_trainer import preflight
 from rlhf_trainer.config import WORKSPACE_ENV, StageConfig, format_validation_error
 from rlhf_trainer.errors import UserError
+from rlhf_trainer.rewards import functions as reward_functions
 
 pytestmark = pytest.mark.unit
 
@@ -122,7 +123,7 @@ def test_ppo_options_missing_their_companion_are_refused_at_load(options: Any, f
 
 
 def test_module_reward_functions_need_the_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
-    name = "rlhf_trainer.tasks:check"
+    name = "rlhf_trainer.tasks.animal_sounds:check"
     monkeypatch.delenv(reward_functions.ALLOW_ENV, raising=False)
     with pytest.raises(UserError, match="not on the trainer's allow-list"):
         reward_functions.resolve_reward_function(name)
@@ -135,7 +136,7 @@ def test_module_reward_functions_need_the_allow_list(monkeypatch: pytest.MonkeyP
         reward_functions.resolve_reward_function(name)
     monkeypatch.setenv(reward_functions.ALLOW_ENV, "rlhf_trainer")
     with pytest.raises(UserError, match="has no callable 'missing'"):
-        reward_functions.resolve_reward_function("rlhf_trainer.tasks:missing")
+        reward_functions.resolve_reward_function("rlhf_trainer.tasks.animal_sounds:missing")
 
 
 @pytest.mark.parametrize(
@@ -153,7 +154,7 @@ def test_overlapped_training_leaves_a_core_to_each_local_server(
 ) -> None:
     import torch
 
-    from rlhf_trainer.online_setup import overlap_threads
+    from rlhf_trainer.online.setup import overlap_threads
 
     assert overlap_threads(urls, torch.device(device), threads) == expected
 
@@ -172,7 +173,7 @@ def test_stop_tokens_gather_every_eos_the_model_and_tokenizer_name() -> None:
 
     from torch import nn
 
-    from rlhf_trainer.online_setup import stop_token_ids
+    from rlhf_trainer.online.setup import stop_token_ids
 
     model = nn.Linear(1, 1)
     model.config = SimpleNamespace(eos_token_id=[2, 7])  # type: ignore[assignment]

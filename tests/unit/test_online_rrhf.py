@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from helpers import minibatch_setup
-from rlhf_trainer.distributed import DistContext, shard_model
-from rlhf_trainer.experience import Batch, Experience
-from rlhf_trainer.losses import rrhf_loss
-from rlhf_trainer.online_steps import MinibatchTrainer
-from rlhf_trainer.rrhf_online import ranking_inputs
+from rlhf_trainer.algos.losses import rrhf_loss
+from rlhf_trainer.online.experience import Batch, Experience
+from rlhf_trainer.online.rrhf import ranking_inputs
+from rlhf_trainer.online.steps import MinibatchTrainer
+from rlhf_trainer.runtime.distributed import DistContext, shard_model
 
 pytestmark = pytest.mark.unit
 

@@ -10,11 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_trainer.batching import Example, PairExample
-from rlhf_trainer.dpo import packed_pair_logprobs
-from rlhf_trainer.experience import _packed, collate_samples, policy_logprobs
-from rlhf_trainer.losses import IGNORE_INDEX, sequence_logprobs
-from rlhf_trainer.packed import (
+from rlhf_trainer.algos.losses import IGNORE_INDEX, sequence_logprobs
+from rlhf_trainer.data.batching import Example, PairExample
+from rlhf_trainer.data.packed import (
     best_layout,
     common_prefix,
     mask_dtype,
@@ -23,8 +21,10 @@ from rlhf_trainer.packed import (
     shared_prompt_groups,
     supports_packing,
 )
-from rlhf_trainer.reward import pair_tensors
-from rlhf_trainer.rollout import Sample
+from rlhf_trainer.offline.dpo import packed_pair_logprobs
+from rlhf_trainer.offline.reward import pair_tensors
+from rlhf_trainer.online.experience import _packed, collate_samples, policy_logprobs
+from rlhf_trainer.rollout.client import Sample
 
 pytestmark = pytest.mark.unit
 
@@ -217,8 +217,8 @@ def test_distinct_prompts_of_varied_length_pack_and_match() -> None:
 def test_critic_values_are_the_same_packed_or_alone() -> None:
     from torch import nn
 
-    from rlhf_trainer.experience import critic_values
-    from rlhf_trainer.online_models import ValueModel
+    from rlhf_trainer.models.online_models import ValueModel
+    from rlhf_trainer.online.experience import critic_values
 
     torch.manual_seed(0)
     critic = ValueModel(tiny().model, nn.Linear(32, 1))
@@ -241,7 +241,7 @@ def test_bf16_on_cpu_trains_with_eager_attention_and_packs_alike(ctx: Any) -> No
     """`distributed.shard_model` with bf16 on CPU swaps sdpa for eager attention (faster there,
     docs/BENCHMARKS.md); float32 keeps sdpa. The eager bf16 forward still packs, and its packed
     logprobs agree with the sdpa bf16 model's unpacked ones to bf16 rounding."""
-    from rlhf_trainer.distributed import shard_model
+    from rlhf_trainer.runtime.distributed import shard_model
 
     kept = shard_model(tiny(), bf16=False)
     assert kept.config._attn_implementation == "sdpa"

@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from helpers import job_with, make_run, manifest
-from rlhf_operator import api, builders, planner
+from rlhf_operator import api, builders, spec_checks
 from rlhf_operator.planner import Observed, Plan, config_hash, job_phase, plan
 
 pytestmark = pytest.mark.unit
@@ -305,7 +305,7 @@ def test_unsupported_stage_type_is_refused_with_degraded(
     stage_type: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Which types lack a trainer changes as they land; the refusal path must keep working.
-    monkeypatch.setattr(planner, "SUPPORTED_STAGE_TYPES", frozenset({"sft"}))
+    monkeypatch.setattr(spec_checks, "SUPPORTED_STAGE_TYPES", frozenset({"sft"}))
     stage = {"name": "x", "type": stage_type,
              "dataset": {"path": "d.jsonl", "format": "preference"}}  # fmt: skip
     run = make_run(manifest(stages=[stage]))

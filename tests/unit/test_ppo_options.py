@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from helpers import minibatch_setup
-from rlhf_trainer.batching import Example
 from rlhf_trainer.config import PPO_MAX_PRESET, GRPOOptions, PPOOptions, StageConfig
-from rlhf_trainer.distributed import DistContext
-from rlhf_trainer.experience import (
+from rlhf_trainer.data.batching import Example
+from rlhf_trainer.online.experience import (
     Batch,
     Experience,
     collate_samples,
@@ -35,11 +34,12 @@ from rlhf_trainer.experience import (
     position_ids,
     tempered_and_raw_logprobs,
 )
-from rlhf_trainer.feed import StepRollouts
-from rlhf_trainer.loop import build_optimizer
-from rlhf_trainer.online_steps import MinibatchTrainer, correction_on, scoring_temperature
-from rlhf_trainer.ppo import PPO, PtxSource
-from rlhf_trainer.rollout import Sample
+from rlhf_trainer.online.feed import StepRollouts
+from rlhf_trainer.online.ppo import PPO, PtxSource
+from rlhf_trainer.online.steps import MinibatchTrainer, correction_on, scoring_temperature
+from rlhf_trainer.rollout.client import Sample
+from rlhf_trainer.runtime.distributed import DistContext
+from rlhf_trainer.training.loop import build_optimizer
 
 pytestmark = pytest.mark.unit
 
@@ -78,7 +78,7 @@ def build(model_dir: Path, ctx: DistContext, options: dict[str, Any] | None = No
           scores: torch.Tensor | None = None) -> PPO:  # fmt: skip
     """A PPO over the tiny model (a plain module, one process); the actor's head is nudged off
     the reference so that the KL penalty is not 0."""
-    from rlhf_trainer.model import load_causal_lm
+    from rlhf_trainer.models.causal_lm import load_causal_lm
 
     config = stage(model_dir, options or {})
     inputs = SimpleNamespace(config=config, model_ref=str(model_dir), reward_model_ref=None,
@@ -165,7 +165,7 @@ def test_the_ppo_max_preset_sets_its_fields_and_the_spec_wins() -> None:
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
 def test_logprobs_and_entropy_at_a_temperature(model_dir: Path, temperature: float) -> None:
-    from rlhf_trainer.model import load_causal_lm
+    from rlhf_trainer.models.causal_lm import load_causal_lm
 
     model, _ = load_causal_lm(stage(model_dir, {}).model, str(model_dir))
     model.eval()
@@ -337,7 +337,7 @@ def test_a_step_of_equal_rewards_warns_and_stays_bounded(
     model_dir: Path, ctx: DistContext, caplog: pytest.LogCaptureFixture
 ) -> None:
     algo = build(model_dir, ctx, {"preset": "ppo-max"}, scores=torch.full((N,), 3.0))
-    with caplog.at_level(logging.WARNING, logger="rlhf_trainer.ppo"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_trainer.online.ppo"):
         for step in range(2):
             exp, shaped = algo.experience(step, rollouts(step))
             assert exp.rewards is not None and bool(exp.rewards.abs().max() < 10.0)
@@ -347,7 +347,7 @@ def test_a_step_of_equal_rewards_warns_and_stays_bounded(
     assert all(w.startswith(f"Every reward of step {s} was 3:") for s, w in enumerate(warnings))
     caplog.clear()
     varied = build(model_dir, ctx)
-    with caplog.at_level(logging.WARNING, logger="rlhf_trainer.ppo"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_trainer.online.ppo"):
         varied.experience(0, rollouts())
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
@@ -385,8 +385,8 @@ def test_the_ptx_loss_reads_the_ranks_own_examples() -> None:
 def test_dropout_is_off_in_every_online_model(
     tmp_path: Path, ctx: DistContext
 ) -> None:
-    from rlhf_trainer.model import load_causal_lm
-    from rlhf_trainer.online_models import load_policy, load_reference, load_value_model
+    from rlhf_trainer.models.causal_lm import load_causal_lm
+    from rlhf_trainer.models.online_models import load_policy, load_reference, load_value_model
 
     path = tiny_llama(tmp_path / "dropout", attention_dropout=0.3)
     config = stage(path, {})

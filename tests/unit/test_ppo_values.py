@@ -15,10 +15,10 @@ import torch
 
 from helpers import save_small_llama
 from rlhf_trainer.config import StageConfig
-from rlhf_trainer.distributed import DistContext
-from rlhf_trainer.feed import StepRollouts
-from rlhf_trainer.ppo import PPO
-from rlhf_trainer.rollout import Sample
+from rlhf_trainer.online.feed import StepRollouts
+from rlhf_trainer.online.ppo import PPO
+from rlhf_trainer.rollout.client import Sample
+from rlhf_trainer.runtime.distributed import DistContext
 
 pytestmark = pytest.mark.unit
 
@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def ppo(model_dir: Path, ctx: DistContext, fold: bool | None, epochs: int = 1) -> PPO:
     """A PPO step maker over the tiny model; `fold` None keeps what the constructor decided."""
-    from rlhf_trainer.model import load_causal_lm
+    from rlhf_trainer.models.causal_lm import load_causal_lm
 
     config = StageConfig.model_validate({
         "run": "r", "stage": "ppo", "type": "ppo", "model": {"path": str(model_dir)},

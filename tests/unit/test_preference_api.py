@@ -12,7 +12,7 @@ import yaml
 from test_crd import cel_failures
 
 from helpers import make_run, manifest
-from rlhf_operator import api, builders, evalcmd, servers
+from rlhf_operator import api, builders, evalcmd, servers, spec_checks
 from rlhf_operator.planner import Observed, plan
 from rlhf_trainer.config import StageConfig
 
@@ -108,7 +108,7 @@ def test_online_rrhf_gets_rollout_servers_and_a_rollout_target() -> None:
     run = make_run(doc(s3=ONLINE_RRHF))
     stage = run.spec.stages[3]
     assert builders.is_online(stage) and not builders.is_online(run.spec.stages[1])
-    assert servers.online_stage_problem(run, 3, stage) is None
+    assert spec_checks.online_stage_problem(run, 3, stage) is None
     children = servers.rollout_children(run, stage)
     assert [(c["kind"], c["metadata"]["name"]) for c in children] == [
         ("Deployment", "demo-rrhf-rollout-0"), ("Service", "demo-rrhf-rollout-0"),

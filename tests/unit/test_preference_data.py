@@ -17,7 +17,7 @@ from rlhf_trainer.config import (
     RRHFOptions,
     StageConfig,
 )
-from rlhf_trainer.data import (
+from rlhf_trainer.data.readers import (
     PreferenceRow,
     RankedRow,
     expand_pairs,
@@ -183,7 +183,7 @@ def test_preflight_scores_rrhf_rows_with_a_reward_function(
     ranked = fixtures_dir / "ranked.jsonl"
     inputs = check_rrhf(config(tiny_model_dir, ranked, "rrhf", rewardFunction="animal_sounds"), 2)
     assert len(inputs.train_rows) == 100 and inputs.micro_batch == 2
-    from rlhf_trainer import tasks
+    from rlhf_trainer.tasks import animal_sounds as tasks
 
     for row in inputs.train_rows[:10]:
         assert row.rewards == tuple(tasks.check(row.prompt, r) for r in row.responses)
@@ -195,15 +195,16 @@ def test_offline_rrhf_takes_module_reward_functions(
     tiny_model_dir: Path, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`module:callable` resolves as in GRPO: refused off the allow-list, scored on it."""
-    from rlhf_trainer import tasks
-    from rlhf_trainer.reward_functions import ALLOW_ENV
+    from rlhf_trainer.rewards.functions import ALLOW_ENV
+    from rlhf_trainer.tasks import animal_sounds as tasks
 
-    name = "rlhf_trainer.tasks:check"
+    name = "rlhf_trainer.tasks.animal_sounds:check"
     stage = config(tiny_model_dir, fixtures_dir / "ranked.jsonl", "rrhf", rewardFunction=name)
     monkeypatch.delenv(ALLOW_ENV, raising=False)
-    with pytest.raises(UserError, match=r"^reward\.function: module 'rlhf_trainer\.tasks' is not"):
+    refused = r"^reward\.function: module 'rlhf_trainer\.tasks\.animal_sounds' is not on"
+    with pytest.raises(UserError, match=refused):
         check_rrhf(stage, 1)
-    monkeypatch.setenv(ALLOW_ENV, "rlhf_trainer.tasks")
+    monkeypatch.setenv(ALLOW_ENV, "rlhf_trainer.tasks.animal_sounds")
     inputs = check_rrhf(stage, 1)
     for row in inputs.train_rows[:10]:
         assert row.rewards == tuple(tasks.check(row.prompt, r) for r in row.responses)

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_trainer.evaluate import token_kl
-from rlhf_trainer.losses import (
+from rlhf_trainer.algos.losses import (
     IGNORE_INDEX,
     bradley_terry_loss,
     dpo_loss,
@@ -16,7 +15,8 @@ from rlhf_trainer.losses import (
     rrhf_loss,
     sequence_logprobs,
 )
-from rlhf_trainer.reward_model import last_token_values
+from rlhf_trainer.evaluate.stage import token_kl
+from rlhf_trainer.models.reward_model import last_token_values
 
 pytestmark = pytest.mark.unit
 

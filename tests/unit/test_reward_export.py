@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_trainer.batching import tokenize_sft
 from rlhf_trainer.config import WORKSPACE_ENV, StageConfig
-from rlhf_trainer.data import SFTRow
-from rlhf_trainer.reward_model import reward_pad_id
+from rlhf_trainer.data.batching import tokenize_sft
+from rlhf_trainer.data.readers import SFTRow
+from rlhf_trainer.models.reward_model import reward_pad_id
 
 pytestmark = pytest.mark.unit
 
@@ -40,7 +40,7 @@ def pad_is_eos(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     """The tiny model with pad = EOS in its tokenizer and config."""
     from transformers import AutoTokenizer
 
-    from rlhf_trainer.tiny import portable_tokenizer_config
+    from rlhf_trainer.models.tiny import portable_tokenizer_config
 
     out = tmp_path_factory.mktemp("pad-eos") / "model"
     shutil.copytree(tiny_model_dir, out)
@@ -84,7 +84,7 @@ def hf_model(final: Path) -> Any:
 
 
 def test_hf_scores_as_the_trainer_without_and_with_padding(reward_final: Path) -> None:
-    from rlhf_trainer.reward_model import load_reward_model
+    from rlhf_trainer.models.reward_model import load_reward_model
 
     scorer = load_reward_model(reward_final)
     ours = torch.tensor(scorer.score([p for p, _ in PAIRS], [r for _, r in PAIRS]))

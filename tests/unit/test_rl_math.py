@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_trainer.advantages import (
+from rlhf_trainer.algos.advantages import (
     group_all_equal,
     masked_sums,
     reinforce_pp_advantages,
     rloo_advantages,
     whiten,
 )
-from rlhf_trainer.policy_losses import (
+from rlhf_trainer.algos.policy_losses import (
     Aggregation,
     KLEstimator,
     aggregate_loss,
@@ -32,7 +32,7 @@ from rlhf_trainer.policy_losses import (
     surrogate_tokens,
     truncated_is_weights,
 )
-from rlhf_trainer.rewards import (
+from rlhf_trainer.algos.reward_shaping import (
     RunningMoments,
     all_equal,
     has_scale,

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from fake_rollout_server import fake_server
 from rlhf_trainer.config import RolloutTarget
-from rlhf_trainer.rollout import RolloutClient, RolloutError, Sampling
+from rlhf_trainer.rollout.client import RolloutClient, RolloutError, Sampling
 
 pytestmark = pytest.mark.unit
 

@@ -18,10 +18,10 @@ from torch import nn
 
 from fake_rollout_server import FakeServer, fake_server
 from rlhf_trainer.config import RolloutTarget
-from rlhf_trainer.distributed import DistContext
-from rlhf_trainer.nccl_sync import NcclWeightSync
-from rlhf_trainer.rollout import RolloutClient, RolloutError, Sampling
-from rlhf_trainer.weight_sync import DiskWeightSync, LoraWeightSync, WeightSyncError
+from rlhf_trainer.rollout.client import RolloutClient, RolloutError, Sampling
+from rlhf_trainer.rollout.nccl_sync import NcclWeightSync
+from rlhf_trainer.rollout.weight_sync import DiskWeightSync, LoraWeightSync, WeightSyncError
+from rlhf_trainer.runtime.distributed import DistContext
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from helpers import job_with, make_run, manifest
-from rlhf_operator import api, builders, servers
+from rlhf_operator import api, builders, servers, spec_checks
 from rlhf_operator.local_servers import LocalServers, local_server_argv, local_server_env
 from rlhf_operator.planner import Observed, plan
 from rlhf_trainer.config import StageConfig
@@ -230,13 +230,13 @@ def test_lora_stages_serve_a_runtime_loaded_adapter() -> None:
     assert target is not None and target.lora_adapter == "policy-lora"
     nccl = admitted({**PPO, "lora": {"r": 8}, "rollout": {"weightSync": "nccl"}},
                     trainer={"gpusPerNode": 8})  # fmt: skip
-    problem = servers.online_stage_problem(nccl, 2, nccl.spec.stages[2])
+    problem = spec_checks.online_stage_problem(nccl, 2, nccl.spec.stages[2])
     assert problem is not None and "syncs only its adapters" in problem
 
 
 def test_nccl_runs_with_gpus() -> None:
     run = run_with({**PPO, "rollout": {"weightSync": "nccl"}}, trainer={"gpusPerNode": 8})
-    assert servers.online_stage_problem(run, 2, run.spec.stages[2]) is None
+    assert spec_checks.online_stage_problem(run, 2, run.spec.stages[2]) is None
 
 
 def test_local_vllm_command_on_cpu_and_gpu() -> None:
@@ -316,7 +316,7 @@ IN_TRAINER: Obj = {**PPO, "rollout": {"engine": "trainer"}}
 def test_the_trainer_engine_runs_no_servers_and_starts_the_job_at_once() -> None:
     run = run_with(IN_TRAINER)
     assert servers.rollout_children(run, run.spec.stages[2]) == []
-    assert servers.online_stage_problem(run, 2, run.spec.stages[2]) is None
+    assert spec_checks.online_stage_problem(run, 2, run.spec.stages[2]) is None
     target = builders.rollout_target(run, run.spec.stages[2])
     assert target is not None and target.engine == "trainer" and target.urls == []
     data = builders.build_configmap(run, run.spec.stages[2])["data"]["ppo.yaml"]

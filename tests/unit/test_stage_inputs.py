@@ -1,4 +1,4 @@
-"""The record of a stage's inputs (rlhf_trainer/stage_inputs.py) and `rlhf run --restart`
+"""The record of a stage's inputs (rlhf_trainer/runtime/stage_inputs.py) and `rlhf run --restart`
 (rlhf_operator/restart.py)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from rlhf_operator import api, restart
-from rlhf_trainer import stage_inputs
 from rlhf_trainer.config import StageConfig
-from rlhf_trainer.stage_inputs import (
+from rlhf_trainer.runtime import stage_inputs
+from rlhf_trainer.runtime.stage_inputs import (
     InputsChanged,
     changes,
     check_stage_inputs,
@@ -163,7 +163,7 @@ def test_outputs_without_a_record_are_used_with_a_warning(
 ) -> None:
     cfg = config(tmp)
     out = finish(cfg, None)
-    with caplog.at_level(logging.WARNING, logger="rlhf_trainer.stage_inputs"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_trainer.runtime.stage_inputs"):
         guard_outputs(cfg, rank=0)
     assert "no record of the inputs it was trained on" in caplog.text
     assert json.loads((out / "inputs.json").read_text()) == stage_record(cfg)

@@ -26,9 +26,17 @@ def test_every_stage_type_has_a_row_in_the_order_of_stage_type() -> None:
 def test_each_row_names_real_code_and_fields(name: str) -> None:
     kind = STAGES[name]
     assert callable(getattr(preflight, kind.check))
-    module, _, function = kind.run.partition(":")
-    # Imported by name, as `python -m rlhf_trainer TYPE` does (torch modules: slow but real).
-    assert callable(getattr(importlib.import_module(module), function))
+    for run in filter(None, (kind.run, kind.online_run)):
+        module, _, function = run.partition(":")
+        # Imported by name, as `python -m rlhf_trainer TYPE` does (torch modules: slow but real).
+        assert callable(getattr(importlib.import_module(module), function))
+    if kind.online_run is not None:  # chosen by its options block's `online` (__main__)
+        [options_class] = [
+            t
+            for t in typing.get_args(StageConfig.model_fields[kind.options].annotation)
+            if t is not type(None)
+        ]
+        assert "online" in options_class.model_fields
     for block in (kind.options, *kind.blocks):
         assert block in StageConfig.model_fields and block in api.Stage.model_fields
 

@@ -17,9 +17,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
-from rlhf_trainer import checkpoint
-from rlhf_trainer.distributed import DistContext, shard_model
 from rlhf_trainer.errors import UserError
+from rlhf_trainer.runtime import checkpoint
+from rlhf_trainer.runtime.distributed import DistContext, shard_model
 
 pytestmark = pytest.mark.unit
 

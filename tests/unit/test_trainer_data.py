@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from rlhf_trainer.config import WORKSPACE_ENV, DatasetSpec
-from rlhf_trainer.data import (
+from rlhf_trainer.data.readers import (
     PreferenceRow,
     PromptRow,
     RankedRow,

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_trainer.batching import DataStream, collate, rank_micro_batches, tokenize_sft
-from rlhf_trainer.data import SFTRow
+from rlhf_trainer.algos.losses import IGNORE_INDEX, count_targets, sft_loss_sum
+from rlhf_trainer.data.batching import DataStream, collate, rank_micro_batches, tokenize_sft
+from rlhf_trainer.data.inputs import micro_batch_size
+from rlhf_trainer.data.readers import SFTRow
 from rlhf_trainer.errors import UserError
-from rlhf_trainer.losses import IGNORE_INDEX, count_targets, sft_loss_sum
-from rlhf_trainer.preflight import micro_batch_size
 
 pytestmark = pytest.mark.unit
 

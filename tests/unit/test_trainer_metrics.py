@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from helpers import make_run
 from rlhf_operator import api
 from rlhf_operator.metrics import RunMetrics
-from rlhf_trainer import metrics as prom
-from rlhf_trainer.metrics import SERIES, TrainerMetrics, metrics_port
-from rlhf_trainer.progress import ProgressReporter
+from rlhf_trainer.runtime import metrics as prom
+from rlhf_trainer.runtime.metrics import SERIES, TrainerMetrics, metrics_port
+from rlhf_trainer.runtime.progress import ProgressReporter
 
 pytestmark = pytest.mark.unit
 

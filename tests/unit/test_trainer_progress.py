@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_trainer.progress import ProgressReporter, read_metrics, write_json_atomic
+from rlhf_trainer.runtime.progress import ProgressReporter, read_metrics, write_json_atomic
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from rlhf_trainer.preflight import total_steps
-from rlhf_trainer.schedule import ScheduleKind, lr_factor
+from rlhf_trainer.runtime.schedule import ScheduleKind, lr_factor
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_trainer import tasks
+from rlhf_trainer.tasks import animal_sounds as tasks
 
 pytestmark = pytest.mark.unit
 

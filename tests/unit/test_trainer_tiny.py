@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_trainer import tasks
-from rlhf_trainer.tiny import build_tiny_model
+from rlhf_trainer.models.tiny import build_tiny_model
+from rlhf_trainer.tasks import animal_sounds as tasks
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_operator import cli, planner
+from rlhf_operator import cli, spec_checks
 
 pytestmark = pytest.mark.unit
 
@@ -81,7 +81,7 @@ def test_render_prints_configmap_and_pytorchjob(capsys: pytest.CaptureFixture[st
 def test_render_of_unsupported_stage_says_why(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(planner, "SUPPORTED_STAGE_TYPES", frozenset({"sft"}))
+    monkeypatch.setattr(spec_checks, "SUPPORTED_STAGE_TYPES", frozenset({"sft"}))
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     doc["spec"]["stages"][0]["type"] = "dpo"
     doc["spec"]["stages"][0]["dataset"]["format"] = "preference"  # what a dpo stage reads

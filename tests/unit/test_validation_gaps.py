@@ -18,9 +18,10 @@ from test_crd import cel_failures
 
 from helpers import manifest
 from rlhf_operator import api, cli, crd, sync
-from rlhf_trainer import data, tasks
 from rlhf_trainer.config import KNOWN_FIELDS, READER_FORMATS, REWARD_FUNCTION_NAMES, DatasetSpec
+from rlhf_trainer.data import readers as data
 from rlhf_trainer.errors import DataError
+from rlhf_trainer.tasks import animal_sounds as tasks
 
 pytestmark = pytest.mark.unit
 

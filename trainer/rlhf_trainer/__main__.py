@@ -24,8 +24,8 @@ from rlhf_trainer.config import (
     load_stage_config,
 )
 from rlhf_trainer.errors import UserError
-from rlhf_trainer.launch_env import env_rank, env_world_size
-from rlhf_trainer.tiny import PRESETS
+from rlhf_trainer.models.tiny import PRESETS
+from rlhf_trainer.runtime.launch_env import env_rank, env_world_size
 
 # Stage type -> (its check in rlhf_trainer.preflight, "module:function" of its trainer).
 TRAINERS: dict[str, tuple[str, str]] = {name: (k.check, k.run) for name, k in STAGES.items()}
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="ranks to check the batch split for with --validate-only (default: $WORLD_SIZE)",
         )
-    from rlhf_trainer.eval_cli import add_eval_parser
+    from rlhf_trainer.evaluate.cli import add_eval_parser
 
     add_eval_parser(sub)
     plan = sub.add_parser(
@@ -127,11 +127,11 @@ def _run_stage(command: str, config_path: str, validate_only: bool, world_size: 
     if validate_only:
         log.info("Validated %s: %s", config_path, preflight.describe(inputs))
         return
-    from rlhf_trainer.stage_inputs import guard_outputs
+    from rlhf_trainer.runtime.stage_inputs import guard_outputs
 
     guard_outputs(config, env_rank())  # a finished or checkpointed stage refuses new inputs
     if env_rank() == 0:
-        from rlhf_trainer.metrics import start_server
+        from rlhf_trainer.runtime.metrics import start_server
 
         start_server()  # /metrics on $RLHF_METRICS_PORT (docs/METRICS.md)
     # torch is imported only now, after validation, so bad input fails fast.
@@ -139,6 +139,9 @@ def _run_stage(command: str, config_path: str, validate_only: bool, world_size: 
 
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    kind = STAGES[command]
+    if kind.online_run is not None and getattr(getattr(config, kind.options), "online", False):
+        trainer = kind.online_run  # e.g. rrhf.online: samples from the policy like grpo
     module, function = trainer.split(":")
     run = getattr(importlib.import_module(module), function)
     record(run)(inputs)  # under torchrun, a crash's traceback reaches its failure summary
@@ -183,17 +186,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         if args.command == "tiny-model":
-            from rlhf_trainer.tiny import build_tiny_model
+            from rlhf_trainer.models.tiny import build_tiny_model
 
             build_tiny_model(args.dir, seed=args.seed, preset=args.preset)
         elif args.command == "check-stages":
             return _check_stages(args.configs, args.world_size, args.stand_in)
         elif args.command == "env-serve":
-            from rlhf_trainer.env_server import serve
+            from rlhf_trainer.environments.server import serve
 
             serve(args.name, args.host, args.port)
         elif args.command == "eval":
-            from rlhf_trainer.eval_cli import run_eval_command
+            from rlhf_trainer.evaluate.cli import run_eval_command
 
             run_eval_command(args)
         else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rlhf_trainer.config import (
     STAGES,
@@ -26,11 +26,9 @@ from rlhf_trainer.config import (
     load_stage_config,
     resolve_path,
 )
-from rlhf_trainer.data import SFTRow
+from rlhf_trainer.data.inputs import StageInputs
+from rlhf_trainer.data.readers import SFTRow
 from rlhf_trainer.errors import UserError
-
-if TYPE_CHECKING:
-    from rlhf_trainer.preflight import StageInputs
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ def check_stage(config: StageConfig, world_size: int, base: str) -> str | None:
         return None  # an earlier stage writes it: the stage checks it when it starts
     try:
         inputs = getattr(preflight, STAGES[config.type].check)(planned, world_size)
-        if isinstance(inputs, preflight.StageInputs):
+        if isinstance(inputs, StageInputs):
             tokenize(inputs)
     except UserError as err:
         return str(err)
@@ -94,9 +92,8 @@ def check_stage(config: StageConfig, world_size: int, base: str) -> str | None:
 def tokenize(inputs: StageInputs[Any]) -> None:
     """Tokenize every row as the stage's trainer will (a row too long for maxLength fails
     here; an online stage tokenizes its prompts only when it draws them, step after step)."""
-    from rlhf_trainer.batching import tokenize_pairs, tokenize_sft
-    from rlhf_trainer.feed import prompt_token_ids
-    from rlhf_trainer.model import load_tokenizer
+    from rlhf_trainer.data.batching import prompt_token_ids, tokenize_pairs, tokenize_sft
+    from rlhf_trainer.models.causal_lm import load_tokenizer
 
     config = inputs.config
     rows = [*inputs.train_rows, *inputs.eval_rows]

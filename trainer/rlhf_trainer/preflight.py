@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic
+from typing import TYPE_CHECKING, Any
 
-from rlhf_trainer import lora
-from rlhf_trainer.chat_format import ChatFormat
 from rlhf_trainer.config import (
     IN_TRAINER,
     DatasetSpec,
@@ -24,7 +19,13 @@ from rlhf_trainer.config import (
     StageConfig,
     resolve_path,
 )
-from rlhf_trainer.data import (
+from rlhf_trainer.data.inputs import (
+    EvalInputs,
+    Loader,
+    StageInputs,
+    micro_batch_size,
+)
+from rlhf_trainer.data.readers import (
     PreferenceRow,
     PromptRow,
     RankedRow,
@@ -38,24 +39,11 @@ from rlhf_trainer.data import (
     split_eval,
 )
 from rlhf_trainer.errors import UserError
-from rlhf_trainer.reward_functions import ScoredFunction, resolve_reward_function
+from rlhf_trainer.models import lora
+from rlhf_trainer.rewards.functions import ScoredFunction, resolve_reward_function
 
 if TYPE_CHECKING:
-    from rlhf_trainer.feedback import FeedbackInputs
-
-FINAL_DIR = "final"
-Loader = Callable[[DatasetSpec, ChatFormat | None], list[Row]]  # a data.load_*_rows
-
-
-def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
-    """Examples per rank per micro-step; refuses a global batch that does not divide evenly."""
-    if batch_size % (world_size * grad_accum):
-        raise UserError(
-            f"hyperparameters.batchSize: {batch_size} does not divide into {world_size} ranks x "
-            f"{grad_accum} gradient-accumulation steps; set batchSize to a multiple of "
-            f"{world_size * grad_accum} or change gradientAccumulation"
-        )
-    return batch_size // (world_size * grad_accum)
+    from rlhf_trainer.feedback.stage import FeedbackInputs
 
 
 def check_model_source(source: ModelSource) -> str:
@@ -78,25 +66,6 @@ def check_model_source(source: ModelSource) -> str:
     return str(path)
 
 
-@dataclass(frozen=True)
-class StageInputs(Generic[Row]):
-    """Everything a trainer needs, validated."""
-
-    config: StageConfig
-    model_ref: str
-    train_rows: list[Row]
-    eval_rows: list[Row]
-    micro_batch: int
-    total_steps: int
-    reward_model_ref: str | None = None  # scores rrhf responses that come without rewards
-    skipped_rows: int = 0  # invalid rows left out (dataset.skipInvalid)
-
-    @property
-    def output_dir(self) -> Path:
-        return resolve_path(self.config.output_dir)
-
-
-SFTInputs = StageInputs[SFTRow]
 
 
 def total_steps(max_steps: int | None, epochs: float, n_rows: int, batch_size: int) -> int:
@@ -228,7 +197,7 @@ def _check_reward_source(config: StageConfig) -> None:
                 "judge.mode: the stage config points at the judge but says not how it rewards "
                 "responses; set reward.judge.mode to pairwise or pointwise"
             )
-        from rlhf_trainer.chat_format import load_chat_format
+        from rlhf_trainer.data.chat_format import load_chat_format
 
         load_chat_format(judge.model, judge.chat_template)  # a broken template fails here
 
@@ -270,7 +239,7 @@ def _check_online(
         )
     _check_reward_source(config)
     if config.environment is not None:
-        from rlhf_trainer.episodes import check_environment
+        from rlhf_trainer.online.episodes import check_environment
 
         check_environment(config)
     if max_new >= hp.max_length:
@@ -319,23 +288,6 @@ def check_grpo(config: StageConfig, world_size: int) -> StageInputs[PromptRow]:
     )
 
 
-@dataclass(frozen=True)
-class EvalInputs:
-    """An evaluation: policies to compare on prompts, and what to measure them with."""
-
-    policies: dict[str, str]  # name -> model folder or hub id
-    prompts: list[PromptRow]
-    reference_model: str | None = None  # KL reference policy
-    reward_model: str | None = None
-    reward_function: str | None = None
-    reference_rows: list[SFTRow] = field(default_factory=list)  # perplexity set
-    pairs: list[PreferenceRow] = field(default_factory=list)  # reward-model accuracy
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    max_length: int = 512
-    output_dir: Path | None = None  # evaluate stage: writes final/eval.json there
-
-
 def check_evaluate(config: StageConfig, world_size: int) -> EvalInputs:
     """An evaluate stage: its `dataset` holds the prompts, `model` is the KL reference."""
     del world_size  # every rank evaluates its share of the prompts
@@ -376,14 +328,14 @@ def check_evaluate(config: StageConfig, world_size: int) -> EvalInputs:
 
 def check_feedback(config: StageConfig, world_size: int) -> FeedbackInputs:
     """Validate a feedback stage (it runs on rank 0 alone, so `world_size` does not matter)."""
-    from rlhf_trainer.feedback import check_feedback as check
+    from rlhf_trainer.feedback.stage import check_feedback as check
 
     return check(config)
 
 
 def describe(inputs: StageInputs[Any] | EvalInputs | FeedbackInputs) -> str:
     """One line on what validated inputs hold, for --validate-only."""
-    from rlhf_trainer.feedback import FeedbackInputs
+    from rlhf_trainer.feedback.stage import FeedbackInputs
 
     if isinstance(inputs, FeedbackInputs):
         return inputs.describe()

@@ -30,21 +30,24 @@ class StageKind:
     check: str  # its check in rlhf_trainer.preflight: every input, before torch loads
     run: str  # "module:function" of its trainer
     blocks: tuple[str, ...] = ()  # other blocks only this type takes
+    # The trainer when its options block turns on sampling from the policy (`rrhf.online`).
+    online_run: str | None = None
 
 
 def _kind(
     options: str,
+    run: str,
     *,
     policy: bool,
     online: bool,
     needs_reward: bool = False,
     lora: bool = True,
     blocks: tuple[str, ...] = (),
-    trainer: str = "",
+    online_run: str | None = None,
 ) -> StageKind:
-    """A row: every stage type needs a dataset; its check and trainer are named after its
-    trainer module (`trainer`, default its options field)."""
-    module = trainer or options
+    """A row: every stage type needs a dataset; its check is named after its trainer function
+    (`run_sft` -> `check_sft`)."""
+    function = run.rpartition(":")[2]
     return StageKind(
         options=options,
         trains_policy=policy,
@@ -52,23 +55,34 @@ def _kind(
         needs_dataset=True,
         needs_reward=needs_reward,
         lora=lora,
-        check=f"check_{module}",
-        run=f"rlhf_trainer.{module}:run_{module}",
+        check=function.replace("run_", "check_", 1),
+        run=f"rlhf_trainer.{run}",
         blocks=blocks,
+        online_run=f"rlhf_trainer.{online_run}" if online_run else None,
     )
 
 
 # In the order of `StageType`; the CRD lists option blocks in this order.
 STAGES: dict[str, StageKind] = {
-    "sft": _kind("sft", policy=True, online=False),
-    "reward": _kind("reward_model", policy=False, online=False, trainer="reward"),
-    "dpo": _kind("dpo", policy=True, online=False),
-    "rrhf": _kind("rrhf", policy=True, online=False),
-    "ppo": _kind("ppo", policy=True, online=True, needs_reward=True),
-    "grpo": _kind("grpo", policy=True, online=True, needs_reward=True, blocks=("environment",)),
-    "feedback": _kind("feedback", policy=False, online=False, lora=False),
-    "evaluate": _kind("evaluate", policy=False, online=False, lora=False),
-}
+    "sft": _kind("sft", "offline.sft:run_sft", policy=True, online=False),
+    "reward": _kind("reward_model", "offline.reward:run_reward", policy=False, online=False),
+    "dpo": _kind("dpo", "offline.dpo:run_dpo", policy=True, online=False),
+    "rrhf": _kind(
+        "rrhf", "offline.rrhf:run_rrhf", policy=True, online=False,
+        online_run="online.rrhf:run_online_rrhf",
+    ),
+    "ppo": _kind("ppo", "online.ppo:run_ppo", policy=True, online=True, needs_reward=True),
+    "grpo": _kind(
+        "grpo", "online.grpo:run_grpo", policy=True, online=True, needs_reward=True,
+        blocks=("environment",),
+    ),
+    "feedback": _kind(
+        "feedback", "feedback.stage:run_feedback", policy=False, online=False, lora=False
+    ),
+    "evaluate": _kind(
+        "evaluate", "evaluate.stage:run_evaluate", policy=False, online=False, lora=False
+    ),
+}  # fmt: skip
 
 
 def stage_types(where: Callable[[StageKind], bool]) -> frozenset[str]:

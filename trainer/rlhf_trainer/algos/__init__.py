@@ -1,0 +1,1 @@
+"""Pure math of the algorithms: losses, advantages, reward shaping. Imports only torch."""

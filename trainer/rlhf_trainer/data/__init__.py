@@ -1,0 +1,1 @@
+"""Datasets: readers of every format, chat rendering, tokenized batches and packing."""

@@ -1,0 +1,1 @@
+"""Multi-turn environments: the built-in ones, their HTTP server and the trainer's client."""

@@ -1,0 +1,1 @@
+"""The feedback stage: preference data from the AI judge."""

@@ -1,0 +1,3 @@
+"""What every stage runs on: the process group, checkpoints, schedules, progress, metrics,
+determinism.
+"""
