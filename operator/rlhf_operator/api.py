@@ -36,6 +36,7 @@ from rlhf_operator.stage_rules import stage_graph_problems as stage_graph_proble
 from rlhf_operator.stage_rules import stage_type_problems as stage_type_problems
 from rlhf_operator.stage_rules import trainer_engine_problems as trainer_engine_problems
 from rlhf_trainer.config import (
+    STAGES,
     ApiModel,
     DatasetSpec,
     DnsLabel,
@@ -222,7 +223,8 @@ class Stage(ApiModel):
     )
     lora: LoRAOptions | None = Field(
         default=None,
-        description="Train LoRA adapters instead of every weight (sft, reward, dpo, rrhf).",
+        description="Train LoRA adapters instead of every weight "
+        f"({', '.join(name for name, kind in STAGES.items() if kind.lora)}).",
     )
     backoff_limit: int | None = Field(
         default=None,
