@@ -17,10 +17,10 @@ from rlhf_trainer.config import (
     RRHFOptions,
     StageConfig,
 )
+from rlhf_trainer.data.formats import expand_pairs
 from rlhf_trainer.data.readers import (
     PreferenceRow,
     RankedRow,
-    expand_pairs,
     load_preference_rows,
     load_prompt_rows,
     load_ranked_rows,

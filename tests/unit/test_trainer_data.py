@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from rlhf_trainer.config import WORKSPACE_ENV, DatasetSpec
+from rlhf_trainer.data.formats import split_hh
 from rlhf_trainer.data.readers import (
     PreferenceRow,
     PromptRow,
@@ -21,7 +22,6 @@ from rlhf_trainer.data.readers import (
     load_ranked_rows,
     load_sft_rows,
     split_eval,
-    split_hh,
 )
 from rlhf_trainer.errors import DataError
 
