@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +62,7 @@ from rlhf_trainer.online.grpo_sampling import StepGroups, gather_scores, pick_gr
 from rlhf_trainer.online.loop import run_online, shard
 from rlhf_trainer.online.setup import OnlineSetup
 from rlhf_trainer.online.steps import (
+    ActorOnly,
     MinibatchTrainer,
     corrected_old_logprobs,
     correction_on,
@@ -78,7 +78,7 @@ from rlhf_trainer.training.loop import build_optimizer
 log = logging.getLogger(__name__)
 
 
-class GRPO:
+class GRPO(ActorOnly):
     def __init__(self, setup: OnlineSetup) -> None:
         config = setup.inputs.config
         self.setup, self.opts = setup, config.grpo or GRPOOptions()
@@ -105,18 +105,6 @@ class GRPO:
         # that sampled them (synchronous mode), so π_old needs no forward pass of its own.
         self.one_update = samples <= hp.batch_size and not setup.async_
         self.trainer = MinibatchTrainer(setup, setup.actor, self.optimizer, self.scheduler)
-
-    def modules(self) -> nn.Module:
-        return self.setup.actor
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
 
     def train(self, step: int, rollouts: StepRollouts) -> tuple[dict[str, float], bool]:
         setup, opts, g = self.setup, self.opts, self.opts.num_generations

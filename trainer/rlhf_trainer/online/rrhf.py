@@ -15,10 +15,8 @@ rank_loss, sft_loss; held out: eval_reward_mean of greedy answers.
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import torch
-from torch import nn
 
 from rlhf_trainer.algos.losses import rrhf_loss
 from rlhf_trainer.config import RRHFOptions
@@ -29,7 +27,7 @@ from rlhf_trainer.online.feed import StepRollouts
 from rlhf_trainer.online.grpo_sampling import gather_scores
 from rlhf_trainer.online.loop import run_online, shard
 from rlhf_trainer.online.setup import OnlineSetup
-from rlhf_trainer.online.steps import MinibatchTrainer
+from rlhf_trainer.online.steps import ActorOnly, MinibatchTrainer
 from rlhf_trainer.rollout.client import Sampling
 from rlhf_trainer.training.loop import build_optimizer
 
@@ -48,7 +46,7 @@ def ranking_inputs(
     return logps.float(), lengths.float(), rewards.float().view(-1, k)
 
 
-class OnlineRRHF:
+class OnlineRRHF(ActorOnly):
     def __init__(self, setup: OnlineSetup) -> None:
         config = setup.inputs.config
         self.setup, self.opts = setup, config.rrhf or RRHFOptions()
@@ -63,18 +61,6 @@ class OnlineRRHF:
         optimizer_steps = setup.inputs.total_steps * (opts.rollout_batch_size // hp.batch_size)
         self.optimizer, self.scheduler = build_optimizer(setup.actor, hp, optimizer_steps)
         self.trainer = MinibatchTrainer(setup, setup.actor, self.optimizer, self.scheduler)
-
-    def modules(self) -> nn.Module:
-        return self.setup.actor
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
 
     def train(self, step: int, rollouts: StepRollouts) -> tuple[dict[str, float], bool]:
         setup, k = self.setup, self.opts.samples_per_prompt

@@ -12,7 +12,7 @@ import os
 import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -144,6 +144,27 @@ def rename(metrics: dict[str, float]) -> dict[str, float]:
     """Diagnostic sums to their metrics.jsonl names (docs/METRICS.md)."""
     names = {"clipped": "clip_fraction"}
     return {names.get(k, k): v for k, v in metrics.items()}
+
+
+class ActorOnly:
+    """What an algorithm that trains the actor alone, with one optimizer (GRPO, online RRHF),
+    gives the step loop besides `train`: its modules, optimizers and checkpointed state."""
+
+    setup: OnlineSetup
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+
+    def modules(self) -> nn.Module:
+        return self.setup.actor
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 class MinibatchTrainer:
