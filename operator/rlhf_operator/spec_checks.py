@@ -5,7 +5,8 @@ earlier stage's GPU hours (issue 23): a dataset format the stage's reader refuse
 does not split over the ranks, an unknown reward function, a `from` that names no policy,
 rollout settings the planner refuses. `api.parse_run` (so `rlhf validate`, the admission webhook
 and `rlhf run`) runs them once the models validate; each problem is one `spec.field.path: what is
-wrong; the fix` line. The trainer checks the same again at stage start (preflight.py, data.py).
+wrong; the fix` line. The trainer checks the same again at stage start (preflight.py,
+data/readers.py).
 
 `refusal` is what the planner refuses when it plans (a Degraded condition, SpecRefused), which
 `rlhf validate` lets pass; cel_rules.py says in the CRD what CEL can of the parse-time checks.
@@ -75,7 +76,7 @@ def source_problems(where: str, stage: api.Stage, seen: dict[str, api.Stage]) ->
 
 
 def reader(stage: api.Stage) -> str:
-    """Which data.py reader the stage's trainer feeds `dataset` to (preflight, feedback)."""
+    """Which data/readers.py reader the stage's trainer feeds `dataset` to (preflight, feedback)."""
     if stage.type == "sft":
         return "sft"
     if stage.type in ("reward", "dpo"):

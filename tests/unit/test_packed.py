@@ -1,4 +1,4 @@
-"""Sequences that share a prompt, packed into one row (`packed.py`): every logit must equal the
+"""Sequences that share a prompt, packed into one row (`data/packed.py`): every logit must equal the
 one the sequence gives alone, for DPO's pairs and for the online stages' sampled groups, with
 the boolean (sdpa) and the additive (eager) mask; and the row layout follows the cost estimate."""
 

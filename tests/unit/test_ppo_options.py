@@ -1,5 +1,6 @@
-"""PPO's options of issue 25 as wired into the stage (`ppo.py`, `online_steps.py`,
-`experience.py`, `online_models.py`), against naive references written out token by token:
+"""PPO's options of issue 25 as wired into the stage (`online/ppo.py`, `online/steps.py`,
+`online/experience.py`, `models/online_models.py`), against naive references written out token
+by token:
 policyClipHigh, dualClip, klEstimator, rolloutCorrection (truncated IS), logprobTemperature,
 the ppo-max preset; the warning on a step of equal rewards; ptx examples disjoint across
 ranks; dropout off in every online model; MinibatchTrainer's per-sample denominator.

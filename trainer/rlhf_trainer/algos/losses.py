@@ -172,7 +172,7 @@ def rrhf_loss(
     return RRHFLoss(rank, sft)
 
 
-# -- online RL: per-token log-probs and entropy (the objectives are in policy_losses.py) ----------
+# -- online RL: per-token log-probs and entropy (the objectives are in algos/policy_losses.py) --
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

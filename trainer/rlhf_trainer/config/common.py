@@ -15,7 +15,7 @@ from pydantic_core import PydanticCustomError
 
 DatasetFormat = Literal["jsonl", "hh", "preference", "ranked", "prompts", "shp", "tldr", "chat"]
 DATASET_FORMATS: tuple[str, ...] = typing.get_args(DatasetFormat)
-# The formats each reader of data.py takes (load_sft_rows, load_preference_rows,
+# The formats each reader of data/readers.py takes (load_sft_rows, load_preference_rows,
 # load_ranked_rows, load_prompt_rows); the operator refuses a stage its reader would refuse.
 PAIR_FORMATS: tuple[str, ...] = ("hh", "preference", "shp", "tldr", "chat")
 READER_FORMATS: dict[str, tuple[str, ...]] = {

@@ -3,7 +3,7 @@
 Sequence log-probs are summed over completion tokens (`losses.sequence_logprobs`) for the chosen
 and the rejected response of each pair, for the policy and the reference; `losses.dpo_loss` gives
 the per-pair loss (sigmoid, IPO or hinge; label smoothing for conservative DPO), averaged over the
-global batch. A pair runs as one row that holds its prompt once (`packed.py`) where the model's
+global batch. A pair runs as one row that holds its prompt once (`data/packed.py`) where the model's
 attention takes a 4D mask, else as two padded rows. The reference is the initial policy: a
 second, frozen FSDP-sharded copy, or with LoRA the policy itself with its adapters disabled.
 `dpo.precomputeRefLogprobs` scores every pair with it once before training and frees it.
@@ -73,7 +73,7 @@ def packed_pair_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`losses.sequence_logprobs` of the chosen sequences, then the rejected ones ((2B,) each:
     summed logprobs, scored tokens), from one packed row per pair that holds their shared
-    prompt once (`packed.py`)."""
+    prompt once (`data/packed.py`)."""
     sequences = [p.chosen.input_ids for p in pairs] + [p.rejected.input_ids for p in pairs]
     labels = [p.chosen.labels for p in pairs] + [p.rejected.labels for p in pairs]
     b = len(pairs)

@@ -141,7 +141,8 @@ def run_reward(inputs: StageInputs[PreferenceRow]) -> None:
                 lora.apply_lora(model.backbone, config.lora), model.score, model.lm_head
             )
         model.train()
-        disable_dropout(model)  # TRL's RewardConfig default: repeatable passes, as in dpo.py
+        # TRL's RewardConfig default: repeatable passes, as in offline/dpo.py.
+        disable_dropout(model)
         shard_model(model, ctx.bf16)
         objective = RewardObjective(model, pairs, held_out, inputs, ctx, pad_id)
         return Trainable(model, objective, tokenizer, dtype, export, eval_at_start=True)

@@ -8,7 +8,7 @@ ranking hinge over pairs with r_i < r_j, and the SFT loss on the best response; 
 rrhfWeight * L_rank + L_sft, averaged over the queries of the global batch.
 
 Logged: loss, rank_loss, sft_loss; held out: eval_loss, eval_rank_loss, eval_sft_loss.
-With `rrhf.online` the responses are sampled from the current policy instead (`rrhf_online.py`).
+With `rrhf.online` the responses are sampled from the current policy instead (`online/rrhf.py`).
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def response_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     """(B, R, V): the logits that predict each response token (positions P-1 .. P+R-2). The
-    samples run packed (`packed.py`: a prompt once for all its samples, short sequences sharing
+    samples run packed (`data/packed.py`: a prompt once for all its samples, short sequences sharing
     a row) where the model's attention takes the mask and packing pays."""
     packed = _packed(model, batch)
     if packed is not None:

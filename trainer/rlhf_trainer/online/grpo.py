@@ -5,7 +5,7 @@ peers (docs/ALGORITHMS.md, "GRPO"). Per step:
    function. `overlongPenalty` (DAPO, Yu et al. 2025) adds to each completion's reward, with
    L_max = maxNewTokens and k = L_max - buffer: 0 if |y| <= k, (k - |y|) / buffer · factor up
    to L_max, -factor past it (`rewards.overlong_penalty`). `dynamicSampling` (DAPO) drops the
-   groups whose rewards are all equal and samples more prompts (`grpo_sampling.py`).
+   groups whose rewards are all equal and samples more prompts (`online/grpo_sampling.py`).
 2. Advantages (`advantageEstimator`):
    grpo:        A_i = (r_i - mean_group) / (std_group + 1e-4), or the batch std, or unscaled
                 (`scaleRewards`), on every token of completion i;

@@ -19,9 +19,9 @@ and more prompts are sampled until the step has `rolloutBatchSize` groups with a
    the loss and its token count; with none kept the step makes no update.
 
 With `async: true` a refill waits for the next step's batch, in flight, to finish first (both
-draw from the prompt order; `feed.py`), so a step that refills loses its overlap. reinforce++'s
-baseline is the batch's, so there a group of equal rewards does carry a gradient; the filter
-then only keeps the step's prompts informative, as DAPO's does for any estimator.
+draw from the prompt order; `online/feed.py`), so a step that refills loses its overlap.
+reinforce++'s baseline is the batch's, so there a group of equal rewards does carry a gradient;
+the filter then only keeps the step's prompts informative, as DAPO's does for any estimator.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ function or judge, as for ppo and grpo); each rank takes whole queries. Then one
 minibatches of `batchSize` queries, a query's k responses always together, of the RRHF loss
 (`losses.rrhf_loss`: p_i = log π(y_i | x) / |y_i|^lengthPenalty, the ranking hinge over pairs
 with r_i < r_j, the SFT loss on the best-rewarded response; rrhfWeight * L_rank + L_sft averaged
-over the queries). The servers get the new weights after every step (`online.py`).
+over the queries). The servers get the new weights after every step (`online/loop.py`).
 
 Logged: reward_mean, reward_std, reward_best_mean (the best of each query's k), loss,
 rank_loss, sft_loss; held out: eval_reward_mean of greedy answers.

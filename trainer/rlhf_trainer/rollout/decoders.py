@@ -1,4 +1,4 @@
-"""Forward passes with a KV cache, for generation inside the trainer (`engine.py`).
+"""Forward passes with a KV cache, for generation inside the trainer (`rollout/engine.py`).
 
 A `Decoder` runs a causal LM over a left-padded prompt batch once (`prefill`), can repeat each
 row's cache `n` times (`fork`: the samples of a prompt share its prompt pass), then takes one

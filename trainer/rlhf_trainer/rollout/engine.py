@@ -1,9 +1,9 @@
 """Generation inside the trainer's process: `rollout.engine: trainer`.
 
 The online stages normally generate on vLLM or lmdeploy servers and push every new policy to
-them (`weight_sync.py`). With `engine: trainer` there are no servers: rank 0 keeps a decoder over
-the policy's own weights (`decoders.py`) and samples from it, as TRL's `use_vllm=False` or
-verl's `hf` rollout do. It stands in for the rollout client everywhere the online loop uses one
+them (`rollout/weight_sync.py`). With `engine: trainer` there are no servers: rank 0 keeps a
+decoder over the policy's own weights (`rollout/decoders.py`) and samples from it, as TRL's
+`use_vllm=False` or verl's `hf` rollout do. It stands in for the rollout client everywhere the online loop uses one
 (`TrainerEngine`: the feed, held-out evaluation, the parity probe), and its "weight sync"
 (`EngineSync`) hands the decoder the updated weights: by reference for one unsharded process,
 gathered from the FSDP shards onto rank 0 otherwise. It fits models whose full weights fit
