@@ -4,11 +4,11 @@ The online stages normally generate on vLLM or lmdeploy servers and push every n
 them (`rollout/weight_sync.py`). With `engine: trainer` there are no servers: rank 0 keeps a
 decoder over the policy's own weights (`rollout/decoders.py`) and samples from it, as TRL's
 `use_vllm=False` or verl's `hf` rollout do. It stands in for the rollout client everywhere the
-online loop uses one (`TrainerEngine`: the feed, held-out evaluation, the parity probe), and its "weight sync"
-(`EngineSync`) hands the decoder the updated weights: by reference for one unsharded process,
-gathered from the FSDP shards onto rank 0 otherwise. It fits models whose full weights fit
-rank 0's device, on machines where a server's per-step overhead outweighs its batching (CPUs,
-small models: docs/BENCHMARKS.md, "Online RL").
+online loop uses one (`TrainerEngine`: the feed, held-out evaluation, the parity probe), and its
+"weight sync" (`EngineSync`) hands the decoder the updated weights: by reference for one
+unsharded process, gathered from the FSDP shards onto rank 0 otherwise. It fits models whose
+full weights fit rank 0's device, on machines where a server's per-step overhead outweighs its
+batching (CPUs, small models: docs/BENCHMARKS.md, "Online RL").
 
 Sampling matches what the servers do for the trainer: per prompt, `n` samples that share one
 prompt pass (the cache is forked), temperature and top-p, a stop at EOS (kept as the last
