@@ -1,11 +1,12 @@
 """PPO's critic values at sampling time, taken from the critic's own update pass when the step
-makes one critic update on the whole batch (`PPO.fold_values`), against the separate no-grad
-forward pass they replace: the same advantages, losses and updated actor and critic, on a
-1-rank gloo group with real models, optimizers and a random tiny Llama."""
+makes one critic update on the whole batch (`UpdateSchedule.fold_values`), against the separate
+no-grad forward pass they replace: the same advantages, losses and updated actor and critic, on
+a 1-rank gloo group with real models, optimizers and a random tiny Llama."""
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -53,7 +54,7 @@ def ppo(model_dir: Path, ctx: DistContext, fold: bool | None, epochs: int = 1) -
     torch.manual_seed(1)  # the critic's new value head
     algo = PPO(setup)  # type: ignore[arg-type]
     if fold is not None:
-        algo.fold_values = fold
+        algo.schedule = replace(algo.schedule, fold_values=fold)
     return algo
 
 
@@ -89,5 +90,5 @@ def test_folded_values_give_the_same_steps_as_a_forward_pass(
 
 
 def test_only_one_critic_update_per_step_folds(model_dir: Path, ctx: DistContext) -> None:
-    assert ppo(model_dir, ctx, None).fold_values  # one minibatch, one epoch
-    assert not ppo(model_dir, ctx, None, epochs=2).fold_values  # V_old must stay fixed
+    assert ppo(model_dir, ctx, None).schedule.fold_values  # one minibatch, one epoch
+    assert not ppo(model_dir, ctx, None, epochs=2).schedule.fold_values  # V_old must stay fixed

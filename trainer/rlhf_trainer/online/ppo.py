@@ -20,14 +20,15 @@ V and π_ref are deterministic. Per step, one sample per prompt:
 2. GAE (γ, λ) over response tokens, returns = A + V; `advantageWhitening` with global stats.
    V is the critic's value at sampling time: a forward pass of its own, or, when the step makes
    one critic update on the whole batch (one minibatch, one epoch), that update's own pass,
-   detached (`fold_values`; the value clip is then inactive, as on any first epoch);
+   detached (`UpdateSchedule.fold_values`; the value clip is then inactive, as on any first
+   epoch);
 3. `ppoEpochs` passes in minibatches of `batchSize`: the critic on the clipped value loss
    (`valueClip`), and, after `criticWarmupSteps`, the actor on the clipped surrogate
    (ratio in [1 - `policyClip`, 1 + `policyClipHigh`], `dualClip` bounding negative-advantage
    tokens), minus `entropyCoef` × entropy, plus `ptxCoef` × an LM loss on `ptxDataset` (each
    rank its own slice of a global batch); gradients clipped to `gradClip`; the two updates run
-   at once when the resources allow it (`online_steps.concurrent_updates`: one unsharded
-   process with cores to spare);
+   at once when the resources allow it (one unsharded process with cores to spare); which
+   updates run, and how, is the step's `UpdateSchedule` (online/ppo_schedule.py);
 4. the KL controller (fixed, or adaptive toward `klTarget`) sees the step's KL (k1, summed
    over each sequence).
 """
@@ -69,18 +70,16 @@ from rlhf_trainer.online.experience import (
 )
 from rlhf_trainer.online.feed import StepRollouts
 from rlhf_trainer.online.loop import run_online, shard
+from rlhf_trainer.online.ppo_schedule import UpdateSchedule
 from rlhf_trainer.online.setup import OnlineSetup
 from rlhf_trainer.online.steps import (
     MinibatchTrainer,
-    concurrent_updates,
     corrected_old_logprobs,
     correction_on,
     forward_in_chunks,
     global_mean_std,
     rename,
-    run_both,
     scoring_temperature,
-    usable_cpus,
 )
 from rlhf_trainer.rollout.client import Sampling
 from rlhf_trainer.runtime.distributed import all_reduce_sum
@@ -123,15 +122,9 @@ class PPO:
         self.temperature = scoring_temperature(opts)
         self.correction = correction_on(opts, setup.async_)
         self.correction_metrics: dict[str, float] = {}  # the step's, with the correction
-        threads = torch.get_num_threads()
-        self.concurrent = concurrent_updates(ctx, [setup.actor, self.critic], threads)
-        if self.concurrent:
-            log.info("The critic and the actor update concurrently (one process, %d CPUs for "
-                     "2 x %d torch threads)", usable_cpus(), threads)  # fmt: skip
-        # One critic update per step, on the whole batch: its values at sampling time are those
-        # of the critic it is about to update, so its update pass gives them (detached) and no
-        # forward pass of its own runs. The actor then waits for the critic (advantages).
-        self.fold_values = per_step == 1 and not self.concurrent
+        self.schedule = UpdateSchedule.plan(
+            ctx, (setup.actor, self.critic), per_step, opts.critic_warmup_steps
+        )
 
     def modules(self) -> nn.Module:
         return nn.ModuleDict({"actor": self.setup.actor, "critic": self.critic})
@@ -212,7 +205,7 @@ class PPO:
         row = torch.arange(len(mine), device=device)
         exp = Experience(batch, old, torch.zeros_like(mask), scores, ref, rewards=rewards, row=row,
                          is_weights=weights)  # fmt: skip
-        if not self.fold_values:
+        if not self.schedule.fold_values:
             values = forward_in_chunks(setup, batch, lambda b: critic_values(self.critic, b))
             exp = self.with_values(exp, values)
         return exp, shaped
@@ -255,38 +248,34 @@ class PPO:
 
     def train(self, step: int, rollouts: StepRollouts) -> tuple[dict[str, float], bool]:
         exp, shaped = self.experience(step, rollouts)
-        seed = self.setup.inputs.config.hyperparameters.seed + step
-        epochs = self.opts.ppo_epochs
+        seed, epochs = self.setup.inputs.config.hyperparameters.seed + step, self.opts.ppo_epochs
         critic_rng, actor_rng = random.Random(seed), random.Random(~seed)
         folded: dict[str, float] | None = None
-        if self.fold_values:
-            sampled = torch.zeros_like(exp.batch.response_mask)
-            folded = self.critic_steps.run(
-                exp, lambda sub: self._folded_value_loss(sub, sampled), critic_rng
-            )
-            exp = self.with_values(exp, sampled)
+        if self.schedule.fold_values:
+            exp, folded = self.fold_critic(exp, critic_rng)
         metrics = self._stats(exp, shaped) | self.correction_metrics
         self.kl_ctl.update(metrics["kl"], len(rollouts.samples))
-
-        def critic_update() -> dict[str, float]:
-            return self.critic_steps.run(exp, self._value_loss, critic_rng, epochs)
-
-        def actor_update() -> dict[str, float]:
-            return self.actor_steps.run(exp, self._policy_loss, actor_rng, epochs)
-
-        moved = step >= self.opts.critic_warmup_steps
-        if folded is not None:
-            critic = folded
-            if moved:
-                metrics |= rename(actor_update())
-        elif moved:  # the two models share nothing but the experience, which both only read
-            critic, actor = run_both(critic_update, actor_update, self.concurrent)
+        critic, actor = self.schedule.update(
+            step,
+            lambda: self.critic_steps.run(exp, self._value_loss, critic_rng, epochs),
+            lambda: self.actor_steps.run(exp, self._policy_loss, actor_rng, epochs),
+            folded,
+        )
+        if actor is not None:
             metrics |= rename(actor)
-        else:
-            critic = critic_update()
         metrics |= {"value_loss": critic["value_loss"], "critic_grad_norm": critic["grad_norm"]}
         metrics["loss"] = metrics.get("policy_loss", 0.0) + metrics["value_loss"]
-        return metrics, moved
+        return metrics, actor is not None
+
+    def fold_critic(
+        self, exp: Experience, rng: random.Random
+    ) -> tuple[Experience, dict[str, float]]:
+        """The critic's one update of the step, whose pass also gives its values at sampling
+        time: (the experience with them, GAE's returns and the advantages; the update's
+        metrics)."""
+        sampled = torch.zeros_like(exp.batch.response_mask)
+        folded = self.critic_steps.run(exp, lambda sub: self._folded_value_loss(sub, sampled), rng)
+        return self.with_values(exp, sampled), folded
 
     def _folded_value_loss(
         self, exp: Experience, sampled: torch.Tensor
