@@ -239,55 +239,69 @@ def _generator(
     return engine, EngineSync(engine, ctx, dtype)
 
 
+def _share_cpus(target: RolloutTarget, ctx: DistContext, async_: bool) -> None:
+    """With `async`, leave the local rollout servers cores to generate on while this trains."""
+    if not async_ or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = overlap_threads(target.urls, ctx.device, torch.get_num_threads())
+    if threads is not None:
+        log.info(
+            "Training with %d torch thread(s): the rollout servers share this machine's "
+            "CPUs and generate while it trains (set OMP_NUM_THREADS to choose)",
+            threads,
+        )
+        torch.set_num_threads(threads)
+
+
+def _servers(
+    inputs: StageInputs[PromptRow], ctx: DistContext, tokenizer: Any, actor: nn.Module,
+    dtype: torch.dtype,
+) -> tuple[RolloutGenerator | None, WeightSync]:  # fmt: skip
+    """Rank 0's client of the rollout servers, once they answer, and the weight sync that
+    pushes the policy to them."""
+    target = inputs.config.rollout
+    assert target is not None
+    # With LoRA, requests ask for the policy's adapter on top of the servers' base weights.
+    served = target.lora_adapter or target.served_model
+    requests = target.model_copy(update={"served_model": served})
+    stops = stop_token_ids(tokenizer, actor)
+    client = RolloutClient(requests, stop_token_ids=stops) if ctx.is_main else None
+    if client is not None:
+        log.info("Waiting for %d rollout server(s): %s", len(target.urls), ", ".join(target.urls))
+        client.wait_ready()
+    return client, _backend(target, inputs, ctx, dtype)
+
+
 def prepare(inputs: StageInputs[PromptRow], ctx: DistContext) -> OnlineSetup:
     """Load and shard the policy, set up rewards, reach the servers. Collective."""
     config = inputs.config
     target = config.rollout
     assert target is not None  # preflight
     max_new, async_ = _options(inputs)
-    if async_ and "OMP_NUM_THREADS" not in os.environ:
-        threads = overlap_threads(target.urls, ctx.device, torch.get_num_threads())
-        if threads is not None:
-            log.info(
-                "Training with %d torch thread(s): the rollout servers share this machine's "
-                "CPUs and generate while it trains (set OMP_NUM_THREADS to choose)",
-                threads,
-            )
-            torch.set_num_threads(threads)
+    _share_cpus(target, ctx, async_)
     tokenizer = load_tokenizer(config.model, inputs.model_ref)
     actor, dtype, export = load_policy(config, inputs.model_ref, ctx)
     reward = _reward(inputs, tokenizer, ctx)
     client, backend = _generator(inputs, ctx, tokenizer, actor)
     if backend is None:
-        # With LoRA, requests ask for the policy's adapter on top of the servers' base weights.
-        served = target.lora_adapter or target.served_model
-        requests = target.model_copy(update={"served_model": served})
-        stops = stop_token_ids(tokenizer, actor)
-        client = RolloutClient(requests, stop_token_ids=stops) if ctx.is_main else None
-        if client is not None:
-            log.info(
-                "Waiting for %d rollout server(s): %s", len(target.urls), ", ".join(target.urls)
-            )
-            client.wait_ready()
-        backend = _backend(target, inputs, ctx, dtype)
+        client, backend = _servers(inputs, ctx, tokenizer, actor, dtype)
     if ctx.is_main:
         _wait_for_judge(config.judge)
     max_prompt = config.hyperparameters.max_length - max_new
     probe = prompt_token_ids(tokenizer, [inputs.train_rows[0]], max_prompt)[0]
     pad = int(tokenizer.pad_token_id)
-    syncer = Syncer(backend, client, probe, target.parity_threshold, ctx, pad)
     return OnlineSetup(
-        inputs,
-        ctx,
-        tokenizer,
-        actor,
-        dtype,
-        reward,
-        client,
-        syncer,
-        max_prompt,
-        async_,
-        backend,
-        export,
-        episode_runner(config, tokenizer) if ctx.is_main else None,
+        inputs=inputs,
+        ctx=ctx,
+        tokenizer=tokenizer,
+        actor=actor,
+        dtype=dtype,
+        reward=reward,
+        client=client,
+        syncer=Syncer(backend, client, probe, target.parity_threshold, ctx, pad),
+        max_prompt=max_prompt,
+        async_=async_,
+        backend=backend,
+        export=export,
+        episodes=episode_runner(config, tokenizer) if ctx.is_main else None,
     )
