@@ -12,7 +12,18 @@ import pytest
 from rlhf_operator import api, builders, crd, planner
 from rlhf_trainer import preflight
 from rlhf_trainer.__main__ import TRAINERS
-from rlhf_trainer.config import STAGE_TYPES, STAGES, StageConfig, StageType, stage_types
+from rlhf_trainer.config import (
+    STAGE_TYPES,
+    STAGES,
+    GRPOOptions,
+    SFTOptions,
+    StageConfig,
+    StageType,
+    online_options,
+    options_of,
+    samples_online,
+    stage_types,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -77,3 +88,40 @@ def test_cel_rules_come_from_the_table() -> None:
         alias = api.Stage.model_fields[block].alias or block
         assert any(r["rule"] == f"!has(self.{alias}) || self.type == '{owner}'"
                    for r in rules[f".{alias}"])  # fmt: skip
+
+
+def stage_config(stage_type: str, **blocks: object) -> StageConfig:
+    return StageConfig.model_validate(
+        {"run": "r", "stage": "s", "type": stage_type, "model": {"path": "m"},
+         "outputDir": "out", **blocks}
+    )  # fmt: skip
+
+
+def test_options_of_gives_the_block_or_its_defaults() -> None:
+    assert options_of(stage_config("grpo")) == GRPOOptions()
+    assert options_of(stage_config("grpo", grpo={"maxNewTokens": 7})) == GRPOOptions(
+        max_new_tokens=7
+    )
+    assert options_of(stage_config("sft")) == SFTOptions()
+    assert online_options(stage_config("grpo", grpo={"maxNewTokens": 7})).max_new_tokens == 7
+
+
+@pytest.mark.parametrize(
+    ("stage_type", "blocks", "online"),
+    [
+        ("ppo", {}, True),
+        ("grpo", {}, True),  # no grpo block: still online, with its defaults
+        ("rrhf", {}, False),
+        ("rrhf", {"rrhf": {"online": True}}, True),
+        ("sft", {}, False),
+        ("evaluate", {}, False),
+    ],
+)
+def test_which_stages_sample_online(
+    stage_type: str, blocks: dict[str, object], online: bool
+) -> None:
+    config = stage_config(stage_type, **blocks)
+    assert samples_online(config) is online
+    if not online:
+        with pytest.raises(TypeError, match="does not sample"):
+            online_options(config)

@@ -22,6 +22,7 @@ from rlhf_trainer.config import (
     ConfigError,
     StageConfig,
     load_stage_config,
+    samples_online,
 )
 from rlhf_trainer.errors import UserError
 from rlhf_trainer.models.tiny import PRESETS
@@ -140,8 +141,8 @@ def _run_stage(command: str, config_path: str, validate_only: bool, world_size: 
     from torch.distributed.elastic.multiprocessing.errors import record
 
     kind = STAGES[command]
-    if kind.online_run is not None and getattr(getattr(config, kind.options), "online", False):
-        trainer = kind.online_run  # e.g. rrhf.online: samples from the policy like grpo
+    if kind.online_run is not None and samples_online(config):
+        trainer = kind.online_run  # rrhf.online: samples from the policy like grpo
     module, function = trainer.split(":")
     run = getattr(importlib.import_module(module), function)
     record(run)(inputs)  # under torchrun, a crash's traceback reaches its failure summary

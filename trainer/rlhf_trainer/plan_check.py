@@ -24,7 +24,9 @@ from rlhf_trainer.config import (
     ModelSource,
     StageConfig,
     load_stage_config,
+    online_options,
     resolve_path,
+    samples_online,
 )
 from rlhf_trainer.data.inputs import StageInputs
 from rlhf_trainer.data.readers import SFTRow
@@ -99,10 +101,9 @@ def tokenize(inputs: StageInputs[Any]) -> None:
     rows = [*inputs.train_rows, *inputs.eval_rows]
     tokenizer = load_tokenizer(config.model, inputs.model_ref)
     max_length = config.hyperparameters.max_length
-    rrhf_online = config.rrhf if config.rrhf is not None and config.rrhf.online else None
-    online = config.ppo or config.grpo or rrhf_online
-    if online is not None:
-        prompt_token_ids(tokenizer, rows, max_length - online.max_new_tokens)
+    if samples_online(config):  # a grpo stage without a `grpo` block too: its defaults
+        max_new_tokens = online_options(config).max_new_tokens
+        prompt_token_ids(tokenizer, rows, max_length - max_new_tokens)
     elif config.type == "sft":
         tokenize_sft(rows, tokenizer, max_length)
     elif config.type in ("reward", "dpo"):

@@ -55,6 +55,9 @@ from rlhf_trainer.config.stage import StageConfig as StageConfig
 from rlhf_trainer.config.stage import StageType as StageType
 from rlhf_trainer.config.stage import format_validation_error as format_validation_error
 from rlhf_trainer.config.stage import load_stage_config as load_stage_config
+from rlhf_trainer.config.stage import online_options as online_options
+from rlhf_trainer.config.stage import options_of as options_of
+from rlhf_trainer.config.stage import samples_online as samples_online
 from rlhf_trainer.config.stage import validation_problems as validation_problems
 from rlhf_trainer.config.stages import STAGES as STAGES
 from rlhf_trainer.config.stages import StageKind as StageKind

@@ -30,6 +30,7 @@ from rlhf_trainer.config.options import (
     RRHFOptions,
     SFTOptions,
 )
+from rlhf_trainer.config.stages import STAGES
 from rlhf_trainer.config.targets import EnvironmentTarget, JudgeTarget, RolloutTarget
 
 # The keys of STAGES, the stage table (config/stages.py), in its order (a test keeps them equal).
@@ -89,6 +90,38 @@ class StageConfig(ApiModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.dump(), sort_keys=False)
+
+
+def options_of(config: StageConfig) -> ApiModel:
+    """The stage's options block (the stage table names its field), with the defaults where the
+    config leaves it out."""
+    field = STAGES[config.type].options
+    block = getattr(config, field)
+    if block is not None:
+        return typing.cast(ApiModel, block)
+    [options_class] = [t for t in typing.get_args(StageConfig.model_fields[field].annotation)
+                       if t is not type(None)]  # fmt: skip
+    return typing.cast(ApiModel, options_class())
+
+
+def samples_online(config: StageConfig) -> bool:
+    """Whether the stage samples from the policy as it trains: an online type, or one whose
+    options turn it on (`rrhf.online`)."""
+    kind = STAGES[config.type]
+    if kind.online_run is None:
+        return kind.online
+    return bool(getattr(options_of(config), "online", False))
+
+
+OnlineOptions = PPOOptions | GRPOOptions | RRHFOptions
+
+
+def online_options(config: StageConfig) -> OnlineOptions:
+    """The sampling options of a stage that samples online (`samples_online`)."""
+    options = options_of(config)
+    if not samples_online(config) or not isinstance(options, OnlineOptions):
+        raise TypeError(f"a {config.type} stage does not sample from the policy as it trains")
+    return options
 
 
 class ConfigError(ValueError):

@@ -17,11 +17,9 @@ from torch import nn
 
 from rlhf_trainer.config import (
     IN_TRAINER,
-    GRPOOptions,
     JudgeTarget,
-    PPOOptions,
     RolloutTarget,
-    RRHFOptions,
+    online_options,
 )
 from rlhf_trainer.data.batching import prompt_token_ids, stop_ids
 from rlhf_trainer.data.inputs import StageInputs
@@ -135,12 +133,7 @@ class OnlineSetup:
 
 def _options(inputs: StageInputs[PromptRow]) -> tuple[int, bool]:
     """(maxNewTokens, async) of the stage's options block, defaults when it has none."""
-    config = inputs.config
-    options: PPOOptions | GRPOOptions | RRHFOptions = config.grpo or GRPOOptions()
-    if config.type == "ppo":
-        options = config.ppo or PPOOptions()
-    elif config.type == "rrhf":
-        options = config.rrhf or RRHFOptions()
+    options = online_options(inputs.config)
     return options.max_new_tokens, options.async_
 
 
