@@ -23,10 +23,11 @@ from rlhf_trainer.config import (
     STAGES,
     GRPOOptions,
     PPOOptions,
+    stage_types,
 )
 
 # Stages whose trainer splits batchSize over its ranks (preflight.micro_batch_size).
-TRAINED_TYPES: frozenset[str] = api.POLICY_TYPES | {"reward"}
+TRAINED_TYPES: frozenset[str] = stage_types(lambda kind: kind.trains)
 # Stages whose output is no model: evaluate writes eval.json, feedback preference pairs.
 NO_MODEL: dict[str, str] = {"evaluate": "its evaluation", "feedback": "preference pairs"}
 MODULE_CALLABLE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$", re.ASCII)

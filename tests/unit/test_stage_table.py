@@ -9,7 +9,7 @@ import typing
 
 import pytest
 
-from rlhf_operator import api, builders, crd, planner
+from rlhf_operator import api, builders, crd, planner, spec_checks
 from rlhf_trainer import preflight
 from rlhf_trainer.__main__ import TRAINERS
 from rlhf_trainer.config import (
@@ -64,6 +64,8 @@ def test_operator_sets_come_from_the_table() -> None:
         "grpo": "grpo", "feedback": "feedback", "evaluate": "evaluate", "environment": "grpo",
     }  # fmt: skip
     assert {n: (k.check, k.run) for n, k in STAGES.items()} == TRAINERS
+    assert {"sft", "reward", "dpo", "rrhf", "ppo", "grpo"} == spec_checks.TRAINED_TYPES
+    assert {"sft", "reward", "dpo", "rrhf"} == preflight.BATCHED_BY_ROWS
 
 
 def stage_rules() -> dict[str, list[dict[str, str]]]:

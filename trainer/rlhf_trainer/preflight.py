@@ -18,6 +18,7 @@ from rlhf_trainer.config import (
     PPOOptions,
     StageConfig,
     resolve_path,
+    stage_types,
 )
 from rlhf_trainer.data.inputs import (
     EvalInputs,
@@ -76,8 +77,8 @@ def total_steps(max_steps: int | None, epochs: float, n_rows: int, batch_size: i
     return max(1, math.ceil(round(epochs * n_rows / batch_size, 9)))
 
 
-# Offline stages whose batchSize counts dataset rows (online stages batch samples, not rows).
-BATCHED_BY_ROWS = frozenset({"sft", "reward", "dpo", "rrhf"})
+# Offline stages that train: their batchSize counts dataset rows (online stages batch samples).
+BATCHED_BY_ROWS = stage_types(lambda kind: kind.trains and not kind.online)
 
 
 def check_batch_fits(rows: int, batch: int, field: str) -> None:

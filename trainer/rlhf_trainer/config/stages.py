@@ -23,6 +23,7 @@ class StageKind:
 
     options: str  # the field of its options block in `StageConfig` and the RLHFRun's stage
     trains_policy: bool  # its output is a causal LM: what `from` and evaluate.policies may name
+    trains: bool  # trains a model at all (a policy, or the reward model): an optimizer, batches
     online: bool  # samples from the policy while it trains (rrhf: only with rrhf.online)
     needs_dataset: bool
     needs_reward: bool  # reward: {from|judge|function} (grpo: or an environment's episodes)
@@ -51,6 +52,7 @@ def _kind(
     return StageKind(
         options=options,
         trains_policy=policy,
+        trains=policy or options == "reward_model",
         online=online,
         needs_dataset=True,
         needs_reward=needs_reward,
