@@ -40,21 +40,14 @@ from rlhf_trainer.config import (
     ApiModel,
     DatasetSpec,
     DnsLabel,
-    DPOOptions,
-    EvaluateOptions,
-    FeedbackOptions,
-    GRPOOptions,
     Hyperparameters,
     JudgeProtocol,
     JudgeReward,
     LoRAOptions,
     ModelSource,
-    PPOOptions,
-    RewardModelOptions,
+    OptionBlocks,
     RolloutClientOptions,
     RolloutEngine,
-    RRHFOptions,
-    SFTOptions,
     StageType,
     validation_problems,
 )
@@ -189,8 +182,8 @@ class Rollout(RolloutClientOptions):
         return self
 
 
-class Stage(ApiModel):
-    """One step of the pipeline; runs as one training job."""
+class _StageHead(ApiModel):
+    """A stage's fields before its option blocks."""
 
     name: DnsLabel = Field(description="Unique name; lowercase letters, digits and '-'.")
     type: StageType
@@ -208,14 +201,11 @@ class Stage(ApiModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     reward: RewardSource | None = None
     rollout: Rollout | None = None
-    sft: SFTOptions | None = None
-    reward_model: RewardModelOptions | None = None
-    dpo: DPOOptions | None = None
-    rrhf: RRHFOptions | None = None
-    ppo: PPOOptions | None = None
-    grpo: GRPOOptions | None = None
-    feedback: FeedbackOptions | None = None
-    evaluate: EvaluateOptions | None = None
+
+
+class Stage(OptionBlocks, _StageHead):
+    """One step of the pipeline; runs as one training job."""
+
     environment: Environment | None = Field(
         default=None,
         description="grpo: play multi-turn episodes against this environment server "

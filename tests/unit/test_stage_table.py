@@ -16,6 +16,7 @@ from rlhf_trainer.config import (
     STAGE_TYPES,
     STAGES,
     GRPOOptions,
+    OptionBlocks,
     SFTOptions,
     StageConfig,
     StageType,
@@ -127,3 +128,14 @@ def test_which_stages_sample_online(
     if not online:
         with pytest.raises(TypeError, match="does not sample"):
             online_options(config)
+
+
+def test_option_blocks_are_declared_once_for_the_spec_and_the_trainer() -> None:
+    """Each type's options block is a field of OptionBlocks, which the RLHFRun's stage and the
+    trainer's StageConfig both inherit (after their leading fields, so the CRD keeps its order)."""
+    assert set(OptionBlocks.model_fields) == {kind.options for kind in STAGES.values()}
+    for model in (api.Stage, StageConfig):
+        assert issubclass(model, OptionBlocks)
+        fields = list(model.model_fields)
+        blocks = fields[fields.index("sft") : fields.index("evaluate") + 1]
+        assert blocks == list(OptionBlocks.model_fields)

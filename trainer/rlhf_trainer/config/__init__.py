@@ -34,6 +34,7 @@ from rlhf_trainer.config.options import DPOOptions as DPOOptions
 from rlhf_trainer.config.options import EvaluateOptions as EvaluateOptions
 from rlhf_trainer.config.options import FeedbackOptions as FeedbackOptions
 from rlhf_trainer.config.options import GRPOOptions as GRPOOptions
+from rlhf_trainer.config.options import OptionBlocks as OptionBlocks
 from rlhf_trainer.config.options import OverlongPenalty as OverlongPenalty
 from rlhf_trainer.config.options import PolicyGradientOptions as PolicyGradientOptions
 from rlhf_trainer.config.options import PPOOptions as PPOOptions

@@ -337,3 +337,19 @@ class EvaluateOptions(ApiModel):
     )
     max_new_tokens: MaxNewTokens = Field(default=64, description="Greedy tokens per response.")
     batch_size: RolloutBatchSize = Field(default=16, description="Prompts per generation batch.")
+
+
+class OptionBlocks(ApiModel):
+    """The per-algorithm option blocks, each for the one stage type the stage table gives it,
+    declared once for the RLHFRun's stage (`rlhf_operator.api.Stage`) and for `StageConfig`.
+    Those list it after their leading fields (`class X(OptionBlocks, Head)`: pydantic orders
+    fields base first), so the CRD keeps its order."""
+
+    sft: SFTOptions | None = None
+    reward_model: RewardModelOptions | None = None
+    dpo: DPOOptions | None = None
+    rrhf: RRHFOptions | None = None
+    ppo: PPOOptions | None = None
+    grpo: GRPOOptions | None = None
+    feedback: FeedbackOptions | None = None
+    evaluate: EvaluateOptions | None = None

@@ -21,14 +21,10 @@ from rlhf_trainer.config.common import (
     ModelSource,
 )
 from rlhf_trainer.config.options import (
-    DPOOptions,
-    EvaluateOptions,
-    FeedbackOptions,
     GRPOOptions,
+    OptionBlocks,
     PPOOptions,
-    RewardModelOptions,
     RRHFOptions,
-    SFTOptions,
 )
 from rlhf_trainer.config.stages import STAGES
 from rlhf_trainer.config.targets import EnvironmentTarget, JudgeTarget, RolloutTarget
@@ -41,11 +37,8 @@ STAGE_TYPES: tuple[str, ...] = typing.get_args(StageType)
 REWARD_FUNCTION_NAMES: tuple[str, ...] = ("animal_sounds", "brief")
 
 
-class StageConfig(ApiModel):
-    """What one trainer process needs: the rendered, self-contained config of a stage.
-
-    Relative paths are resolved against the workspace (`$RLHF_WORKSPACE`, `/workspace` in a pod).
-    """
+class _StageConfigHead(ApiModel):
+    """StageConfig's fields before its option blocks."""
 
     run: str = Field(description="Name of the RLHFRun.")
     stage: str = Field(description="Name of the stage.")
@@ -54,14 +47,14 @@ class StageConfig(ApiModel):
     dataset: DatasetSpec | None = None
     output_dir: str = Field(description="Folder for final/, checkpoints/, progress.json, metrics.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    sft: SFTOptions | None = None
-    reward_model: RewardModelOptions | None = None
-    dpo: DPOOptions | None = None
-    rrhf: RRHFOptions | None = None
-    ppo: PPOOptions | None = None
-    grpo: GRPOOptions | None = None
-    feedback: FeedbackOptions | None = None
-    evaluate: EvaluateOptions | None = None
+
+
+class StageConfig(OptionBlocks, _StageConfigHead):
+    """What one trainer process needs: the rendered, self-contained config of a stage.
+
+    Relative paths are resolved against the workspace (`$RLHF_WORKSPACE`, `/workspace` in a pod).
+    """
+
     lora: LoRAOptions | None = None
     reward_model_path: str | None = Field(
         default=None,
