@@ -71,8 +71,10 @@ run: $(VENV)/.local-installed model $(WORKDIR)/data/brief_sft.jsonl
 quickstart: $(VENV)/.local-installed $(WORKDIR)/models/tiny-llama/config.json $(WORKDIR)/data/sft.jsonl
 	$(RLHF) run examples/quickstart.yaml --workdir $(WORKDIR)
 
+# ruff, then the import contracts: the trainer's layers, no cycles, the operator's boundary.
 lint: venv
 	$(VENV)/bin/ruff check operator trainer tests bench manifests
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit/test_layers.py tests/unit/test_boundaries.py
 
 typecheck: venv
 	$(VENV)/bin/mypy
