@@ -66,3 +66,26 @@ def test_plain_process_with_eval_then_resume_on_two_ranks(
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
         assert a.get("eval_loss", 0) == pytest.approx(b.get("eval_loss", 0), abs=1e-4)
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_a_batch_too_long_for_memory_is_warned_about_before_the_first_step(
+    tmp_path: Path, tiny_model_dir: Path, fixtures_dir: Path
+) -> None:
+    """256 rows of up to 2^20 tokens a micro-step cannot fit in any machine's memory: the trainer
+    says so, naming the fields to change, before step 1; the fixture's short rows still train."""
+    config = StageConfig(
+        run="single", stage="sft", type="sft", model=ModelSource(path=str(tiny_model_dir)),
+        dataset=DatasetSpec(path=str(fixtures_dir / "sft.jsonl")), output_dir="out",
+        hyperparameters=Hyperparameters(max_steps=1, batch_size=256, max_length=2**20),
+    )  # fmt: skip
+    path = tmp_path / "sft.yaml"
+    path.write_text(config.to_yaml())
+    env = {**os.environ, WORKSPACE_ENV: str(tmp_path)}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "rlhf_trainer", "sft", "--config", str(path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    warning = proc.stderr.index("WARNING hyperparameters: a micro-batch of 256 rows x 1048576")
+    assert warning < proc.stderr.index("Step 1/1")
+    assert "Lower hyperparameters.batchSize" in proc.stderr

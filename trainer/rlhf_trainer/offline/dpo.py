@@ -263,6 +263,7 @@ def run_dpo(inputs: StageInputs[PreferenceRow]) -> None:
         objective = DPOObjective(model, reference, pairs, held_out, inputs, ctx, pad_id)
         if (config.dpo or DPOOptions()).precompute_ref_logprobs:
             objective.precompute()
-        return Trainable(model, objective, tokenizer, dtype, export, eval_at_start=True)
+        return Trainable(model, objective, tokenizer, dtype, export, eval_at_start=True,
+                         sequences=2)
 
     run_stage(inputs, prepare, "pairs")

@@ -145,6 +145,7 @@ def run_reward(inputs: StageInputs[PreferenceRow]) -> None:
         disable_dropout(model)
         shard_model(model, ctx.bf16)
         objective = RewardObjective(model, pairs, held_out, inputs, ctx, pad_id)
-        return Trainable(model, objective, tokenizer, dtype, export, eval_at_start=True)
+        return Trainable(model, objective, tokenizer, dtype, export, eval_at_start=True,
+                         sequences=2)
 
     run_stage(inputs, prepare, "pairs")

@@ -64,6 +64,7 @@ from rlhf_trainer.online.setup import OnlineSetup
 from rlhf_trainer.online.steps import (
     ActorOnly,
     MinibatchTrainer,
+    check_fits,
     corrected_old_logprobs,
     correction_on,
     forward_in_chunks,
@@ -101,6 +102,7 @@ class GRPO(ActorOnly):
         samples = opts.rollout_batch_size * opts.num_generations
         optimizer_steps = setup.inputs.total_steps * (samples // hp.batch_size)
         self.optimizer, self.scheduler = build_optimizer(setup.actor, hp, optimizer_steps)
+        check_fits(setup, [setup.actor])
         # A step's samples in one minibatch: one optimizer step, taken from the very policy
         # that sampled them (synchronous mode), so π_old needs no forward pass of its own.
         self.one_update = samples <= hp.batch_size and not setup.async_

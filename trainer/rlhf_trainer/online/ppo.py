@@ -74,6 +74,7 @@ from rlhf_trainer.online.ppo_schedule import UpdateSchedule
 from rlhf_trainer.online.setup import OnlineSetup
 from rlhf_trainer.online.steps import (
     MinibatchTrainer,
+    check_fits,
     corrected_old_logprobs,
     correction_on,
     forward_in_chunks,
@@ -110,6 +111,7 @@ class PPO:
         self.critic_opt, self.critic_sched = build_optimizer(
             self.critic, critic_hp, inputs.total_steps * per_step
         )
+        check_fits(setup, [setup.actor, self.critic])
         self.actor_steps = MinibatchTrainer(setup, setup.actor, self.actor_opt, self.actor_sched)
         self.critic_steps = MinibatchTrainer(setup, self.critic, self.critic_opt, self.critic_sched)
         self.moments = RunningMoments()

@@ -27,7 +27,7 @@ from rlhf_trainer.online.feed import StepRollouts
 from rlhf_trainer.online.grpo_sampling import gather_scores
 from rlhf_trainer.online.loop import run_online, shard
 from rlhf_trainer.online.setup import OnlineSetup
-from rlhf_trainer.online.steps import ActorOnly, MinibatchTrainer
+from rlhf_trainer.online.steps import ActorOnly, MinibatchTrainer, check_fits
 from rlhf_trainer.rollout.client import Sampling
 from rlhf_trainer.training.loop import build_optimizer
 
@@ -60,6 +60,7 @@ class OnlineRRHF(ActorOnly):
         self.prompts_per_step = opts.rollout_batch_size
         optimizer_steps = setup.inputs.total_steps * (opts.rollout_batch_size // hp.batch_size)
         self.optimizer, self.scheduler = build_optimizer(setup.actor, hp, optimizer_steps)
+        check_fits(setup, [setup.actor])
         self.trainer = MinibatchTrainer(setup, setup.actor, self.optimizer, self.scheduler)
 
     def train(self, step: int, rollouts: StepRollouts) -> tuple[dict[str, float], bool]:

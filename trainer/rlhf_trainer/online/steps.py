@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,6 +29,7 @@ from rlhf_trainer.online.experience import (
     tempered_and_raw_logprobs,
 )
 from rlhf_trainer.runtime.distributed import DistContext, all_reduce_sum
+from rlhf_trainer.runtime.memory import check_step_fits
 from rlhf_trainer.training.loop import backward_rank_micro_batches, grad_norm_and_clip
 
 if TYPE_CHECKING:
@@ -165,6 +166,14 @@ class ActorOnly:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def check_fits(setup: OnlineSetup, models: Sequence[nn.Module]) -> None:
+    """Before the first step: the trained models' gradients, optimizer state and a micro-batch
+    of `maxLength` sequences fit in the free memory (`runtime.memory`)."""
+    inputs, ctx = setup.inputs, setup.ctx
+    hp = inputs.config.hyperparameters
+    check_step_fits(models, hp, inputs.micro_batch, ctx.world_size, ctx.device)
 
 
 class MinibatchTrainer:

@@ -38,6 +38,7 @@ from rlhf_trainer.runtime.distributed import (
     init_distributed,
 )
 from rlhf_trainer.runtime.launch_env import env_rank
+from rlhf_trainer.runtime.memory import check_step_fits
 from rlhf_trainer.runtime.progress import ProgressReporter, read_metrics
 from rlhf_trainer.runtime.schedule import lr_factor
 
@@ -74,6 +75,7 @@ class Trainable:
     dtype: torch.dtype  # the dtype final/ is written in
     export: Exporter | None = None  # default: a causal LM
     eval_at_start: bool = False  # log held-out metrics at step 0, before any update
+    sequences: int = 1  # sequences an example runs as (a preference pair: 2), for memory.py
 
 
 @dataclass
@@ -288,6 +290,9 @@ def train_loop(inputs: StageInputs[Any], ctx: DistContext, trainable: Trainable)
     total = inputs.total_steps
     optimizer, scheduler = build_optimizer(model, hp, total)
     step, stream = resume(inputs, model, optimizer, scheduler, ctx)
+    if step < total:
+        rows = inputs.micro_batch * trainable.sequences
+        check_step_fits([model], hp, rows, ctx.world_size, ctx.device)
     reporter = ProgressReporter(inputs.output_dir, total, ctx.is_main)
     reporter.truncate_after(step)
     if step == 0 and trainable.eval_at_start:
