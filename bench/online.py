@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -37,6 +38,9 @@ from typing import Any
 
 from benchlib import (
     DOC,
+    MODELS,
+    ROOT,
+    build_models,
     environment,
     interleave,
     load_note,
@@ -46,12 +50,14 @@ from benchlib import (
     table,
     write_section,
 )
-from online_common import PROMPTS, Setup
-from trl_online import probe_trl_vllm
+from online_common import TASKS, Setup
+from trl_online import probe_trl_colocate, probe_trl_vllm
 
 BENCH = Path(__file__).resolve().parent
-MODELS = {"tiny": "tiny (0.46M)", "20m": "20m (19.8M)"}
-PROMPT_ROOM = 96  # ours' maxLength - maxNewTokens; the fixture prompts are at most 65 tokens
+# What each model is asked: the real instruct model answers open questions in chat form.
+TASK_OF = {"smollm2": "brief", "tiny": "animal_sounds", "20m": "animal_sounds"}
+PROMPT_ROOM = 96  # ours' maxLength - maxNewTokens; the prompts are at most 65 tokens (SmolLM2's
+# chat template with its default system prompt included)
 TRL_PPO_VERSION = "1.12.0"  # the last TRL with PPOTrainer (trl.experimental.ppo)
 PHASES = ("generate_s", "train_s", "weight_sync_s")  # ours' metrics.jsonl, per step
 RAW: dict[str, list[Any]] = {}  # "arm model" -> each repeat's per-step figures
@@ -74,6 +80,7 @@ def ours_config(algo: str, setup: Setup, model: Path, arm: str, url: str) -> dic
     from rlhf_operator.builders import SERVED_MODEL
 
     prompts, samples = setup.per_step(algo)
+    task = TASKS[setup.task]
     hp = {"maxSteps": setup.steps, "batchSize": prompts * samples, "learningRate": setup.lr,
           "lrScheduler": "cosine", "warmupSteps": 0, "weightDecay": 0.0, "gradClip": 1.0,
           "maxLength": PROMPT_ROOM + setup.max_new_tokens, "seed": setup.seed,
@@ -88,8 +95,8 @@ def ours_config(algo: str, setup: Setup, model: Path, arm: str, url: str) -> dic
     rollout = {"engine": "trainer"} if arm == "trainer" else {"urls": [url]}
     return {
         "run": "bench", "stage": algo, "type": algo, "model": {"path": str(model)},
-        "dataset": {"path": str(PROMPTS), "format": "prompts", "evalFraction": 0.0},
-        "outputDir": "out", "hyperparameters": hp, "rewardFunction": "animal_sounds",
+        "dataset": {"path": str(task.prompts), "format": task.format, "evalFraction": 0.0},
+        "outputDir": "out", "hyperparameters": hp, "rewardFunction": task.reward,
         "rollout": {**rollout, "servedModel": SERVED_MODEL}, algo: options,
     }  # fmt: skip
 
@@ -134,7 +141,10 @@ def run_ours(
     metrics = [m for m in read_metrics(workdir / "out" / "metrics.jsonl") if m["step"] > 0]
     prompts, samples = setup.per_step(algo)
     out = {"seconds": step_seconds(proc.stderr),
-           "tokens": [m["response_length"] * prompts * samples for m in metrics]}  # fmt: skip
+           "tokens": [m["response_length"] * prompts * samples for m in metrics],
+           # what the training phase computed on (bench/roofline.py): tokens and sequences
+           "train_tokens": [m["train_tokens_per_s"] * m["train_s"] for m in metrics],
+           "train_rows": [float(prompts * samples)] * len(metrics)}  # fmt: skip
     return out | {k: [float(m.get(k, 0.0)) for m in metrics] for k in PHASES}
 
 
@@ -199,14 +209,6 @@ def check_trl_precision(result: dict[str, Any], setup: Setup) -> None:
         raise RuntimeError(f"TRL ran with {said}; asked for bf16={setup.bf16}")
 
 
-def build_models(root: Path, presets: list[str]) -> dict[str, Path]:
-    for preset in presets:
-        argv = [sys.executable, "-m", "rlhf_trainer", "tiny-model", str(root / preset),
-                "--preset", preset]  # fmt: skip
-        subprocess.run(argv, check=True, capture_output=True)
-    return {preset: root / preset for preset in presets}
-
-
 def sides(args: argparse.Namespace) -> list[str]:
     """The arms asked for: our engines (async with vllm and --async), then TRL."""
     ours = [e for e in ("trainer", "vllm") if e in args.engines]
@@ -219,12 +221,16 @@ def run_all(args: argparse.Namespace, setup: Setup, root: Path) -> dict[str, Any
     from rollout import vllm
 
     models = build_models(root, args.models)
-    probe = "not tried (`--no-trl-vllm`)"
+    probe = colocate = "not tried (`--no-trl-vllm`)"
     if not args.no_trl_vllm:
-        probe = probe_trl_vllm(models[args.models[0]], root, setup)
+        first = setup_for(setup, args.models[0])
+        probe = probe_trl_vllm(models[args.models[0]], root, first)
         print(f"TRL with a vLLM server: {probe}", file=sys.stderr, flush=True)
+        colocate = probe_trl_colocate(models[args.models[0]], root, first)
+        print(f"TRL with vLLM colocated: {colocate}", file=sys.stderr, flush=True)
     rounds = {}
     for preset, model in models.items():
+        setup = setup_for(setup, preset)
         with contextlib.ExitStack() as stack:
             url = ""
             if "vllm" in args.engines:
@@ -233,7 +239,12 @@ def run_all(args: argparse.Namespace, setup: Setup, root: Path) -> dict[str, Any
             arms = {f"{side}-{algo}": runner(f"{side}-{algo}", model, url, root, args, setup)
                     for algo in args.algos for side in sides(args)}  # fmt: skip
             rounds[preset] = interleave(arms, args.repeats)
-    return {"rounds": rounds, "probe": probe}
+    return {"rounds": rounds, "probe": probe, "colocate": colocate}
+
+
+def setup_for(setup: Setup, preset: str) -> Setup:
+    """The setup with the model's task (its prompts and reward function)."""
+    return dataclasses.replace(setup, task=TASK_OF[preset])
 
 
 # --- the doc section -------------------------------------------------------------------------
@@ -297,11 +308,11 @@ separately at 0.016 of a CPU), with a disk weight sync and parity probe after ev
 train on packed rows (`data/packed.py`): the samples of a prompt share one that holds the \
 prompt once, and short sequences share rows. \
 TRL: `GRPOTrainer` with `use_vllm=False` (HF `generate` in the trainer) and TRL {trl_ppo}'s \
-`trl.experimental.ppo.PPOTrainer`, 1 process each. Matched: model, prompts \
-(`tests/fixtures/prompts.jsonl`, none held out), prompts and samples per step, {new} max new \
+`trl.experimental.ppo.PPOTrainer`, 1 process each. Matched: model, prompts and reward function \
+({tasks}; none held out), prompts and samples per step, {new} max new \
 tokens, temperature 1, top_p 1, {steps} steps of one optimizer step each (a step's samples are \
 one batch), learning rate {lr:g} (cosine, no warmup), no weight decay, grad clip 1 (TRL's \
-PPOTrainer clips none), reward function `animal_sounds` (`tasks.check`), {precision}. GRPO: \
+PPOTrainer clips none), {precision}. GRPO: \
 β = 0 (no reference model), clip 0.2, token-level loss (TRL's `dapo`), group-scaled \
 advantages; PPO: k1 KL penalty β = {kl:g} against a reference, clip 0.2, value clip 0.2, γ = 1, \
 λ = 0.95, 1 epoch.{overlap}
@@ -341,8 +352,9 @@ with one optimizer on pg_loss + 0.1 x vf_loss, ours with one each.
 
 TRL with vLLM (`use_vllm=True, vllm_mode="server"`), tried by the bench on the {probe_model} \
 model: {probe} TRL's `VLLMClient.init_communicator` takes only CUDA devices (it pushes weights \
-through vLLM's NCCL weight-transfer engine), so TRL's server mode cannot run on a CPU machine; \
-`vllm_mode="colocate"` (vLLM inside the trainer's process) was not tried."""
+through vLLM's NCCL weight-transfer engine), so TRL's server mode cannot run on a CPU machine. \
+TRL with vLLM colocated (`use_vllm=True, vllm_mode="colocate"`, vLLM inside the trainer's \
+process, `vllm_gpu_memory_utilization=0.15`), one step tried on the same model: {colocate}"""
 
 
 OVERLAP = """ Rows marked `async: true` run ours with generation for step t+1 on the \
@@ -362,9 +374,8 @@ bf16 too rather than falling back to float32. Each run's report is checked: ours
 `bf16 True`; TRL's accelerator says `bf16` and its policy's output layer produced bf16 tensors"""
 
 
-def section(
-    args: argparse.Namespace, setup: Setup, rounds: dict[str, Any], probe: str, load: float
-) -> str:
+def section(args: argparse.Namespace, setup: Setup, found: dict[str, Any], load: float) -> str:
+    rounds, probe = found["rounds"], found["probe"]
     results, phases = tables(args, setup, rounds)
     threads = (f"OMP_NUM_THREADS={args.threads} for both trainers." if args.threads
                else "Both trainers with torch's default thread count.")  # fmt: skip
@@ -383,6 +394,10 @@ def section(
         repeats=args.repeats, command=command, results=results, phases=phases,
         probe_model=args.models[0], probe=probe.rstrip(".") + ".", load=load_note(load),
         overlap=OVERLAP if args.overlap else "",
+        colocate=found["colocate"].rstrip(".") + ".",
+        tasks="; ".join(f"{MODELS[m]}: `{TASKS[TASK_OF[m]].prompts.relative_to(ROOT)}` "
+                        f"({TASKS[TASK_OF[m]].format}) scored by `{TASKS[TASK_OF[m]].reward}`"
+                        for m in args.models),
         precision=BF16 if setup.bf16 else "float32",
         vllm_dtype=setup.dtype,
     )  # fmt: skip
@@ -421,7 +436,7 @@ def main() -> None:
         trl_ppo_path(args.cache)
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-online-") as tmp:
         found = run_all(args, setup, Path(tmp))
-    body = section(args, setup, found["rounds"], found["probe"], load)
+    body = section(args, setup, found, load)
     name, title = ("online-bf16", "Online RL in bf16") if setup.bf16 else ("online", "Online RL")
     write_section(name, f"{title}: GRPO and PPO tokens/s against TRL", body, args.doc)
     print(body)

@@ -1,6 +1,7 @@
 """Run one of our offline stages (sft or dpo) and print each optimizer step's wall time.
 
     python bench/ours.py {sft,dpo} --model DIR --workdir DIR --steps N --batch B --max-length L
+                         [--data plain|chat]
     torchrun --nproc-per-node 2 bench/ours.py ...     (the same, sharded over 2 ranks)
 
 It runs the trainer's own entry (`preflight.check_*`, then `run_sft` / `run_dpo`), with
@@ -33,8 +34,14 @@ from rlhf_trainer.config import (
 from rlhf_trainer.runtime.launch_env import env_rank, env_world_size
 from rlhf_trainer.training import loop
 
-DATA = {"sft": FIXTURES / "sft.jsonl", "dpo": FIXTURES / "preference.jsonl"}
-FORMAT: dict[str, Any] = {"sft": "jsonl", "dpo": "preference"}
+# (stage, data) -> (file, format): `plain` is the tiny models' prompt/response text, `chat` the
+# conversational rows a real instruct model trains on (tasks/brief.py, SmolLM2's own answers).
+DATA: dict[tuple[str, str], tuple[Path, Any]] = {
+    ("sft", "plain"): (FIXTURES / "sft.jsonl", "jsonl"),
+    ("dpo", "plain"): (FIXTURES / "preference.jsonl", "preference"),
+    ("sft", "chat"): (FIXTURES / "brief" / "brief_sft.jsonl", "chat"),
+    ("dpo", "chat"): (FIXTURES / "brief" / "brief_pairs.jsonl", "chat"),
+}
 
 
 def stage_config(args: argparse.Namespace) -> StageConfig:
@@ -42,13 +49,14 @@ def stage_config(args: argparse.Namespace) -> StageConfig:
     hp = Hyperparameters(
         max_steps=args.steps, batch_size=args.batch, max_length=args.max_length,
         learning_rate=args.lr, lr_scheduler="cosine", warmup_steps=0, weight_decay=0.0,
-        grad_clip=1.0, save_every=10**6, log_every=1, seed=args.seed, bf16=False,
+        grad_clip=1.0, save_every=10**6, log_every=1, seed=args.seed, bf16=args.bf16,
     )  # fmt: skip
     dpo = DPOOptions(beta=args.beta, loss_type="sigmoid") if args.stage == "dpo" else None
+    path, fmt = DATA[args.stage, args.data]
     return StageConfig(
         run="bench", stage=args.stage, type=args.stage,
         model=ModelSource(path=str(Path(args.model).resolve())),
-        dataset=DatasetSpec(path=str(DATA[args.stage]), format=FORMAT[args.stage]),
+        dataset=DatasetSpec(path=str(path), format=fmt),
         output_dir="out",
         hyperparameters=hp, dpo=dpo,
     )  # fmt: skip
@@ -56,7 +64,8 @@ def stage_config(args: argparse.Namespace) -> StageConfig:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("stage", choices=sorted(DATA))
+    parser.add_argument("stage", choices=["dpo", "sft"])
+    parser.add_argument("--data", choices=["plain", "chat"], default="plain")
     parser.add_argument("--model", required=True)
     parser.add_argument("--workdir", required=True, help="the workspace; out/ is written in it")
     parser.add_argument("--steps", type=int, default=10)
@@ -65,6 +74,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ[WORKSPACE_ENV] = str(Path(args.workdir).resolve())

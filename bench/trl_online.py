@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import run_json
-from online_common import PROMPTS, Setup
+from online_common import TASKS, Setup
 
 BENCH = Path(__file__).resolve().parent
+COLOCATE = "colocate"  # --vllm-url's value for vLLM inside TRL's process
 
 
 def generated_clock() -> Any:
@@ -71,18 +72,22 @@ def trl_grpo(model_dir: str, workdir: str, setup: Setup, vllm_url: str | None) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer  # type: ignore[attr-defined]
 
-    from rlhf_trainer.tasks import animal_sounds as tasks
-
     clock = generated_clock()
 
-    def animal_sounds(prompts: list[str], completions: list[str],
-                      completion_ids: list[list[int]], **kw: Any) -> list[float]:  # fmt: skip
+    def reward(prompts: list[Any], completions: list[Any],
+               completion_ids: list[list[int]], **kw: Any) -> list[float]:  # fmt: skip
         clock.generated += sum(len(ids) for ids in completion_ids)  # EOS included
-        return [tasks.check(p, c) for p, c in zip(prompts, completions, strict=True)]
+        return [setup.reward(p, c) for p, c in zip(prompts, completions, strict=True)]
 
     prompts, samples = setup.per_step("grpo")
-    server = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": vllm_url,
-              "vllm_server_timeout": 60} if vllm_url else {"use_vllm": False}  # fmt: skip
+    prompts_file = TASKS[setup.task].prompts
+    server: dict[str, Any] = {"use_vllm": False}
+    if vllm_url == COLOCATE:
+        server = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.15,
+                  "vllm_enable_sleep_mode": False}  # fmt: skip
+    elif vllm_url:
+        server = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": vllm_url,
+                  "vllm_server_timeout": 60}  # fmt: skip
     config = GRPOConfig(**trl_common(setup, workdir), **server, max_steps=setup.steps,
                         per_device_train_batch_size=prompts * samples, num_generations=samples,
                         max_completion_length=setup.max_new_tokens, top_p=1.0, beta=0.0,
@@ -90,21 +95,19 @@ def trl_grpo(model_dir: str, workdir: str, setup: Setup, vllm_url: str | None) -
                         log_completions=False)  # fmt: skip
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-        reward_funcs=animal_sounds, args=config, callbacks=[clock],
-        train_dataset=datasets.load_dataset("json", data_files=str(PROMPTS), split="train"),
+        reward_funcs=reward, args=config, callbacks=[clock],
+        train_dataset=datasets.load_dataset("json", data_files=str(prompts_file), split="train"),
         processing_class=AutoTokenizer.from_pretrained(model_dir, padding_side="left"),
     )  # fmt: skip
     trainer.train()
     return clock, trainer.accelerator.mixed_precision
 
 
-def function_reward_model(tokenizer: Any, clock: Any, ppo_module: Any) -> Any:
+def function_reward_model(tokenizer: Any, clock: Any, ppo_module: Any, setup: Setup) -> Any:
     """A module in the place of PPOTrainer's reward model: `ppo_module.get_reward` is wrapped
     so that, given this module, it decodes the prompts and the responses (cut after EOS and
     padded by TRL) and scores them with the reward function; other models go through as-is."""
     import torch
-
-    from rlhf_trainer.tasks import animal_sounds as tasks
 
     reward = torch.nn.Module()
     original = ppo_module.get_reward
@@ -117,7 +120,7 @@ def function_reward_model(tokenizer: Any, clock: Any, ppo_module: Any) -> Any:
         decode = tokenizer.batch_decode
         pairs = zip(decode(query_responses[:, :context], skip_special_tokens=True),
                     decode(responses, skip_special_tokens=True), strict=True)  # fmt: skip
-        scores = torch.tensor([tasks.check(p, r) for p, r in pairs], dtype=torch.float32)
+        scores = torch.tensor([setup.reward(p, r) for p, r in pairs], dtype=torch.float32)
         return None, scores.to(query_responses.device), None
 
     ppo_module.get_reward = get_reward
@@ -134,9 +137,17 @@ def trl_ppo(model_dir: str, workdir: str, setup: Setup) -> Any:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     clock = generated_clock()
-    data = datasets.load_dataset("json", data_files=str(PROMPTS), split="train")
-    data = data.map(lambda row: {"input_ids": tokenizer(row["prompt"])["input_ids"]},
-                    remove_columns=data.column_names)  # fmt: skip
+    data = datasets.load_dataset("json", data_files=str(TASKS[setup.task].prompts), split="train")
+
+    def tokenize(row: dict[str, Any]) -> dict[str, Any]:
+        prompt = row["prompt"]
+        if isinstance(prompt, list):  # chat rows, through the model's template as ours does
+            prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                   tokenize=False)  # fmt: skip
+            return {"input_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"]}
+        return {"input_ids": tokenizer(prompt)["input_ids"]}
+
+    data = data.map(tokenize, remove_columns=data.column_names)
     prompts = setup.per_step("ppo")[0]
     config = PPOConfig(**trl_common(setup, workdir), per_device_train_batch_size=prompts,
                        num_mini_batches=1, num_ppo_epochs=1, total_episodes=prompts * setup.steps,
@@ -151,7 +162,7 @@ def trl_ppo(model_dir: str, workdir: str, setup: Setup) -> Any:
 
     trainer = PPOTrainer(
         args=config, processing_class=tokenizer, model=load(CausalLM), ref_model=load(CausalLM),
-        reward_model=function_reward_model(tokenizer, clock, ppo_trainer),
+        reward_model=function_reward_model(tokenizer, clock, ppo_trainer, setup),
         value_model=load(ValueHead, num_labels=1), train_dataset=data, eval_dataset=data,
         callbacks=[clock],
     )  # fmt: skip
@@ -168,7 +179,8 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--setup", required=True, help="a Setup as JSON")
-    parser.add_argument("--vllm-url", help="trl-grpo: generate on this `trl vllm-serve` server")
+    parser.add_argument("--vllm-url", help="trl-grpo: generate on this `trl vllm-serve` server, "
+                        f"or {COLOCATE!r}: on vLLM in this process")  # fmt: skip
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.ERROR)
@@ -223,6 +235,20 @@ def probe_trl_vllm(model: Path, root: Path, setup: Setup) -> str:
     except RuntimeError as err:
         return f"{said}; with its flags on vLLM's OpenAI entry point, {last_error(str(err))}"
     return f"{said}; with its flags on vLLM's OpenAI entry point, a step ran"
+
+
+def probe_trl_colocate(model: Path, root: Path, setup: Setup) -> str:
+    """One GRPOTrainer(use_vllm=True, vllm_mode="colocate") step, vLLM inside TRL's process;
+    what happened, in a line."""
+    one = json.dumps(asdict(Setup(**{**asdict(setup), "steps": 1})))
+    argv = [sys.executable, str(BENCH / "trl_online.py"), "trl-grpo", "--model", str(model),
+            "--workdir", str(root / "trl-colocate"), "--setup", one,
+            "--vllm-url", COLOCATE]  # fmt: skip
+    try:
+        result = run_json(argv)
+    except RuntimeError as err:
+        return f"it failed: {last_error(str(err))}"
+    return f"a step ran in {result['seconds'][0]:.1f} s"
 
 
 if __name__ == "__main__":

@@ -24,7 +24,18 @@ from transformers import TrainerCallback
 
 from benchlib import FIXTURES
 
-DATA = {"sft": FIXTURES / "sft.jsonl", "dpo": FIXTURES / "preference.jsonl"}
+DATA = {("sft", "plain"): FIXTURES / "sft.jsonl", ("dpo", "plain"): FIXTURES / "preference.jsonl",
+        ("sft", "chat"): FIXTURES / "brief" / "brief_sft.jsonl",
+        ("dpo", "chat"): FIXTURES / "brief" / "brief_pairs.jsonl"}  # fmt: skip
+
+
+def as_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
+    """A chat row's last (assistant) turn as the completion and the turns before it as the
+    prompt: TRL's conversational prompt/completion form, whose completion-only loss matches ours
+    (loss on the assistant's tokens only; SmolLM2's template has no generation markers, so TRL's
+    `assistant_only_loss` on `messages` cannot be used)."""
+    messages = row["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
 class StepClock(TrainerCallback):
@@ -53,7 +64,7 @@ def common_args(args: argparse.Namespace) -> dict[str, Any]:
         "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1,
         "learning_rate": args.lr, "lr_scheduler_type": "cosine", "warmup_steps": 0,
         "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "max_grad_norm": 1.0,
-        "max_length": args.max_length, "seed": args.seed, "use_cpu": True, "bf16": False,
+        "max_length": args.max_length, "seed": args.seed, "use_cpu": True, "bf16": args.bf16,
         "report_to": [], "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True,
         "dataloader_num_workers": 0, "include_num_input_tokens_seen": "non_padding",
     }  # fmt: skip
@@ -61,7 +72,8 @@ def common_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("stage", choices=sorted(DATA))
+    parser.add_argument("stage", choices=["dpo", "sft"])
+    parser.add_argument("--data", choices=["plain", "chat"], default="plain")
     parser.add_argument("--model", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--steps", type=int, default=10)
@@ -70,6 +82,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.ERROR)
@@ -80,13 +93,16 @@ def main() -> None:
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    data = datasets.load_dataset("json", data_files=str(DATA[args.stage]), split="train")
+    data = datasets.load_dataset("json", data_files=str(DATA[args.stage, args.data]), split="train")
     clock = StepClock()
     trainer: Any
     if args.stage == "sft":
         from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
-        data = data.rename_column("response", "completion")
+        if args.data == "chat":
+            data = data.map(as_prompt_completion, remove_columns=["messages"])
+        else:
+            data = data.rename_column("response", "completion")
         sft_config = SFTConfig(**common_args(args), completion_only_loss=True, packing=False)
         trainer = SFTTrainer(model=model, args=sft_config, train_dataset=data,
                              processing_class=tokenizer, callbacks=[clock])  # fmt: skip
