@@ -114,13 +114,17 @@ docs: venv
 
 # Benchmarks against TRL and the physical limits, measured in one run; they rewrite the
 # tables in docs/BENCHMARKS.md. Not part of `make test`.
-bench: venv
+bench: venv model
 	$(PY) bench/trainers.py --repeats 3
+	$(PY) bench/trainers.py --repeats 3 --precision bf16 --models tiny 20m
 	$(PY) bench/fsdp_memory.py --repeats 3
 	$(PY) bench/weight_sync.py --repeats 3
 	$(PY) bench/rollout.py --repeats 3
-	$(PY) bench/online.py --repeats 3 --async
-	$(PY) bench/online.py --repeats 3 --precision bf16 --engines trainer --no-trl-vllm
+	$(PY) bench/online.py --repeats 3 --models smollm2 --steps 4 --warmup 1 --prompts 4 --generations 4 --ppo-prompts 16 --raw $(WORKDIR)/bench-online.json
+	$(PY) bench/online.py --repeats 3 --models tiny 20m --async --no-trl-vllm
+	$(PY) bench/online.py --repeats 3 --precision bf16 --models tiny 20m --engines trainer --no-trl-vllm
+	$(PY) bench/roofline.py --repeats 3 --online-raw $(WORKDIR)/bench-online.json
+	$(PY) bench/growth.py
 	$(PY) bench/operator_scale.py --repeats 3
 
 clean:

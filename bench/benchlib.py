@@ -41,12 +41,17 @@ def ratio(ours: float, peer: float, higher_is_better: bool = True) -> str:
     return f"{factor:.2f}x"
 
 
+def figure(value: float) -> str:
+    """A figure to 3 significant digits, or whole above 1000."""
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A markdown table; floats get 3 significant digits (more before the point)."""
 
     def cell(value: object) -> str:
         if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+            return figure(value)
         return str(value)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

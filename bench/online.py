@@ -42,6 +42,7 @@ from benchlib import (
     ROOT,
     build_models,
     environment,
+    figure,
     interleave,
     load_note,
     median,
@@ -174,15 +175,15 @@ def trl_ppo_path(cache: Path) -> Path:
     return target
 
 
-def runner(arm: str, model: Path, url: str, root: Path, args: argparse.Namespace,
+def runner(arm: str, preset: str, model: Path, url: str, root: Path, args: argparse.Namespace,
            setup: Setup) -> Callable[[], float]:  # fmt: skip
     """One repeat of `arm` (an `OURS` key or trl, then -grpo or -ppo) per call."""
     count = iter(range(10**6))
-    raw = RAW.setdefault(f"{arm} {model.name}", [])
+    raw = RAW.setdefault(f"{arm} {preset}", [])
     side, algo = arm.split("-")
 
     def run() -> float:
-        workdir = root / f"{arm}-{model.name}-{next(count)}"
+        workdir = root / f"{arm}-{preset}-{next(count)}"
         if side in OURS:
             result = run_ours(algo, setup, model, side, url, workdir, args)
         else:
@@ -236,8 +237,9 @@ def run_all(args: argparse.Namespace, setup: Setup, root: Path) -> dict[str, Any
             if "vllm" in args.engines:
                 url = stack.enter_context(vllm(model, setup.dtype, root / f"vllm-{preset}.log"))
             print(f"online on {preset}:", file=sys.stderr, flush=True)
-            arms = {f"{side}-{algo}": runner(f"{side}-{algo}", model, url, root, args, setup)
-                    for algo in args.algos for side in sides(args)}  # fmt: skip
+            arms = {arm: runner(arm, preset, model, url, root, args, setup)
+                    for algo in args.algos for side in sides(args)
+                    for arm in [f"{side}-{algo}"]}  # fmt: skip
             rounds[preset] = interleave(arms, args.repeats)
     return {"rounds": rounds, "probe": probe, "colocate": colocate}
 
@@ -268,7 +270,7 @@ def breakdown(args: argparse.Namespace, preset: str, algo: str, side: str) -> li
 def comparison(model: str, shape: str, side: str, ours: list[float],
                trl: list[float]) -> list[object]:  # fmt: skip
     """A results row: medians, their ratio and each repeat's figure."""
-    each = " / ".join(", ".join(f"{v:.0f}" for v in vs) for vs in (ours, trl))
+    each = " / ".join(", ".join(figure(v) for v in vs) for vs in (ours, trl))
     return [model, shape, OURS[side], median(ours), median(trl), ratio(median(ours), median(trl)),
             each]  # fmt: skip
 
@@ -438,6 +440,8 @@ def main() -> None:
         found = run_all(args, setup, Path(tmp))
     body = section(args, setup, found, load)
     name, title = ("online-bf16", "Online RL in bf16") if setup.bf16 else ("online", "Online RL")
+    if "smollm2" in args.models:  # the real model's section, apart from the random-init ones'
+        name, title = f"{name}-smollm2", f"{title} on SmolLM2-135M-Instruct"
     write_section(name, f"{title}: GRPO and PPO tokens/s against TRL", body, args.doc)
     print(body)
     if args.raw:

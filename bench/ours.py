@@ -14,10 +14,12 @@ rank 0: {"seconds": [per step], "tokens": [non-pad tokens per step]}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,19 @@ def stage_config(args: argparse.Namespace) -> StageConfig:
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def profiled(out: Path | None) -> Iterator[None]:
+    """With `out`, torch's profiler over the whole stage; its ops by self CPU time go there."""
+    if out is None:
+        yield
+        return
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        yield
+    out.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("stage", choices=["dpo", "sft"])
@@ -75,6 +90,7 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    parser.add_argument("--profile", type=Path, help="write torch's profile of the stage here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ[WORKSPACE_ENV] = str(Path(args.workdir).resolve())
@@ -91,14 +107,15 @@ def main() -> None:
 
     loop.log_step = timed_log_step
     config = stage_config(args)
-    if args.stage == "sft":
-        from rlhf_trainer.offline.sft import run_sft
+    with profiled(args.profile):
+        if args.stage == "sft":
+            from rlhf_trainer.offline.sft import run_sft
 
-        run_sft(preflight.check_sft(config, env_world_size()))
-    else:
-        from rlhf_trainer.offline.dpo import run_dpo
+            run_sft(preflight.check_sft(config, env_world_size()))
+        else:
+            from rlhf_trainer.offline.dpo import run_dpo
 
-        run_dpo(preflight.check_dpo(config, env_world_size()))
+            run_dpo(preflight.check_dpo(config, env_world_size()))
     if env_rank() == 0:
         print(json.dumps({"seconds": seconds, "tokens": tokens}))
 

@@ -29,6 +29,7 @@ from benchlib import (
     ROOT,
     build_models,
     environment,
+    figure,
     interleave,
     load_note,
     median,
@@ -44,6 +45,8 @@ BENCH = Path(__file__).resolve().parent
 # The data each model trains on: the real instruct model on conversational rows.
 DATA = {"smollm2": "chat", "tiny": "plain", "20m": "plain"}
 UNITS = {"dpo": "pairs/s", "sft": "tokens/s"}
+CHAT = (" (chat rows through the model's chat template on both sides; TRL's SFT gets them as "
+        "conversational prompt/completion)")  # fmt: skip
 PRECISION = {
     "float32": "float32",
     "bf16": "bf16 mixed precision (ours `bf16: true` with `RLHF_CPU_BF16=force`, so no float32 "
@@ -91,8 +94,8 @@ def section(
         if preset not in results:
             continue
         ours, peer = median(results[preset]["ours"]), median(results[preset]["trl"])
-        runs = ", ".join(f"{v:.0f}" for v in results[preset]["ours"])
-        peer_runs = ", ".join(f"{v:.0f}" for v in results[preset]["trl"])
+        runs = ", ".join(figure(v) for v in results[preset]["ours"])
+        peer_runs = ", ".join(figure(v) for v in results[preset]["trl"])
         row: list[object] = [label, ours, peer, ratio(ours, peer), f"{runs} / {peer_runs}"]
         if "ours before" in results[preset]:
             before = median(results[preset]["ours before"])
@@ -100,10 +103,7 @@ def section(
         rows.append(row)
     peer_name = "DPOTrainer" if stage == "dpo" else "SFTTrainer (completion-only loss)"
     data = "; ".join(f"{MODELS[p]} on `{FILES[stage, DATA[p]][0].relative_to(ROOT)}`"
-                     for p in results)  # fmt: skip
-    if any(DATA[p] == "chat" for p in results):
-        data += (" (chat rows through the model's chat template on both sides; TRL's SFT gets "
-                 "them as conversational prompt/completion)")  # fmt: skip
+                     + (CHAT if DATA[p] == "chat" else "") for p in results)  # fmt: skip
     precision = PRECISION[args.precision]
     header = ["model", f"ours {unit}", f"TRL {unit}", "ours / TRL", "each repeat, ours / TRL"]
     if rows and len(rows[0]) > len(header):

@@ -3,12 +3,13 @@ sections, so a bench that broke (an API moved, a peer's config changed) fails he
 on the day someone measures. The figures mean nothing at this size and nothing is asserted on
 them; each section goes to a scratch copy of docs/BENCHMARKS.md, never the real one.
 
-Covered: DPO and SFT against TRL (`trainers.py`, the tiny model), GRPO end to end against TRL
-(`online.py`, the tiny model, with a real vLLM server; and both sides in bf16) and the operator
-at scale (`operator_scale.py`, a few runs). The online bench runs both of our rollout engines
-(the trainer's own and a vLLM server). Not run here, for CI time: `fsdp_memory.py` (the 20M
-model), `rollout.py` and `weight_sync.py` (a vLLM server each), and `online.py`'s PPO arm
-(it installs TRL 1.12.0 into a cache folder first).
+Covered, on the tiny model: DPO and SFT against TRL (`trainers.py`, in float32 and bf16), GRPO
+end to end against TRL (`online.py`, with both of our rollout engines: the trainer's own and a
+real vLLM server; and both sides in bf16), PPO end to end against TRL 1.12.0 (`online.py`,
+which installs it into a cache folder), the roofline (`roofline.py`: matmul rates and each
+phase's share) and the growth sweep (`growth.py`: its table and PNG); and the operator at scale
+(`operator_scale.py`, a few runs). Not run here, for CI time: `fsdp_memory.py` (the 20M
+model), `rollout.py` and `weight_sync.py` (a vLLM server each).
 """
 
 from __future__ import annotations
@@ -89,6 +90,50 @@ def test_online_bench_runs_both_sides_in_bf16(doc: Path) -> None:
     assert "bf16 mixed precision" in body and "--precision bf16" in body
     assert "ours, vLLM server" not in body
     assert section(doc, "online") == section(ROOT / "docs" / "BENCHMARKS.md", "online")
+
+
+def test_trainers_bench_runs_both_sides_in_bf16(doc: Path) -> None:
+    run_bench("trainers.py", "--stages", "sft", "--models", "tiny", "--repeats", "1",
+              "--steps", "2", "--warmup", "1", "--batch", "4", "--max-length", "32",
+              "--precision", "bf16", "--doc", str(doc))  # fmt: skip
+    body = section(doc, "sft-bf16")
+    assert re.search(rf"^\| tiny \(0\.46M\) \| [\d.]+ \| [\d.]+ \| {RATIO} \|", body, re.M), body
+    assert "bf16 mixed precision" in body and "torch CPU capability" in body
+
+
+def test_online_bench_runs_ppo_against_trl_1_12(doc: Path) -> None:
+    run_bench("online.py", "--models", "tiny", "--algos", "ppo", "--repeats", "1", "--steps",
+              "2", "--warmup", "1", "--ppo-prompts", "2", "--max-new-tokens", "4",
+              "--engines", "trainer", "--no-trl-vllm", "--doc", str(doc))  # fmt: skip
+    body = section(doc, "online")
+    shape = r"^\| tiny \(0\.46M\) \| PPO, 2 prompts x 1 \| ours, `engine: trainer` \|"
+    assert re.search(shape + rf" [\d.]+ \| [\d.]+ \| {RATIO} \|", body, re.M), body
+
+
+def test_roofline_bench_writes_rates_and_shares(doc: Path) -> None:
+    run_bench("roofline.py", "--model", "tiny", "--repeats", "1", "--steps", "3",
+              "--warmup", "1", "--batch", "4", "--max-length", "32", "--calls", "1",
+              "--doc", str(doc))  # fmt: skip
+    body = section(doc, "roofline")
+    for phase in ("SFT", "DPO"):
+        for dtype in ("float32", "bf16") if phase == "SFT" else ("float32",):
+            assert re.search(rf"^\| {phase} \| \d+ \| {dtype} \| [\d.]+ \| [\d.]+ \|", body,
+                             re.M), body  # fmt: skip
+        share = re.search(rf"^\| {phase} \| [\d.]+ \| \d+ \| \d+ \| [\d.]+ \| (\d+)% \|$",
+                          body, re.M)  # fmt: skip
+        assert share and int(share.group(1)) > 0, body
+
+
+def test_growth_bench_writes_a_table_and_a_plot(doc: Path, tmp_path: Path) -> None:
+    png = tmp_path / "growth.png"
+    run_bench("growth.py", "--model", "tiny", "--steps", "2", "--warmup", "1", "--prompts", "1",
+              "2", "--lengths", "4", "8", "--generations", "2", "--doc", str(doc),
+              "--plot", str(png))  # fmt: skip
+    body = section(doc, "growth")
+    # (1, 8) and (2, 4) and the shared middle point (2, 8): 3 rows
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$", body, re.M)
+    assert sorted(rows) == [("2", "8"), ("4", "4"), ("4", "8")], body
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_operator_scale_bench_runs_a_few_runs() -> None:

@@ -22,6 +22,8 @@ from rlhf_trainer.runtime.memory import (
     token_bytes,
 )
 
+pytestmark = pytest.mark.unit
+
 # SmolLM2-135M-Instruct's shapes
 SMOLLM2 = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                           vocab_size=49152)  # fmt: skip
