@@ -1,7 +1,7 @@
 """How a GRPO step's cost grows, ours against TRL's: step time against the batch (prompts per
 step) and against the response length (max new tokens, 1x, 2x, 4x), on SmolLM2-135M-Instruct.
 
-    python bench/growth.py [--steps 4] [--warmup 1] [--prompts 2 4 8] [--lengths 16 32 64]
+    python bench/growth.py [--steps 3] [--warmup 1] [--prompts 1 2 4] [--lengths 16 32 64]
                            [--generations 4] [--model smollm2] [--doc FILE] [--plot FILE]
 
 Each point is one run of each side (ours: `engine: trainer`, the CPU default; TRL:
@@ -109,9 +109,9 @@ def plot(found: Found, args: argparse.Namespace, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--prompts", nargs="+", type=int, default=[2, 4, 8])
+    parser.add_argument("--prompts", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--lengths", nargs="+", type=int, default=[16, 32, 64])
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--model", choices=sorted(TASK_OF), default="smollm2")

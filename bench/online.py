@@ -143,9 +143,11 @@ def run_ours(
     prompts, samples = setup.per_step(algo)
     out = {"seconds": step_seconds(proc.stderr),
            "tokens": [m["response_length"] * prompts * samples for m in metrics],
-           # what the training phase computed on (bench/roofline.py): tokens and sequences
+           # what the training phase computed on (bench/roofline.py): tokens (each sample's
+           # prompt counted) and sequences, and the prompts they share
            "train_tokens": [m["train_tokens_per_s"] * m["train_s"] for m in metrics],
-           "train_rows": [float(prompts * samples)] * len(metrics)}  # fmt: skip
+           "train_rows": [float(prompts * samples)] * len(metrics),
+           "train_prompts": [float(prompts)] * len(metrics)}  # fmt: skip
     return out | {k: [float(m.get(k, 0.0)) for m in metrics] for k in PHASES}
 
 

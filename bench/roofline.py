@@ -20,8 +20,10 @@ of our training phases reaches.
      each step's time and tokens; DPO's tokens are each pair's two sequences, prompt included,
      as TRL computes them (ours holds the prompt once in a packed row, so it does less work than
      that count says).
-   - GRPO's training phase (`--online-raw`, bench/online.py's `--raw` file): `train_s` and the
-     tokens it trained (`train_tokens`), one optimizer step, no reference (β = 0).
+   - GRPO's training phase (`--online-raw`, bench/online.py's `--raw` file): `train_s`, and the
+     tokens its packed rows hold (each group's prompt once, every response: from `train_tokens`,
+     which counts each sample's prompt, the responses and the prompts per step), one optimizer
+     step, no reference (β = 0).
 
 Writes the `bench:roofline` section of docs/BENCHMARKS.md.
 """
@@ -161,17 +163,25 @@ def offline_phase(stage: str, model: Path, root: Path, args: argparse.Namespace)
     return Phase(stage.upper(), median(seconds), mean_tokens, mean_tokens / rows, *passes)
 
 
-def online_phase(raw_file: Path, warmup: int) -> Phase | None:
-    """GRPO's training phase from bench/online.py's raw figures (ours, `engine: trainer`)."""
+def online_phase(raw_file: Path, warmup: int, prompts: int) -> Phase | None:
+    """GRPO's training phase from bench/online.py's raw figures (ours, `engine: trainer`). Its
+    tokens are those computed: a group's prompt once (packed rows hold it once), each sample's
+    response; `prompts` per step where the raw file does not say."""
     raw = json.loads(raw_file.read_text())
     runs = next((v for k, v in raw.items() if k.startswith("trainer-grpo smollm2")), None)
     if not runs:
         return None
-    seconds = [s for run in runs for s in run["train_s"][warmup:]]
-    tokens = [t for run in runs for t in run["train_tokens"][warmup:]]
-    rows = [r for run in runs for r in run["train_rows"][warmup:]]
+    seconds, tokens, lengths = [], [], []
+    for run in runs:
+        shared = run.get("train_prompts", [float(prompts)] * len(run["train_s"]))
+        steps = zip(run["train_s"], run["train_tokens"], run["train_rows"], shared, run["tokens"],
+                    strict=True)  # fmt: skip
+        for s, t, r, g, gen in list(steps)[warmup:]:
+            seconds.append(s)
+            tokens.append(gen + g * (t - gen) / r)  # (t - gen) / r: a sample's prompt
+            lengths.append(t / r)
     return Phase("GRPO (training phase)", median(seconds), statistics.mean(tokens),
-                 sum(tokens) / sum(rows))  # fmt: skip
+                 statistics.mean(lengths))  # fmt: skip
 
 
 TEXT = """\
@@ -184,7 +194,8 @@ their summed time. The share: the FLOPs of the passes each phase needs (6N per t
 2N per token of a forward-only pass, N = {n:.1f}M matmul weights, plus attention) at that rate, \
 over the phase's measured step time (median over {repeats} runs of {steps} steps, the first \
 {warmup} not counted; batch {batch}, chat data, float32, 1 process). DPO's tokens are each \
-pair's two full sequences (TRL's count; ours packs the prompt once).
+pair's two full sequences (TRL's count; ours packs the prompt once); GRPO's are what its packed \
+rows hold, each group's prompt once and every response, from `bench/online.py --raw`.
 
 Command: `{command}`
 
@@ -207,6 +218,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5, help="timed calls per matmul shape")
     parser.add_argument("--precisions", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--online-raw", type=Path, help="bench/online.py --raw output (GRPO)")
+    parser.add_argument("--online-prompts", type=int, default=4,
+                        help="GRPO prompts per step where the raw file lacks them")  # fmt: skip
     parser.add_argument(
         "--model",
         choices=["smollm2", "tiny", "20m"],
@@ -220,7 +233,8 @@ def main() -> None:
         model = build_models(Path(tmp), [args.model])[args.model]
         shapes = Shapes.of(model)
         phases = [offline_phase(stage, model, Path(tmp), args) for stage in ("sft", "dpo")]
-    if args.online_raw and (grpo := online_phase(args.online_raw, args.warmup)):
+    grpo = args.online_raw and online_phase(args.online_raw, args.warmup, args.online_prompts)
+    if grpo:
         phases.append(grpo)
     rate_rows, phase_rows = [], []
     for n, phase in enumerate(phases):

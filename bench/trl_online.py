@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchlib import run_json
+from benchlib import median, run_json
 from online_common import TASKS, Setup
 
 BENCH = Path(__file__).resolve().parent
@@ -237,18 +237,21 @@ def probe_trl_vllm(model: Path, root: Path, setup: Setup) -> str:
     return f"{said}; with its flags on vLLM's OpenAI entry point, a step ran"
 
 
-def probe_trl_colocate(model: Path, root: Path, setup: Setup) -> str:
-    """One GRPOTrainer(use_vllm=True, vllm_mode="colocate") step, vLLM inside TRL's process;
-    what happened, in a line."""
-    one = json.dumps(asdict(Setup(**{**asdict(setup), "steps": 1})))
+def probe_trl_colocate(model: Path, root: Path, setup: Setup, steps: int = 3) -> str:
+    """GRPOTrainer(use_vllm=True, vllm_mode="colocate"), vLLM inside TRL's process, for a few
+    steps; what happened, in a line: its median step after the first and its tokens/s."""
+    few = json.dumps(asdict(Setup(**{**asdict(setup), "steps": steps})))
     argv = [sys.executable, str(BENCH / "trl_online.py"), "trl-grpo", "--model", str(model),
-            "--workdir", str(root / "trl-colocate"), "--setup", one,
+            "--workdir", str(root / "trl-colocate"), "--setup", few,
             "--vllm-url", COLOCATE]  # fmt: skip
     try:
         result = run_json(argv)
     except RuntimeError as err:
         return f"it failed: {last_error(str(err))}"
-    return f"a step ran in {result['seconds'][0]:.1f} s"
+    seconds, tokens = result["seconds"][1:] or result["seconds"], result["tokens"][1:]
+    rate = f", {sum(tokens) / sum(seconds):.3g} tokens/s" if tokens else ""
+    each = ", ".join(f"{s:.1f}" for s in result["seconds"])
+    return f"it ran: steps of {each} s (median after the first {median(seconds):.1f} s{rate})"
 
 
 if __name__ == "__main__":

@@ -190,6 +190,22 @@ def test_logprobs_and_entropy_at_a_temperature(model_dir: Path, temperature: flo
 
 
 
+def test_entropy_carries_gradients_only_when_the_loss_uses_it(model_dir: Path) -> None:
+    """A diagnostic entropy keeps no graph (its softmax over the vocabulary is not saved for
+    a backward never taken); an entropy bonus does; the values are the same."""
+    from rlhf_trainer.models.causal_lm import load_causal_lm
+
+    model, _ = load_causal_lm(stage(model_dir, {}).model, str(model_dir))
+    batch = collate_samples(rollouts().samples, 0, CPU)
+    logprobs, diagnostic = policy_logprobs(model, batch, True)
+    _, bonus = policy_logprobs(model, batch, True, entropy_grad=True)
+    assert diagnostic is not None and bonus is not None
+    assert logprobs.requires_grad and bonus.requires_grad and not diagnostic.requires_grad
+    assert torch.equal(diagnostic, bonus.detach())
+    bonus.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_experience_with_tis_a_temperature_and_a_kl_estimator(
     model_dir: Path, ctx: DistContext, estimator: str

@@ -169,18 +169,28 @@ def _packed(model: nn.Module, batch: Batch) -> tuple[PackedRows, torch.Tensor] |
 
 
 def policy_logprobs(
-    model: nn.Module, batch: Batch, with_entropy: bool = False, temperature: float = 1.0
+    model: nn.Module,
+    batch: Batch,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(response tokens) (B, R) float32, and their entropies when asked; 0 on padding.
 
     With `temperature` T ≠ 1 the logits are divided by T first: log softmax(z / T), the
     distribution the tokens were sampled from (`logprobTemperature: sampling`), and the
-    entropy is that of the tempered distribution."""
+    entropy is that of the tempered distribution. The entropy carries gradients only with
+    `entropy_grad` (an entropy bonus in the loss): as a diagnostic, its softmax over the
+    vocabulary at every response token would otherwise be kept for a backward never taken."""
     logits = response_logits(model, batch)
     if temperature != 1.0:
         logits = logits.float() / temperature
     logprobs = token_logprobs(logits, batch.responses) * batch.response_mask
-    entropy = entropy_from_logits(logits) * batch.response_mask if with_entropy else None
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            source = logits if entropy_grad else logits.detach()
+            entropy = entropy_from_logits(source) * batch.response_mask
     return logprobs, entropy
 
 

@@ -303,7 +303,8 @@ class PPO:
 
     def _policy_loss(self, exp: Experience) -> tuple[torch.Tensor, dict[str, float]]:
         opts, mask = self.opts, exp.batch.response_mask
-        logprobs, entropy = policy_logprobs(self.setup.actor, exp.batch, True, self.temperature)
+        logprobs, entropy = policy_logprobs(self.setup.actor, exp.batch, True, self.temperature,
+                                            entropy_grad=opts.entropy_coef > 0)  # fmt: skip
         assert entropy is not None and exp.old_logprobs is not None
         loss, clipped = clipped_surrogate(
             logprobs, exp.old_logprobs, exp.advantages, mask, opts.policy_clip,
