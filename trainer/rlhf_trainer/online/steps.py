@@ -173,7 +173,7 @@ def check_fits(setup: OnlineSetup, models: Sequence[nn.Module]) -> None:
     of `maxLength` sequences fit in the free memory (`runtime.memory`)."""
     inputs, ctx = setup.inputs, setup.ctx
     hp = inputs.config.hyperparameters
-    check_step_fits(models, hp, inputs.micro_batch, ctx.world_size, ctx.device)
+    check_step_fits(models, hp, inputs.micro_batch, ctx.world_size, ctx.device, ctx.bf16)
 
 
 class MinibatchTrainer:

@@ -107,11 +107,13 @@ def check_step_fits(
     rows: int,
     world_size: int,
     device: torch.device,
+    bf16: bool = False,
     free: float | None = None,
 ) -> StepMemory:
     """Refuse a step whose gradients and optimizer state cannot fit; warn when a micro-batch of
-    `rows` sequences of `maxLength` tokens would not. `free`: bytes free (default: measured)."""
-    need = step_memory(models, rows * hp.max_length, world_size, hp.bf16)
+    `rows` sequences of `maxLength` tokens would not. `bf16`: the compute dtype the trainer
+    settled on (`DistContext.bf16`); `free`: bytes free (default: measured)."""
+    need = step_memory(models, rows * hp.max_length, world_size, bf16)
     free = free_bytes(device) if free is None else free
     if free is None:
         return need

@@ -292,7 +292,7 @@ def train_loop(inputs: StageInputs[Any], ctx: DistContext, trainable: Trainable)
     step, stream = resume(inputs, model, optimizer, scheduler, ctx)
     if step < total:
         rows = inputs.micro_batch * trainable.sequences
-        check_step_fits([model], hp, rows, ctx.world_size, ctx.device)
+        check_step_fits([model], hp, rows, ctx.world_size, ctx.device, ctx.bf16)
     reporter = ProgressReporter(inputs.output_dir, total, ctx.is_main)
     reporter.truncate_after(step)
     if step == 0 and trainable.eval_at_start:
