@@ -57,8 +57,9 @@ from trl_online import probe_trl_colocate, probe_trl_vllm
 BENCH = Path(__file__).resolve().parent
 # What each model is asked: the real instruct model answers open questions in chat form.
 TASK_OF = {"smollm2": "brief", "tiny": "animal_sounds", "20m": "animal_sounds"}
-PROMPT_ROOM = 96  # ours' maxLength - maxNewTokens; the prompts are at most 65 tokens (SmolLM2's
-# chat template with its default system prompt included)
+# ours' maxLength - maxNewTokens: the animal prompts are at most 65 tokens, SmolLM2's chat
+# prompts 40 (its template's default system prompt included)
+PROMPT_ROOM = 96
 TRL_PPO_VERSION = "1.12.0"  # the last TRL with PPOTrainer (trl.experimental.ppo)
 PHASES = ("generate_s", "train_s", "weight_sync_s")  # ours' metrics.jsonl, per step
 RAW: dict[str, list[Any]] = {}  # "arm model" -> each repeat's per-step figures
