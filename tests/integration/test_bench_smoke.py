@@ -136,6 +136,16 @@ def test_growth_bench_writes_a_table_and_a_plot(doc: Path, tmp_path: Path) -> No
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_ours_writes_a_profile_of_its_stage(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`bench/ours.py --profile FILE`: torch's profiler over the stage, its ops in a table."""
+    out = tmp_path / "profile.txt"
+    run_bench("ours.py", "sft", "--model", str(tiny_model_dir), "--workdir",
+              str(tmp_path / "w"), "--steps", "2", "--batch", "4", "--max-length", "32",
+              "--profile", str(out))  # fmt: skip
+    text = out.read_text()
+    assert "Self CPU" in text and "aten::mm" in text, text[:2000]
+
+
 def test_operator_scale_bench_runs_a_few_runs() -> None:
     out = run_bench("operator_scale.py", "--runs", "6", "--namespaces", "2", "--repeats", "1",
                     "--no-doc")  # fmt: skip
