@@ -93,3 +93,6 @@ def test_free_memory_on_this_machine_is_measured() -> None:
     meminfo = Path("/proc/meminfo").read_text()
     total = int(next(ln.split()[1] for ln in meminfo.splitlines() if ln.startswith("MemTotal")))
     assert free is not None and 0 < free <= total * 1024
+    # two ranks on this node: each gets a share of what is free (give or take what changed)
+    half = free_bytes(torch.device("cpu"), local_ranks=2)
+    assert half is not None and half == pytest.approx(free / 2, rel=0.2)

@@ -14,3 +14,8 @@ def env_rank() -> int:
 def env_world_size() -> int:
     """Number of ranks (WORLD_SIZE); 1 in a plain process."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_local_world_size() -> int:
+    """Ranks on this node (LOCAL_WORLD_SIZE); 1 in a plain process."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -18,7 +18,8 @@ gradient over the vocabulary.
   `gradientAccumulation` and `maxLength`, since batches of shorter rows may still fit.
 
 Free memory: the GPU's `mem_get_info`, or on CPU the kernel's `MemAvailable` capped by the
-cgroup's limit (a container's `memory.max`), which is what an OOM kill is measured against.
+cgroup's limit (a container's `memory.max`), which is what an OOM kill is measured against,
+shared by the node's ranks (`LOCAL_WORLD_SIZE`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 
 from rlhf_trainer.config import Hyperparameters
 from rlhf_trainer.errors import UserError
+from rlhf_trainer.runtime.launch_env import env_local_world_size
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,9 @@ def _cgroup_room() -> float | None:
     return None if limit == "max" else float(int(limit) - int(used))
 
 
-def free_bytes(device: torch.device) -> float | None:
-    """Memory a step can still take on `device`; None when nothing says."""
+def free_bytes(device: torch.device, local_ranks: int = 1) -> float | None:
+    """Memory a step of one rank can still take on `device`; None when nothing says. On CPU the
+    node's `local_ranks` processes share it, each with a step of its own to take."""
     if device.type == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])
     try:
@@ -98,7 +101,7 @@ def free_bytes(device: torch.device) -> float | None:
     if available is None:
         return None
     room = _cgroup_room()
-    return float(available if room is None else min(available, room))
+    return float(available if room is None else min(available, room)) / max(local_ranks, 1)
 
 
 def check_step_fits(
@@ -114,7 +117,7 @@ def check_step_fits(
     `rows` sequences of `maxLength` tokens would not. `bf16`: the compute dtype the trainer
     settled on (`DistContext.bf16`); `free`: bytes free (default: measured)."""
     need = step_memory(models, rows * hp.max_length, world_size, bf16)
-    free = free_bytes(device) if free is None else free
+    free = free_bytes(device, env_local_world_size()) if free is None else free
     if free is None:
         return need
     where = f"{free / GIB:.1f} GiB free on this rank's {device.type}"
