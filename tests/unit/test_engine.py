@@ -18,11 +18,14 @@ import torch
 
 from rlhf_trainer.rollout.client import RolloutError, Sample, Sampling
 from rlhf_trainer.rollout.decoders import (
+    FEW_ROWS,
     HFDecoder,
+    Linear,
     LlamaDecoder,
     build_decoder,
     fused_supported,
     prefill_buckets,
+    weight_major,
 )
 from rlhf_trainer.rollout.engine import (
     EngineSync,
@@ -128,6 +131,22 @@ def test_engine_logprobs_match_the_training_forward(name: str, buckets: str) -> 
             reference = forward_logprobs(model, sample)
             got = torch.tensor(sample.logprobs)
             assert torch.allclose(got, reference, atol=2e-5), (got - reference).abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 16, FEW_ROWS, FEW_ROWS + 1])
+@pytest.mark.parametrize("block", [None, 7, 1000])
+def test_weight_major_products_equal_the_linear_layer(rows: int, block: int | None) -> None:
+    """The decoder's few-row matmuls (weight @ x^T, optionally in blocks of weight rows, some
+    of them short) give what `F.linear` gives, in its shape, bias included, and past
+    `FEW_ROWS` rows take `F.linear` itself."""
+    torch.manual_seed(rows)
+    x, weight, bias = torch.randn(rows, 1, 24), torch.randn(50, 24), torch.randn(50)
+    expected = torch.nn.functional.linear(x, weight)
+    got = weight_major(x, weight, block)
+    assert got.shape == (rows, 1, 50)
+    assert torch.allclose(got, expected, atol=1e-5)
+    with_bias = Linear(weight, bias)(x)
+    assert torch.allclose(with_bias, expected + bias, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["llama", "llama-gqa", "qwen2"])

@@ -99,13 +99,39 @@ def prefill_buckets(
     return buckets[::-1]
 
 
+# A decode step's matmuls have one row per sample. On CPU, MKL runs such a short operand
+# faster as weight @ x^T than as x @ weight^T (SmolLM2's shapes at 16 rows, 2 cores: 1.1-1.4x
+# per layer, and its 49152-row output layer 27 ms against 15 ms in blocks of 2048 rows), so up
+# to this many rows the product is taken that way round. Training's hundreds of rows gain
+# nothing from it (docs/BENCHMARKS.md, "Online RL on SmolLM2-135M-Instruct").
+FEW_ROWS = 64
+HEAD_BLOCK = 2048  # output-layer rows per block of a few-row product
+
+
+def weight_major(x: torch.Tensor, weight: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """x @ weight^T (..., out) as (weight @ x^T)^T on CPU for up to `FEW_ROWS` rows (in blocks of
+    `block` weight rows when given), else `F.linear`. The result may be a transposed view."""
+    rows = x.numel() // max(x.size(-1), 1)
+    if x.device.type != "cpu" or rows > FEW_ROWS:
+        return F.linear(x, weight)
+    flat = x.reshape(rows, x.size(-1)).t()
+    if block is None:
+        out = torch.mm(weight, flat)
+    else:
+        out = torch.empty((weight.size(0), rows), dtype=x.dtype, device=x.device)
+        for part, into in zip(weight.split(block), out.split(block), strict=True):
+            torch.mm(part, flat, out=into)
+    return out.t().reshape(*x.shape[:-1], weight.size(0))
+
+
 @dataclass(frozen=True)
 class Linear:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        out = weight_major(x, self.weight)
+        return out if self.bias is None else out + self.bias
 
 
 @dataclass(frozen=True)
@@ -217,7 +243,7 @@ class LlamaDecoder:
         start, end = (self.filled - t, self.filled) if rows is not None else (
             self.filled, self.filled + 1)  # fmt: skip
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(self._rms(x, layer.attn_norm)).view(b, t, h + 2 * kv, d)
+            qkv = layer.qkv(self._rms(x, layer.attn_norm)).reshape(b, t, h + 2 * kv, d)
             qk = self._rotate(qkv[:, :, : h + kv], cos, sin)  # q and k heads in one go
             q = qk[:, :, :h].transpose(1, 2)
             k, v = qk[:, :, h:].transpose(1, 2), qkv[:, :, h + kv :].transpose(1, 2)
@@ -239,7 +265,8 @@ class LlamaDecoder:
             x = x + layer.down(F.silu(gate) * up)
         if rows is None:
             self.filled = end
-        return F.linear(self._rms(x if every else x[:, -1], self.norm), self.head).float()
+        normed = self._rms(x if every else x[:, -1], self.norm)
+        return weight_major(normed, self.head, HEAD_BLOCK).float().contiguous()
 
     def _attend_cache(self, q: torch.Tensor, i: int, end: int, bias: torch.Tensor) -> torch.Tensor:
         """One query per row (B, H, 1, d) over layer i's cache up to `end`, bias (B, 1, 1, S)
