@@ -119,8 +119,8 @@ def weight_major(x: torch.Tensor, weight: torch.Tensor, block: int | None = None
         out = torch.mm(weight, flat)
     else:
         out = torch.empty((weight.size(0), rows), dtype=x.dtype, device=x.device)
-        for part, into in zip(weight.split(block), out.split(block), strict=True):
-            torch.mm(part, flat, out=into)
+        for start in range(0, weight.size(0), block):
+            torch.mm(weight[start : start + block], flat, out=out[start : start + block])
     return out.t().reshape(*x.shape[:-1], weight.size(0))
 
 
