@@ -16,7 +16,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhf_trainer.algos.advantages import gae, group_advantages, masked_sums, whiten
-from rlhf_trainer.algos.losses import entropy_from_logits, token_logprobs
+from rlhf_trainer.algos.losses import (
+    LOGPROB_BLOCK,
+    entropy_from_logits,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 from rlhf_trainer.algos.policy_losses import (
     approx_kl,
     clipped_surrogate,
@@ -209,6 +214,32 @@ def test_token_logprobs_and_entropy_match_torch(dtype: torch.dtype) -> None:
     torch.testing.assert_close(token_logprobs(logits, tokens), picked)
     expected = torch.distributions.Categorical(logits=logits.float()).entropy()
     torch.testing.assert_close(entropy_from_logits(logits), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_logprobs_entropy_and_gradient_match_autograd(dtype: torch.dtype) -> None:
+    """`token_logprobs_and_entropy` (blocks of positions, a hand-written backward) against
+    log_softmax and Categorical under autograd: values, entropy, and the logits' gradient, over
+    a number of positions that is no multiple of the block, with large logits."""
+    gen = torch.Generator().manual_seed(1)
+    positions = 3 * LOGPROB_BLOCK + 1
+    base = (torch.randn(positions, 37, generator=gen) * 30).view(1, positions, 37).to(dtype)
+    tokens = torch.randint(0, 37, (1, positions), generator=gen)
+    weights = torch.randn(1, positions, generator=gen)
+    ours_in, ref_in = base.clone().requires_grad_(), base.clone().requires_grad_()
+    logprobs, entropy = token_logprobs_and_entropy(ours_in, tokens, with_entropy=True)
+    full = torch.log_softmax(ref_in.float(), dim=-1)
+    expected = full.gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(logprobs, expected)
+    assert entropy is not None and not entropy.requires_grad
+    reference = torch.distributions.Categorical(logits=base.float()).entropy()
+    torch.testing.assert_close(entropy, reference, rtol=1e-4, atol=1e-4)
+    (logprobs * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert ours_in.grad is not None and ref_in.grad is not None
+    assert ours_in.grad.dtype == dtype
+    torch.testing.assert_close(ours_in.grad, ref_in.grad)
+    assert token_logprobs_and_entropy(base, tokens)[1] is None
 
 
 def test_kl_estimators() -> None:

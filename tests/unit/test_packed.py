@@ -191,6 +191,35 @@ def alone_response(model: Any, batch: Any, i: int) -> tuple[torch.Tensor, int]:
     return picked.gather(1, torch.tensor(response).unsqueeze(1)).squeeze(1), n
 
 
+def test_kept_positions_alone_go_through_the_output_layer() -> None:
+    """`packed_logits(keep=)`: the output layer sees only the kept positions, and their logits
+    and the gradients they send back equal those of the full output, indexed."""
+    model = tiny().train()
+    sequences, groups = grouped_sequences(seed=9)
+    packed = pack(sequences, groups, 0, torch.device("cpu"), model)
+    keep = packed.source[:, 2:5]  # (N, 3): some positions of every sequence, repeats included
+    seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0].numel() // args[0].size(-1))
+    )
+    grads = []
+    for kept in (True, False):
+        model.zero_grad()
+        logits = packed_logits(model, packed, keep=keep) if kept else packed_logits(model, packed)
+        out = logits if kept else logits[keep]
+        (out * torch.linspace(-1, 1, VOCAB)).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if kept:
+            expected_shape, first = (*keep.shape, VOCAB), out.detach()
+            assert out.shape == expected_shape
+    hook.remove()
+    assert seen == [keep.numel(), packed.input_ids.numel()]
+    with torch.no_grad():
+        assert torch.allclose(first, packed_logits(model, packed)[keep], atol=1e-6)
+    for with_keep, full in zip(*grads, strict=True):
+        assert torch.allclose(with_keep, full, atol=1e-5)
+
+
 def test_a_batch_with_nothing_to_save_runs_unpacked() -> None:
     """Distinct prompts, all one length: no prompt to share, no padding to fill."""
     same = [Sample(i, (4 + i,) * 6, (9, 10, 11), (0.0,) * 3, "length") for i in range(4)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -181,11 +181,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
     logits: (B, R, V), any float dtype (computed in float32); tokens: (B, R) int64 (pad positions
     may hold any id; mask them afterwards). Returns (B, R) float32. Gathers before normalising,
-    so no (B, R, V) log-softmax is materialised (TRL's `selective_log_softmax`).
+    so no (B, R, V) log-softmax is materialised (TRL's `selective_log_softmax`), and normalises
+    in blocks of positions (`token_logprobs_and_entropy`).
     """
-    logits = logits.float()
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return token_logprobs_and_entropy(logits, tokens)[0]
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -195,3 +194,63 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """
     logits = logits.float()
     return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+# Positions per block of `token_logprobs_and_entropy`: a block's float32 logits (8 x 49152 on
+# SmolLM2, 1.5 MiB) stay in the CPU's cache through the max, exp and sums that would otherwise
+# each stream the whole (B, R, V) tensor from memory. At 16 x 32 positions of SmolLM2 (2 CPUs):
+# log-probs, entropy and backward 0.18 s against 0.52 s for `token_logprobs` and
+# `entropy_from_logits`; blocks of 4 to 128 positions all came within 0.16-0.21 s.
+LOGPROB_BLOCK = 8
+
+
+class _BlockedTokenLogprobs(torch.autograd.Function):
+    """log softmax(z)[token] and, without gradient, the entropy, a block of positions at a time;
+    the backward recomputes softmax(z) per block from the saved logsumexp."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        flat, ids = logits.reshape(-1, logits.size(-1)), tokens.reshape(-1, 1)
+        lse = torch.empty(flat.size(0), dtype=torch.float32, device=logits.device)
+        entropy = torch.zeros_like(lse)
+        for lo in range(0, flat.size(0), LOGPROB_BLOCK):
+            z = flat[lo : lo + LOGPROB_BLOCK].float()
+            top = z.amax(dim=-1, keepdim=True)
+            e = (z - top).exp_()
+            total = e.sum(dim=-1)
+            lse[lo : lo + LOGPROB_BLOCK] = top.squeeze(-1) + total.log()
+            if with_entropy:  # H = lse - sum softmax(z) z
+                expected = e.mul_(z).sum(dim=-1) / total
+                entropy[lo : lo + LOGPROB_BLOCK] = lse[lo : lo + LOGPROB_BLOCK] - expected
+        picked = flat.gather(1, ids).squeeze(1).float()
+        ctx.save_for_backward(logits, tokens, lse)
+        entropy = entropy.view(tokens.shape)
+        ctx.mark_non_differentiable(entropy)
+        return (picked - lse).view(tokens.shape), entropy
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: torch.Tensor, _entropy_grad: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None, None]:
+        logits, tokens, lse = ctx.saved_tensors
+        flat, ids = logits.reshape(-1, logits.size(-1)), tokens.reshape(-1, 1)
+        g = grad.reshape(-1, 1).float()
+        out = torch.empty_like(flat)
+        for lo in range(0, flat.size(0), LOGPROB_BLOCK):
+            block = slice(lo, lo + LOGPROB_BLOCK)
+            p = (flat[block].float() - lse[block].unsqueeze(1)).exp_()
+            out[block] = p.mul_(-g[block])  # d/dz of -lse: -softmax(z)
+        out.scatter_add_(1, ids, g.to(out.dtype))  # d/dz of z[token]
+        return out.view(logits.shape), None, None
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` (differentiable) and, with `with_entropy`, `entropy_from_logits`
+    (detached: a diagnostic) from one pass over the logits in blocks of `LOGPROB_BLOCK`
+    positions. Same shapes and dtypes as those two."""
+    logprobs, entropy = _BlockedTokenLogprobs.apply(logits, tokens, with_entropy)  # type: ignore[no-untyped-call]
+    return logprobs, entropy if with_entropy else None

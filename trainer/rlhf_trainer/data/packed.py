@@ -248,16 +248,43 @@ def _source(
     return torch.tensor(source, dtype=torch.long)
 
 
-def packed_logits(model: nn.Module, packed: PackedRows) -> torch.Tensor:
+def packed_logits(
+    model: nn.Module, packed: PackedRows, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """The model over the packed rows, its output flattened over rows and positions: a causal
-    LM's logits (G * L, V), or a value model's values (G * L,)."""
-    out: Any = model(
+    LM's logits (G * L, V), or a value model's values (G * L,).
+
+    With `keep` (flat indices into G * L, any shape), a causal LM's output layer runs only on
+    those positions, and the logits come back as keep.shape + (V,). A row's prompt and padding
+    then cost no output-layer matmul (TRL's and verl's `logits_to_keep`, per position): on
+    SmolLM2 that layer is a fifth of the model's weights."""
+    find_head = getattr(model, "get_output_embeddings", None)
+    head = find_head() if keep is not None and callable(find_head) else None
+    if keep is None or not isinstance(head, nn.Module):
+        out: Any = _forward(model, packed)
+        values: torch.Tensor = getattr(out, "logits", out)
+        flat = values.reshape(-1, *values.shape[2:])
+        return flat if keep is None else flat[keep]
+    index = keep.reshape(-1)
+
+    def only_kept(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.size(-1)).index_select(0, index), *args[1:])
+
+    handle = head.register_forward_pre_hook(only_kept)
+    try:
+        logits: torch.Tensor = _forward(model, packed).logits
+    finally:
+        handle.remove()
+    return logits.reshape(*keep.shape, logits.size(-1))
+
+
+def _forward(model: nn.Module, packed: PackedRows) -> Any:
+    return model(
         input_ids=packed.input_ids,
         attention_mask=packed.attention_mask,
         position_ids=packed.position_ids,
     )
-    values: torch.Tensor = getattr(out, "logits", out)
-    return values.reshape(-1, *values.shape[2:])
 
 
 def mask_dtype(model: nn.Module) -> torch.dtype | None:

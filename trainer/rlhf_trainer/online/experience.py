@@ -16,7 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf_trainer.algos.losses import entropy_from_logits, token_logprobs
+from rlhf_trainer.algos.losses import (
+    entropy_from_logits,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 from rlhf_trainer.data.packed import (
     PackedRows,
     best_layout,
@@ -120,7 +124,7 @@ def response_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     packed = _packed(model, batch)
     if packed is not None:
         rows, where = packed
-        return packed_logits(model, rows)[where]
+        return packed_logits(model, rows, keep=where)
     out = model(
         input_ids=batch.sequences,
         attention_mask=batch.attention_mask,
@@ -185,13 +189,11 @@ def policy_logprobs(
     logits = response_logits(model, batch)
     if temperature != 1.0:
         logits = logits.float() / temperature
-    logprobs = token_logprobs(logits, batch.responses) * batch.response_mask
-    entropy = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            source = logits if entropy_grad else logits.detach()
-            entropy = entropy_from_logits(source) * batch.response_mask
-    return logprobs, entropy
+    mask = batch.response_mask
+    if with_entropy and entropy_grad and torch.is_grad_enabled():
+        return token_logprobs(logits, batch.responses) * mask, entropy_from_logits(logits) * mask
+    logprobs, entropy = token_logprobs_and_entropy(logits, batch.responses, with_entropy)
+    return logprobs * mask, None if entropy is None else entropy * mask
 
 
 def tempered_and_raw_logprobs(model: nn.Module, batch: Batch, temperature: float) -> torch.Tensor:
