@@ -23,7 +23,8 @@ of our training phases reaches.
    - GRPO's training phase (`--online-raw`, bench/online.py's `--raw` file): `train_s`, and the
      tokens its packed rows hold (each group's prompt once, every response: from `train_tokens`,
      which counts each sample's prompt, the responses and the prompts per step), one optimizer
-     step, no reference (β = 0).
+     step, no reference (β = 0). Its prompt tokens count without the LM head: the loss uses no
+     logits there, and ours computes none (`packed_logits(keep=)`).
 
 Writes the `bench:roofline` section of docs/BENCHMARKS.md.
 """
@@ -134,10 +135,14 @@ class Phase:
     seq_len: float
     trained: int = 1
     forward_only: int = 0
+    # tokens per step whose logits the phase never uses, so the LM head need not run there
+    # (GRPO's prompts: `packed_logits(keep=)` runs it at the response positions only)
+    headless: float = 0.0
 
     def share(self, shapes: Shapes, rates: dict[str, float]) -> tuple[float, float]:
         """(achieved FLOP/s, share of the measured matmul rate)."""
-        train = self.trained * self.tokens * shapes.flops_per_token(self.seq_len, True)
+        head = 6 * shapes.hidden * shapes.vocab * self.headless  # forward and backward
+        train = self.trained * self.tokens * shapes.flops_per_token(self.seq_len, True) - head
         ref = self.forward_only * self.tokens * shapes.flops_per_token(self.seq_len, False)
         ideal = train / rates["train"] + ref / rates["forward"]
         return (train + ref) / self.seconds, ideal / self.seconds
@@ -171,7 +176,7 @@ def online_phase(raw_file: Path, warmup: int, prompts: int) -> Phase | None:
     runs = next((v for k, v in raw.items() if k.startswith("trainer-grpo smollm2")), None)
     if not runs:
         return None
-    seconds, tokens, lengths = [], [], []
+    seconds, tokens, lengths, headless = [], [], [], []
     for run in runs:
         shared = run.get("train_prompts", [float(prompts)] * len(run["train_s"]))
         steps = zip(run["train_s"], run["train_tokens"], run["train_rows"], shared, run["tokens"],
@@ -180,8 +185,9 @@ def online_phase(raw_file: Path, warmup: int, prompts: int) -> Phase | None:
             seconds.append(s)
             tokens.append(gen + g * (t - gen) / r)  # (t - gen) / r: a sample's prompt
             lengths.append(t / r)
+            headless.append(g * ((t - gen) / r - 1))  # a prompt's last token predicts
     return Phase("GRPO (training phase)", median(seconds), statistics.mean(tokens),
-                 statistics.mean(lengths))  # fmt: skip
+                 statistics.mean(lengths), headless=statistics.mean(headless))  # fmt: skip
 
 
 TEXT = """\
@@ -191,8 +197,9 @@ The limit: each matmul of a training step of SmolLM2-135M-Instruct (30 layers of
 gate, up and down, and the tied LM head 576 x 49152) at the phase's tokens per step, timed on \
 its own with `torch.mm` (forward, and the backward's two matmuls per layer), their FLOPs over \
 their summed time. The share: the FLOPs of the passes each phase needs (6N per trained token, \
-2N per token of a forward-only pass, N = {n:.1f}M matmul weights, plus attention) at that rate, \
-over the phase's measured step time (median over {repeats} runs of {steps} steps, the first \
+2N per token of a forward-only pass, N = {n:.1f}M matmul weights, plus attention; GRPO's \
+prompt tokens without the LM head, whose logits it never uses) at that rate, over the phase's \
+measured step time (median over {repeats} runs of {steps} steps, the first \
 {warmup} not counted; batch {batch}, chat data, float32, 1 process). DPO's tokens are each \
 pair's two full sequences (TRL's count; ours packs the prompt once); GRPO's are what its packed \
 rows hold, each group's prompt once and every response, from `bench/online.py --raw`.
