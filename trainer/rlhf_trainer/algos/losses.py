@@ -225,7 +225,11 @@ class _BlockedTokenLogprobs(torch.autograd.Function):
                 expected = e.mul_(z).sum(dim=-1) / total
                 entropy[lo : lo + LOGPROB_BLOCK] = lse[lo : lo + LOGPROB_BLOCK] - expected
         picked = flat.gather(1, ids).squeeze(1).float()
-        ctx.save_for_backward(logits, tokens, lse)
+        # The (N, V) logits, not the caller's tensor: where that is a slice of a larger output
+        # (an unpacked batch's response columns), `flat` is its compact copy, and saving it lets
+        # the larger output go and spares the backward a second copy.
+        ctx.save_for_backward(flat, ids, lse)
+        ctx.shape = logits.shape
         entropy = entropy.view(tokens.shape)
         ctx.mark_non_differentiable(entropy)
         return (picked - lse).view(tokens.shape), entropy
@@ -234,8 +238,7 @@ class _BlockedTokenLogprobs(torch.autograd.Function):
     def backward(
         ctx: Any, grad: torch.Tensor, _entropy_grad: torch.Tensor | None
     ) -> tuple[torch.Tensor, None, None]:
-        logits, tokens, lse = ctx.saved_tensors
-        flat, ids = logits.reshape(-1, logits.size(-1)), tokens.reshape(-1, 1)
+        flat, ids, lse = ctx.saved_tensors
         g = grad.reshape(-1, 1).float()
         out = torch.empty_like(flat)
         for lo in range(0, flat.size(0), LOGPROB_BLOCK):
@@ -243,7 +246,7 @@ class _BlockedTokenLogprobs(torch.autograd.Function):
             p = (flat[block].float() - lse[block].unsqueeze(1)).exp_()
             out[block] = p.mul_(-g[block])  # d/dz of -lse: -softmax(z)
         out.scatter_add_(1, ids, g.to(out.dtype))  # d/dz of z[token]
-        return out.view(logits.shape), None, None
+        return out.view(ctx.shape), None, None
 
 
 def token_logprobs_and_entropy(

@@ -213,7 +213,7 @@ def critic_values(critic: nn.Module, batch: Batch) -> torch.Tensor:
     packed = _packed(critic, batch)
     if packed is not None:
         rows, where = packed
-        return packed_logits(critic, rows)[where].float() * batch.response_mask
+        return packed_logits(critic, rows, keep=where).float() * batch.response_mask
     values = critic(
         input_ids=batch.sequences,
         attention_mask=batch.attention_mask,
