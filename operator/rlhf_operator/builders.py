@@ -30,6 +30,7 @@ from rlhf_operator.children import metadata as metadata
 from rlhf_operator.children import owner_reference as owner_reference
 from rlhf_operator.children import stage_model as stage_model
 from rlhf_operator.children import stage_output_dir as stage_output_dir
+from rlhf_operator.children import stage_token as stage_token
 from rlhf_operator.children import token_env as token_env
 from rlhf_operator.children import workspace_volume as workspace_volume
 from rlhf_operator.objects import Obj
@@ -284,9 +285,7 @@ def _env(run: api.RLHFRun, stage: api.Stage) -> list[Obj]:
         # Rank 0 hosts the NCCL weight-transfer rendezvous that rollout servers join.
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
-    # A stage with a `model` of its own reads it with that model's token, else spec.model's.
-    own = stage.model.token_secret_ref if stage.model is not None else None
-    return env + token_env(own or run.spec.model.token_secret_ref)
+    return env + token_env(stage_token(run, stage))
 
 
 def _volumes(run: api.RLHFRun, configmap: str) -> list[Obj]:

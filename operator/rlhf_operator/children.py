@@ -92,6 +92,13 @@ def stage_model(run: api.RLHFRun, stage: api.Stage) -> ModelSource:
     return ModelSource(path=f"{stage_output_dir(run, stage.from_)}/final")
 
 
+def stage_token(run: api.RLHFRun, stage: api.Stage) -> SecretKeyRef | None:
+    """The hub token a stage's trainer and rollout servers read its model with: its own
+    `model`'s if it names one, else spec.model's."""
+    own = stage.model.token_secret_ref if stage.model is not None else None
+    return own or run.spec.model.token_secret_ref
+
+
 def workspace_volume(run: api.RLHFRun) -> Obj:
     """The volume `workspace`: the run's claim, or an emptyDir."""
     claim = run.spec.workspace.claim_name

@@ -290,8 +290,7 @@ def rollout_role(run: api.RLHFRun, stage: api.Stage) -> ServerRole | None:
         model=builders.stage_model(run, stage),
         served_name=builders.SERVED_MODEL,
         name=builders.rollout_name,
-        # spec.model's token even for a stage with its own `model`, as the servers always had.
-        token=run.spec.model.token_secret_ref,
+        token=builders.stage_token(run, stage),  # the token its trainer reads `model` with
         dev_mode=True,
         lora_rank=stage.lora.r if stage.lora is not None else None,
     )

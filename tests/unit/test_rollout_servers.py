@@ -372,3 +372,23 @@ def test_install_defaults_give_no_server_image_to_the_trainer_engine() -> None:
     env = {"RLHF_DEFAULT_VLLM_IMAGE": "registry/vllm:1", "RLHF_DEFAULT_TRAINER_IMAGE": "t:1"}
     rollout = with_install_defaults(run, env).spec.stages[2].rollout
     assert rollout is not None and rollout.image is None
+
+
+def test_rollout_servers_read_a_stage_model_with_its_own_token() -> None:
+    """A stage with its own hub `model` and token: its rollout servers download that model, so
+    they get that token, as its trainer does; without one they keep spec.model's."""
+    ppo = {k: v for k, v in PPO.items() if k != "from"}
+    own = {"name": "org/other-policy", "tokenSecretRef": {"name": "other-hf", "key": "hf"}}
+    base = {"name": "org/policy", "tokenSecretRef": {"name": "base-hf", "key": "token"}}
+    for stage_model, secret in ((own, "other-hf"), (None, "base-hf")):
+        stage = ppo if stage_model is None else {**ppo, "model": stage_model}
+        run = run_with(stage, model=base)
+        ppo_stage = run.spec.stages[-1]
+        deployment = servers.rollout_children(run, ppo_stage)[0]
+        trainer = builders.trainer_pod_template(run, ppo_stage)["spec"]["containers"][0]
+        for env in (container(deployment)["env"], trainer["env"]):
+            token = next(e for e in env if e["name"] == "HF_TOKEN")
+            assert token["valueFrom"]["secretKeyRef"]["name"] == secret
+        served = builders.stage_model(run, ppo_stage).name
+        assert served == (own["name"] if stage_model else "org/policy")
+        assert served in container(deployment)["command"]
