@@ -10,11 +10,18 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_trainer.algos.losses import IGNORE_INDEX, sequence_logprobs
+from rlhf_trainer.algos.losses import (
+    IGNORE_INDEX,
+    sequence_logprobs,
+    sft_loss_sum,
+    sft_loss_sum_at,
+    sft_scored,
+)
 from rlhf_trainer.data.batching import Example, PairExample
 from rlhf_trainer.data.packed import (
     best_layout,
     common_prefix,
+    kept_logits,
     mask_dtype,
     pack,
     packed_logits,
@@ -218,6 +225,46 @@ def test_kept_positions_alone_go_through_the_output_layer() -> None:
         assert torch.allclose(first, packed_logits(model, packed)[keep], atol=1e-6)
     for with_keep, full in zip(*grads, strict=True):
         assert torch.allclose(with_keep, full, atol=1e-5)
+
+
+def test_sft_loss_from_the_scored_positions_equals_the_full_loss() -> None:
+    """SFT's loss pass (`sft_scored`, `kept_logits`, `sft_loss_sum_at`): the output layer sees
+    only the positions whose next label is scored, and the loss and every gradient equal
+    `sft_loss_sum` over the full logits, with padding and prompt masked."""
+    model = tiny().train()
+    gen = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(1, VOCAB, (3, 10), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0  # a padded row
+    labels = input_ids.clone()
+    labels[:, :4] = IGNORE_INDEX  # prompts
+    labels[attention_mask == 0] = IGNORE_INDEX
+    labels[2, 6] = IGNORE_INDEX  # a masked token inside a response
+    seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0].numel() // args[0].size(-1))
+    )
+    results = []
+    for kept in (True, False):
+        model.zero_grad()
+        if kept:
+            keep, targets = sft_scored(labels)
+            logits = kept_logits(
+                model, keep, lambda: model(input_ids=input_ids, attention_mask=attention_mask)
+            )
+            loss = sft_loss_sum_at(logits, targets)
+        else:
+            full = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            loss = sft_loss_sum(full, labels)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    hook.remove()
+    scored = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert seen == [scored, input_ids.numel()]
+    (kept_loss, kept_grads), (full_loss, full_grads) = results
+    assert torch.allclose(kept_loss, full_loss, atol=1e-5)
+    for with_keep, whole in zip(kept_grads, full_grads, strict=True):
+        assert torch.allclose(with_keep, whole, atol=1e-5)
 
 
 def test_a_batch_with_nothing_to_save_runs_unpacked() -> None:

@@ -31,6 +31,20 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def sft_scored(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions `sft_loss_sum` scores in labels (B, T), as flat indices into B * T, and
+    the tokens they predict (labels[b, t + 1]), both (N,) in row-major order."""
+    scored = torch.zeros_like(labels, dtype=torch.bool)
+    scored[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return scored.reshape(-1).nonzero().squeeze(1), labels[:, 1:][scored[:, :-1]]
+
+
+def sft_loss_sum_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`sft_loss_sum` from the logits (N, V) of the scored positions alone (`sft_scored`), so
+    that prompt and padding positions need no output layer. Returns a float32 scalar."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
 def count_targets(labels: torch.Tensor) -> int:
     """Number of positions `sft_loss_sum` scores: labels (B, T), first position never a target."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum().item())

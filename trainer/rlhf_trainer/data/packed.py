@@ -23,7 +23,7 @@ implementations take one, so `supports_packing` gates its use. Torch only.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,13 +258,23 @@ def packed_logits(
     those positions, and the logits come back as keep.shape + (V,). A row's prompt and padding
     then cost no output-layer matmul (TRL's and verl's `logits_to_keep`, per position): on
     SmolLM2 that layer is a fifth of the model's weights."""
-    find_head = getattr(model, "get_output_embeddings", None)
-    head = find_head() if keep is not None and callable(find_head) else None
-    if keep is None or not isinstance(head, nn.Module):
+    if keep is None:
         out: Any = _forward(model, packed)
         values: torch.Tensor = getattr(out, "logits", out)
-        flat = values.reshape(-1, *values.shape[2:])
-        return flat if keep is None else flat[keep]
+        return values.reshape(-1, *values.shape[2:])
+    return kept_logits(model, keep, lambda: _forward(model, packed))
+
+
+def kept_logits(model: nn.Module, keep: torch.Tensor, forward: Callable[[], Any]) -> torch.Tensor:
+    """`forward()` (the model's forward pass, output (B, L, ...)) with the output layer run only
+    at `keep`, flat indices into B * L of any shape: keep.shape + (V,). A model without output
+    embeddings (a value model) runs whole, and its output is indexed."""
+    find_head = getattr(model, "get_output_embeddings", None)
+    head = find_head() if callable(find_head) else None
+    if not isinstance(head, nn.Module):
+        out: Any = forward()
+        values: torch.Tensor = getattr(out, "logits", out)
+        return values.reshape(-1, *values.shape[2:])[keep]
     index = keep.reshape(-1)
 
     def only_kept(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -273,7 +283,7 @@ def packed_logits(
 
     handle = head.register_forward_pre_hook(only_kept)
     try:
-        logits: torch.Tensor = _forward(model, packed).logits
+        logits: torch.Tensor = forward().logits
     finally:
         handle.remove()
     return logits.reshape(*keep.shape, logits.size(-1))

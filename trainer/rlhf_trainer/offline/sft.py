@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf_trainer.algos.losses import IGNORE_INDEX, count_targets, sft_loss_sum
+from rlhf_trainer.algos.losses import IGNORE_INDEX, count_targets, sft_loss_sum_at, sft_scored
 from rlhf_trainer.data.batching import Example, collate, tokenize_sft
 from rlhf_trainer.data.inputs import SFTInputs
+from rlhf_trainer.data.packed import kept_logits
 from rlhf_trainer.models.causal_lm import load_tokenizer, load_trainable_lm
 from rlhf_trainer.runtime.distributed import DistContext
 from rlhf_trainer.training.loop import (
@@ -57,8 +58,13 @@ class SFTObjective:
 
     def _loss_sum(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
         t = tensors(batch, self.pad_id, self.ctx.device)
-        logits = self.model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-        loss = sft_loss_sum(logits, t["labels"])
+        keep, targets = sft_scored(t["labels"])  # the output layer runs at these alone
+        logits = kept_logits(
+            self.model,
+            keep,
+            lambda: self.model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]),
+        )
+        loss = sft_loss_sum_at(logits, targets)
         return loss, {
             "tokens": float(t["attention_mask"].sum()),
             "targets": count_targets(t["labels"]),
