@@ -151,14 +151,34 @@ def test_packed_dpo_logprobs_equal_the_padded_pairs() -> None:
         chosen = [rng.randrange(4, VOCAB) for _ in range(rng.randrange(1, 5))]
         rejected = chosen[:1] + [rng.randrange(4, VOCAB) for _ in range(rng.randrange(1, 5))]
         pairs.append(PairExample(example(prompt, chosen), example(prompt, rejected)))
-    model = tiny()
-    with torch.no_grad():
-        packed, counts = packed_pair_logprobs(model, pairs, 0, torch.device("cpu"))
-        t = pair_tensors(pairs, 0, torch.device("cpu"))
-        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-        padded, padded_counts = sequence_logprobs(logits, t["labels"])
+    model = tiny().train()
+    seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0].numel() // args[0].size(-1))
+    )
+    weights = torch.linspace(-1, 1, 2 * len(pairs))
+    packed, counts = packed_pair_logprobs(model, pairs, 0, torch.device("cpu"))
+    (packed * weights).sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    t = pair_tensors(pairs, 0, torch.device("cpu"))
+    logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+    padded, padded_counts = sequence_logprobs(logits, t["labels"])
+    (padded * weights).sum().backward()
+    hook.remove()
     assert torch.allclose(packed, padded, atol=1e-5)
     assert torch.equal(counts, padded_counts)  # a shared first response token counts for both
+    # The output layer ran once per scored position of the packed rows: a position the two
+    # sequences share (same tokens up to it: the prompt, and here the first response token)
+    # once for both.
+    distinct = sum(
+        len({tuple(e.input_ids[: t + 1]) for e in (p.chosen, p.rejected)
+             for t in range(len(e.labels) - 1) if e.labels[t + 1] != IGNORE_INDEX})
+        for p in pairs
+    )  # fmt: skip
+    assert seen[0] == distinct < int(counts.sum()), (seen, distinct, counts)
+    for with_keep, full in zip(packed_grads, (p.grad for p in model.parameters()), strict=True):
+        assert torch.allclose(with_keep, full, atol=1e-5)
 
 
 def samples(groups: int, per_group: int, seed: int) -> list[Sample]:

@@ -83,9 +83,15 @@ def packed_pair_logprobs(
     for i, row in enumerate(labels):
         targets[i, : len(row) - 1] = torch.tensor(row[1:], dtype=torch.long)
     targets = targets.to(device)
-    per_token = gathered_logprobs(packed_logits(model, packed), packed.source, targets,
+    scored = targets != IGNORE_INDEX
+    # The output layer runs once per scored position: the position before both responses,
+    # scored in the chosen and the rejected sequence, once for the two.
+    keep, kept_row = torch.unique(packed.source[scored], return_inverse=True)
+    source = torch.zeros_like(packed.source)
+    source[scored] = kept_row
+    per_token = gathered_logprobs(packed_logits(model, packed, keep=keep), source, targets,
                                   IGNORE_INDEX)  # fmt: skip
-    return per_token.sum(-1), (targets != IGNORE_INDEX).sum(-1).float()
+    return per_token.sum(-1), scored.sum(-1).float()
 
 
 class DPOObjective:
