@@ -49,6 +49,16 @@ def tiny(attention: str = "sdpa", hidden: int = 32) -> Any:
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
+def count_head_rows(model: Any) -> tuple[list[int], Any]:
+    """A list that gets, per forward pass, the rows (positions) the output layer sees, and the
+    hook's handle to remove."""
+    seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0].numel() // args[0].size(-1))
+    )
+    return seen, hook
+
+
 def alone(model: Any, sequence: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=torch.tensor([sequence])).logits[0]
@@ -152,10 +162,7 @@ def test_packed_dpo_logprobs_equal_the_padded_pairs() -> None:
         rejected = chosen[:1] + [rng.randrange(4, VOCAB) for _ in range(rng.randrange(1, 5))]
         pairs.append(PairExample(example(prompt, chosen), example(prompt, rejected)))
     model = tiny().train()
-    seen: list[int] = []
-    hook = model.get_output_embeddings().register_forward_hook(
-        lambda _m, args, _out: seen.append(args[0].numel() // args[0].size(-1))
-    )
+    seen, hook = count_head_rows(model)
     weights = torch.linspace(-1, 1, 2 * len(pairs))
     packed, counts = packed_pair_logprobs(model, pairs, 0, torch.device("cpu"))
     (packed * weights).sum().backward()
@@ -225,10 +232,7 @@ def test_kept_positions_alone_go_through_the_output_layer() -> None:
     sequences, groups = grouped_sequences(seed=9)
     packed = pack(sequences, groups, 0, torch.device("cpu"), model)
     keep = packed.source[:, 2:5]  # (N, 3): some positions of every sequence, repeats included
-    seen: list[int] = []
-    hook = model.get_output_embeddings().register_forward_hook(
-        lambda _m, args, _out: seen.append(args[0].numel() // args[0].size(-1))
-    )
+    seen, hook = count_head_rows(model)
     grads = []
     for kept in (True, False):
         model.zero_grad()
@@ -260,10 +264,7 @@ def test_sft_loss_from_the_scored_positions_equals_the_full_loss() -> None:
     labels[:, :4] = IGNORE_INDEX  # prompts
     labels[attention_mask == 0] = IGNORE_INDEX
     labels[2, 6] = IGNORE_INDEX  # a masked token inside a response
-    seen: list[int] = []
-    hook = model.get_output_embeddings().register_forward_hook(
-        lambda _m, args, _out: seen.append(args[0].numel() // args[0].size(-1))
-    )
+    seen, hook = count_head_rows(model)
     results = []
     for kept in (True, False):
         model.zero_grad()
