@@ -8,7 +8,8 @@ It runs the trainer's own entry (`preflight.check_*`, then `run_sft` / `run_dpo`
 `log_every: 1` and no checkpoint before the end, and times each step as the trainer's own
 `tokens_per_s` does: from the end of the previous step's log to this step's log
 (`loop.log_step` is wrapped to read the clock, nothing else changes). Prints one JSON line on
-rank 0: {"seconds": [per step], "tokens": [non-pad tokens per step]}.
+rank 0: {"seconds": [per step], "tokens": [non-pad tokens per step], "trained_tokens": [SFT:
+the response tokens scored per step, the positions its output layer runs at; DPO: 0]}.
 """
 
 from __future__ import annotations
@@ -97,12 +98,14 @@ def main() -> None:
 
     seconds: list[float] = []
     tokens: list[float] = []
+    trained: list[float] = []  # SFT: the response tokens scored (the output layer's rows)
     original = loop.log_step
 
     def timed_log_step(reporter: Any, step: int, total: int, epoch: float,
                        window: loop.Window, extra: dict[str, float]) -> None:  # fmt: skip
         seconds.append(time.perf_counter() - window.started)
         tokens.append(window.tokens)
+        trained.append(window.metrics.get("trained_tokens", 0.0) / max(window.steps, 1))
         original(reporter, step, total, epoch, window, extra)
 
     loop.log_step = timed_log_step
@@ -117,7 +120,7 @@ def main() -> None:
 
             run_dpo(preflight.check_dpo(config, env_world_size()))
     if env_rank() == 0:
-        print(json.dumps({"seconds": seconds, "tokens": tokens}))
+        print(json.dumps({"seconds": seconds, "tokens": tokens, "trained_tokens": trained}))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ of our training phases reaches.
    mean sequence length, the causal half counted too, PaLM's convention). The share is the time
    those FLOPs take at the measured rate over the phase's measured time.
    - SFT and DPO: `bench/ours.py` on SmolLM2 with chat data (the same runs as trainers.py),
-     each step's time and tokens; DPO's tokens are each pair's two sequences, prompt included,
-     as TRL computes them (ours holds the prompt once in a packed row, so it does less work than
-     that count says).
+     each step's time and tokens. SFT's tokens whose next token is not scored (the prompt's,
+     and the last) count without the LM head, which ours runs only at the scored positions
+     (`losses.sft_scored`). DPO's tokens are each pair's two sequences, prompt included, as TRL
+     computes them (ours holds the prompt once in a packed row and runs the LM head only at the
+     scored positions, so it does less work than that count says).
    - GRPO's training phase (`--online-raw`, bench/online.py's `--raw` file): `train_s`, and the
      tokens its packed rows hold (each group's prompt once, every response: from `train_tokens`,
      which counts each sample's prompt, the responses and the prompts per step), one optimizer
@@ -151,7 +153,7 @@ class Phase:
 def offline_phase(stage: str, model: Path, root: Path, args: argparse.Namespace) -> Phase:
     """Our sft or dpo stage on the model's data (SmolLM2: chat), `args.repeats` runs: median
     step time and tokens."""
-    seconds, tokens = [], []
+    seconds, tokens, scored = [], [], []
     for r in range(args.repeats):
         argv = [sys.executable, str(BENCH / "ours.py"), stage, "--model", str(model),
                 "--data", DATA[args.model], "--workdir", str(root / f"{stage}-{r}"),
@@ -160,12 +162,16 @@ def offline_phase(stage: str, model: Path, root: Path, args: argparse.Namespace)
         result = run_json(argv)
         seconds += result["seconds"][args.warmup :]
         tokens += result["tokens"][args.warmup :]
+        scored += result["trained_tokens"][args.warmup :]
         print(f"  {stage} run {r + 1}: {median(result['seconds'][args.warmup :]):.2f} s/step",
               file=sys.stderr, flush=True)  # fmt: skip
     rows = args.batch * (2 if stage == "dpo" else 1)  # DPO: a pair's two sequences
     mean_tokens = statistics.mean(tokens)
     passes = {"sft": (1, 0), "dpo": (1, 1)}[stage]  # DPO: the reference's forward, every step
-    return Phase(stage.upper(), median(seconds), mean_tokens, mean_tokens / rows, *passes)
+    # SFT runs its output layer only where the next token is scored (`losses.sft_scored`)
+    headless = mean_tokens - statistics.mean(scored) if stage == "sft" else 0.0
+    return Phase(stage.upper(), median(seconds), mean_tokens, mean_tokens / rows, *passes,
+                 headless=headless)  # fmt: skip
 
 
 def online_phase(raw_file: Path, warmup: int, prompts: int) -> Phase | None:
@@ -197,8 +203,9 @@ The limit: each matmul of a training step of SmolLM2-135M-Instruct (30 layers of
 gate, up and down, and the tied LM head 576 x 49152) at the phase's tokens per step, timed on \
 its own with `torch.mm` (forward, and the backward's two matmuls per layer), their FLOPs over \
 their summed time. The share: the FLOPs of the passes each phase needs (6N per trained token, \
-2N per token of a forward-only pass, N = {n:.1f}M matmul weights, plus attention; GRPO's \
-prompt tokens without the LM head, whose logits it never uses) at that rate, over the phase's \
+2N per token of a forward-only pass, N = {n:.1f}M matmul weights, plus attention; SFT's \
+tokens whose next token is not scored and GRPO's prompt tokens without the LM head, whose \
+logits neither uses nor computes) at that rate, over the phase's \
 measured step time (median over {repeats} runs of {steps} steps, the first \
 {warmup} not counted; batch {batch}, chat data, float32, 1 process). DPO's tokens are each \
 pair's two full sequences (TRL's count; ours packs the prompt once); GRPO's are what its packed \

@@ -117,6 +117,9 @@ def test_loss_falls_and_progress_is_reported(full_run: Run) -> None:
     assert drop >= 0.30
     for key in ("learning_rate", "tokens_per_s", "grad_norm"):
         assert all(m[key] > 0 for m in metrics), key
+    # Response tokens scored per step (at least each row's EOS), fewer than the batch holds.
+    batch = HYPERPARAMETERS.batch_size
+    assert all(batch <= m["trained_tokens"] < batch * HYPERPARAMETERS.max_length for m in metrics)
     progress = json.loads((full_run.output_dir / "progress.json").read_text())
     assert progress["step"] == progress["totalSteps"] == 100
     assert set(progress["metrics"]) == {"loss", "learningRate", "tokensPerSecond"}

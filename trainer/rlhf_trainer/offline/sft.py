@@ -80,7 +80,9 @@ class SFTObjective:
             lambda idx: self._loss_sum([self.examples[i] for i in idx]),
             1.0 / global_targets,
         )
-        return StepResult(sums["loss"] / global_targets, sums["tokens"])
+        # trained_tokens: the response tokens scored, where the output layer runs (roofline).
+        return StepResult(sums["loss"] / global_targets, sums["tokens"],
+                          {"trained_tokens": float(global_targets)})  # fmt: skip
 
     def evaluate(self) -> dict[str, float]:
         """Mean response-token loss over the held-out examples."""
