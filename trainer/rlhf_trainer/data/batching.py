@@ -24,6 +24,11 @@ class Example:
     labels: list[int]
 
 
+def n_targets(example: Example) -> int:
+    """The response tokens a loss scores in `example` (as `losses.count_targets` counts them)."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+
+
 def end_of_turn_id(tokenizer: Any) -> int | None:
     """The id of the token the chat template closes an assistant turn with (ChatML's
     `<|im_end|>`), or None without a template or when that text is not one token."""

@@ -24,21 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf_trainer.algos.losses import (
-    IGNORE_INDEX,
-    count_targets,
-    pairwise_accuracy,
-    sft_loss_sum,
-)
+from rlhf_trainer.algos.losses import count_targets, pairwise_accuracy, sft_loss_sum
 from rlhf_trainer.config import ModelSource
-from rlhf_trainer.data.batching import collate, stop_ids, tokenize_sft
+from rlhf_trainer.data.batching import collate, n_targets, stop_ids, tokenize_sft
 from rlhf_trainer.data.inputs import FINAL_DIR, EvalInputs
 from rlhf_trainer.data.readers import PromptRow, SFTRow
 from rlhf_trainer.models.causal_lm import _replace_dir, load_causal_lm, load_tokenizer
 from rlhf_trainer.models.reward_model import RewardScorer, load_reward_model
 from rlhf_trainer.rewards.functions import ScoredFunction
 from rlhf_trainer.rollout.client import Sampling
-from rlhf_trainer.rollout.engine import TrainerEngine
+from rlhf_trainer.rollout.engine import TrainerEngine, live_state
 from rlhf_trainer.runtime.distributed import (
     DistContext,
     all_reduce_sum,
@@ -85,7 +80,9 @@ def generate(
     weight = next(model.parameters())
     engine = TrainerEngine(model.config, stop_ids(tokenizer), weight.device, weight.dtype,
                            prompts_per_batch=batch_size)  # fmt: skip
-    engine.load({k: v.detach() for k, v in model.state_dict().items()})
+    state = live_state(model)
+    assert state is not None, "evaluation loads plain models, never sharded ones"
+    engine.load(state)
     ids = [list(tokenizer(p, add_special_tokens=not chat)["input_ids"]) for p in prompts]
     groups = engine.generate(ids, Sampling(n=1, max_tokens=max_new_tokens, temperature=0.0))
     return [str(tokenizer.decode(list(g[0].response_ids), skip_special_tokens=True))
@@ -95,8 +92,7 @@ def generate(
 def response_tokens(rows: list[SFTRow], tokenizer: Any, max_length: int) -> float:
     """The response tokens `nll_and_kl` would score for `rows` (with the EOS it appends),
     counted without a forward pass."""
-    examples = tokenize_sft(rows, tokenizer, max_length)
-    return float(sum(label != IGNORE_INDEX for ex in examples for label in ex.labels[1:]))
+    return float(sum(n_targets(ex) for ex in tokenize_sft(rows, tokenizer, max_length)))
 
 
 @torch.no_grad()

@@ -19,7 +19,13 @@ from torch import nn
 
 from rlhf_trainer.algos.losses import bradley_terry_loss, pairwise_accuracy, sft_loss_sum
 from rlhf_trainer.config import RewardModelOptions
-from rlhf_trainer.data.batching import Example, PairExample, collate, tokenize_pairs
+from rlhf_trainer.data.batching import (
+    Example,
+    PairExample,
+    collate,
+    n_targets,
+    tokenize_pairs,
+)
 from rlhf_trainer.data.inputs import StageInputs
 from rlhf_trainer.data.readers import PreferenceRow
 from rlhf_trainer.models import lora
@@ -31,7 +37,6 @@ from rlhf_trainer.models.reward_model import (
     reward_exporter,
     reward_pad_id,
 )
-from rlhf_trainer.offline.sft import n_targets
 from rlhf_trainer.runtime.determinism import disable_dropout
 from rlhf_trainer.runtime.distributed import DistContext, shard_model
 from rlhf_trainer.training.loop import (

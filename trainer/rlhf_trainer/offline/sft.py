@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rlhf_trainer.algos.losses import IGNORE_INDEX, count_targets, sft_loss_sum_at, sft_scored
-from rlhf_trainer.data.batching import Example, collate, tokenize_sft
+from rlhf_trainer.data.batching import Example, collate, n_targets, tokenize_sft
 from rlhf_trainer.data.inputs import SFTInputs
 from rlhf_trainer.data.packed import kept_logits
 from rlhf_trainer.models.causal_lm import load_tokenizer, load_trainable_lm
@@ -30,10 +30,6 @@ from rlhf_trainer.training.loop import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def n_targets(example: Example) -> int:
-    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
 
 
 def tensors(examples: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
